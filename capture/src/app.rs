@@ -1,0 +1,245 @@
+//! The three commands wired together: `serve`, `flush`, `inspect`.
+//!
+//! Shutdown order for `serve` on SIGTERM/SIGINT: unready and 503 for new
+//! requests at once; wait for in-flight requests to be answered; drain the
+//! buffer into Kafka until empty or the drain timeout; mark the buffer clean
+//! when empty; hand over to the volume guard; close the listener; exit 0.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::buffer::{self, DirLock, GroupCommitWriter, Stats};
+use crate::config::{FlushArgs, InspectArgs, KafkaConfig, ServeConfig};
+use crate::forward::{self, Forwarder, RunUntil};
+use crate::http::{self, AppState, Health};
+use crate::metrics::Metrics;
+use crate::volume::VolumeGuard;
+
+/// Result of a command.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The buffer failed to open or write.
+    #[error(transparent)]
+    Buffer(#[from] buffer::Error),
+    /// Kafka setup failed.
+    #[error(transparent)]
+    Kafka(#[from] forward::Error),
+    /// The listener could not be bound.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("http server: {0}")]
+    Serve(std::io::Error),
+    /// `flush` gave up with events left.
+    #[error("{remaining} events remain in {dir} after {secs}s; kafka did not take them")]
+    NotDrained {
+        remaining: u64,
+        dir: String,
+        secs: u64,
+    },
+}
+
+fn commit_observer(metrics: &Arc<Metrics>) -> buffer::writer::CommitObserver {
+    let m = metrics.clone();
+    Box::new(move |commands| m.commit_batch.observe(commands as f64))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+}
+
+/// Runs the capture pod until SIGTERM/SIGINT.
+pub async fn serve(cfg: ServeConfig) -> Result<()> {
+    let _lock = DirLock::acquire(&cfg.data_dir)?;
+    let metrics = Arc::new(Metrics::new());
+    let (writer_thread, writer) = GroupCommitWriter::start(
+        &cfg.data_dir,
+        cfg.durability,
+        cfg.quota_bytes,
+        Some(commit_observer(&metrics)),
+    )?;
+    metrics.attach_buffer(writer.state.clone());
+    {
+        let s = &writer.state;
+        let conn = buffer::open_reader(&cfg.data_dir)?;
+        tracing::info!(
+            data_dir = %cfg.data_dir.display(),
+            volume_id = buffer::meta(&conn, "volume_id")?.unwrap_or_default(),
+            events = s.events.load(Ordering::Relaxed),
+            bytes = s.bytes.load(Ordering::Relaxed),
+            last_seq = s.last_seq.load(Ordering::Relaxed),
+            durability = ?cfg.durability,
+            "buffer open"
+        );
+    }
+    let direct_producer = forward::create_producer(&cfg.kafka, metrics.clone())?;
+    let forward_producer = forward::create_producer(&cfg.kafka, metrics.clone())?;
+    let health = Arc::new(Health::default());
+    let cfg = Arc::new(cfg);
+    let state = AppState {
+        cfg: cfg.clone(),
+        writer: writer.clone(),
+        producer: direct_producer.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let forwarder = Forwarder::new(
+        &cfg.data_dir,
+        writer.clone(),
+        forward_producer.clone(),
+        cfg.kafka.clone(),
+        metrics.clone(),
+    )?;
+    let forwarder = tokio::spawn(forwarder.run(stop_rx, RunUntil::Stopped));
+
+    let volume = VolumeGuard::local();
+    volume.before_ready().await;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, http::router(state.clone()))
+        .with_graceful_shutdown(async {
+            let _ = close_rx.await;
+        })
+        .into_future();
+    let server = tokio::spawn(server);
+    health.started.store(true, Ordering::Relaxed);
+    tracing::info!(listen = %cfg.listen, streams = cfg.streams.len(), "serving");
+
+    shutdown_signal().await;
+    health.shutting_down.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+    // Requests that passed the shutdown check finish before the drain is judged.
+    while health.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let remaining = forward::wait_empty(&writer, deadline).await;
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(Duration::from_secs(5), forwarder).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "forwarder failed"),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("forwarder did not stop within 5s"),
+    }
+    let clean = remaining == 0 && writer.mark_clean_if_empty().await.unwrap_or(false);
+    let remaining = writer.state.events.load(Ordering::Relaxed);
+    volume.after_drain(if clean { 0 } else { remaining }).await;
+    if clean {
+        tracing::info!("buffer drained; exiting");
+    } else {
+        tracing::warn!(remaining, "buffer not drained before the deadline; events stay on the volume");
+    }
+    let _ = close_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    drop(state);
+    drop(writer);
+    forward::flush_producer(&direct_producer, Duration::from_secs(1));
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .ok();
+    Ok(())
+}
+
+/// Drains `args.buffer.data_dir` into Kafka; `Ok` only once it is empty.
+pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
+    let dir = &args.buffer.data_dir;
+    if !dir.join(buffer::DB_FILE).exists() {
+        tracing::info!(data_dir = %dir.display(), "no buffer in directory; nothing to flush");
+        return Ok(Stats {
+            volume_id: String::new(),
+            events: 0,
+            bytes: 0,
+            oldest_event_age_seconds: 0.0,
+            dead_letters: 0,
+            last_seq: 0,
+            schema_version: 0,
+            clean: true,
+        });
+    }
+    let _lock = DirLock::acquire(dir)?;
+    let metrics = Arc::new(Metrics::new());
+    let (writer_thread, writer) =
+        GroupCommitWriter::start(dir, args.buffer.durability, u64::MAX, None)?;
+    let before = writer.state.events.load(Ordering::Relaxed);
+    tracing::info!(data_dir = %dir.display(), events = before, "flushing buffer");
+    let producer = forward::create_producer(&kafka, metrics.clone())?;
+    let forwarder = Forwarder::new(dir, writer.clone(), producer, kafka, metrics)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut task = tokio::spawn(forwarder.run(stop_rx, RunUntil::Empty));
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let outcome = match tokio::time::timeout(timeout, &mut task).await {
+        Ok(joined) => joined,
+        Err(_) => {
+            let _ = stop_tx.send(true);
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .unwrap_or(Ok(Ok(())))
+        }
+    };
+    if let Ok(Err(e)) = outcome {
+        tracing::error!(error = %e, "forwarder failed");
+    }
+    let remaining = writer.state.events.load(Ordering::Relaxed);
+    if remaining == 0 {
+        writer.mark_clean_if_empty().await.ok();
+    }
+    let stats = {
+        let conn = buffer::open_reader(dir)?;
+        buffer::stats(&conn)?
+    };
+    drop(writer);
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .ok();
+    if remaining > 0 {
+        return Err(Error::NotDrained {
+            remaining,
+            dir: dir.display().to_string(),
+            secs: args.timeout_secs,
+        });
+    }
+    tracing::info!(delivered = before, dead_letters = stats.dead_letters, "buffer flushed");
+    Ok(stats)
+}
+
+/// Reads buffer figures without taking the drainer lock.
+pub fn inspect(args: &InspectArgs) -> Result<Stats> {
+    let conn = buffer::open_reader(&args.data_dir)?;
+    Ok(buffer::stats(&conn)?)
+}
+
+/// Renders figures as text.
+pub fn render_stats(s: &Stats) -> String {
+    format!(
+        "volume_id: {}\nevents: {}\nbytes: {}\noldest_event_age_seconds: {:.3}\ndead_letters: {}\nlast_seq: {}\nschema_version: {}\nclean: {}\n",
+        s.volume_id,
+        s.events,
+        s.bytes,
+        s.oldest_event_age_seconds,
+        s.dead_letters,
+        s.last_seq,
+        s.schema_version,
+        s.clean
+    )
+}

@@ -1,0 +1,343 @@
+//! The disk buffer: one SQLite file per volume (`<data-dir>/buffer.db`, WAL).
+//!
+//! Design constraints, in the order they win:
+//! 1. **200 means durable.** A request is answered only after the transaction
+//!    holding its events committed; in `fsync` mode (`synchronous=FULL`) the WAL
+//!    is fsynced before that. A request's events go in together or not at all.
+//! 2. **One writer.** [`writer::GroupCommitWriter`] owns the only write
+//!    connection on a dedicated thread and commits every command waiting when
+//!    it is free in one transaction (group commit): one fsync serves many
+//!    requests. Forwarder settlements (delete delivered, move poison to dead
+//!    letters) go through the same writer, so nothing ever waits on SQLite's
+//!    write lock.
+//! 3. **Sequence numbers only grow** for the life of the file:
+//!    `seq INTEGER PRIMARY KEY AUTOINCREMENT` never reuses a value, even after
+//!    the table empties (SQLite keeps the high-water mark in `sqlite_sequence`).
+//! 4. **Bounded memory.** Nothing is queued in memory beyond the writer's
+//!    bounded command channel; readers page through the file in batches.
+//! 5. **One drainer per volume.** `serve` and `flush` hold an exclusive
+//!    `flock` on `<data-dir>/holdfast.lock` for their whole life.
+//!
+//! On-disk format (schema version 1):
+//! ```sql
+//! meta(key TEXT PRIMARY KEY, value TEXT)      -- volume_id, schema_version, created_at_ms, ...
+//! events(seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT, topic TEXT,
+//!        key BLOB, payload BLOB, captured_at_ms INTEGER)
+//! dead_letters(seq INTEGER PRIMARY KEY, uuid, topic, key, payload,
+//!        captured_at_ms, reason TEXT, failed_at_ms INTEGER, dlq_delivered INTEGER)
+//! ```
+
+pub mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::config::Durability;
+
+pub use writer::{AppendError, GroupCommitWriter, WriterHandle};
+
+/// Schema version written in `meta`.
+pub const SCHEMA_VERSION: i64 = 1;
+/// File name of the buffer inside the data directory.
+pub const DB_FILE: &str = "buffer.db";
+/// File name of the drainer lock inside the data directory.
+pub const LOCK_FILE: &str = "holdfast.lock";
+
+/// Result of buffer operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong with the buffer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// SQLite failed (I/O error, disk full, corruption).
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The data directory could not be prepared.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process (a capture pod or a flush Job) holds this buffer.
+    #[error("buffer {path} is held by another process (lock {lock})")]
+    Locked { path: PathBuf, lock: PathBuf },
+    /// The file was written by a newer Holdfast.
+    #[error("buffer schema version {found} is newer than this binary's {SCHEMA_VERSION}")]
+    SchemaVersion { found: i64 },
+    /// No buffer file exists where one was expected.
+    #[error("no buffer at {0}")]
+    Missing(PathBuf),
+    /// The writer thread is gone (it failed or the process is stopping).
+    #[error("buffer writer stopped")]
+    WriterStopped,
+}
+
+/// An event ready to be appended: routing resolved, payload as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Stable id (client `uuid` or generated UUIDv7).
+    pub uuid: String,
+    /// Kafka topic.
+    pub topic: String,
+    /// Partition key.
+    pub key: Vec<u8>,
+    /// The event's JSON, byte for byte as the client sent it.
+    pub payload: Vec<u8>,
+    /// Capture time, ms since the Unix epoch.
+    pub captured_at_ms: i64,
+}
+
+impl NewEvent {
+    /// Bytes this event counts against the quota.
+    pub fn size(&self) -> u64 {
+        (self.payload.len() + self.key.len() + self.uuid.len() + self.topic.len()) as u64
+    }
+}
+
+/// An event read back from the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Buffer sequence number.
+    pub seq: i64,
+    /// The event.
+    pub event: NewEvent,
+}
+
+/// Buffer figures, as `inspect` prints them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Volume id (UUID made with the file).
+    pub volume_id: String,
+    /// Events waiting for Kafka.
+    pub events: u64,
+    /// Bytes of those events.
+    pub bytes: u64,
+    /// Age of the oldest waiting event, seconds (0 when empty).
+    pub oldest_event_age_seconds: f64,
+    /// Events moved to dead letters.
+    pub dead_letters: u64,
+    /// Highest sequence number ever assigned.
+    pub last_seq: i64,
+    /// Schema version.
+    pub schema_version: i64,
+    /// Last clean shutdown recorded (`clean_at_ms`), if the buffer was left empty.
+    pub clean: bool,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Exclusive hold on a data directory: one drainer per volume.
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: Flock<File>,
+}
+
+impl DirLock {
+    /// Takes the lock or fails at once with [`Error::Locked`].
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::DataDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(LOCK_FILE);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| Error::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+        let lock =
+            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| Error::Locked {
+                path: dir.to_owned(),
+                lock: path,
+            })?;
+        Ok(Self { _lock: lock })
+    }
+}
+
+/// Opens (creating if needed) the buffer's write connection and applies the schema.
+pub fn open_writer(dir: &Path, durability: Durability) -> Result<Connection> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::DataDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let conn = Connection::open(dir.join(DB_FILE))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match durability {
+        Durability::Fsync => "FULL",
+        Durability::Os => "OFF",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Keep the WAL from growing without bound under a steady write load.
+    conn.pragma_update(None, "wal_autocheckpoint", 4000)?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection for the forwarder or `inspect`.
+pub fn open_reader(dir: &Path) -> Result<Connection> {
+    let path = dir.join(DB_FILE);
+    if !path.exists() {
+        return Err(Error::Missing(path));
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS events (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             uuid TEXT NOT NULL,
+             topic TEXT NOT NULL,
+             key BLOB NOT NULL,
+             payload BLOB NOT NULL,
+             captured_at_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dead_letters (
+             seq INTEGER PRIMARY KEY,
+             uuid TEXT NOT NULL,
+             topic TEXT NOT NULL,
+             key BLOB NOT NULL,
+             payload BLOB NOT NULL,
+             captured_at_ms INTEGER NOT NULL,
+             reason TEXT NOT NULL,
+             failed_at_ms INTEGER NOT NULL,
+             dlq_delivered INTEGER NOT NULL DEFAULT 0);",
+    )?;
+    let version: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match version.and_then(|v| v.parse::<i64>().ok()) {
+        Some(found) if found > SCHEMA_VERSION => return Err(Error::SchemaVersion { found }),
+        Some(_) => {}
+        None => {
+            conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES
+                 ('schema_version', ?1), ('volume_id', ?2), ('created_at_ms', ?3)",
+                params![
+                    SCHEMA_VERSION.to_string(),
+                    uuid::Uuid::new_v4().to_string(),
+                    now_ms().to_string()
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a `meta` value.
+pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+/// Reads up to `limit` of the oldest events with `seq > after`.
+pub fn read_batch(conn: &Connection, after: i64, limit: usize) -> Result<Vec<StoredEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, uuid, topic, key, payload, captured_at_ms FROM events
+         WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after, limit as i64], |r| {
+        Ok(StoredEvent {
+            seq: r.get(0)?,
+            event: NewEvent {
+                uuid: r.get(1)?,
+                topic: r.get(2)?,
+                key: r.get(3)?,
+                payload: r.get(4)?,
+                captured_at_ms: r.get(5)?,
+            },
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Counts and sizes what is buffered (a scan; used at start-up and by `inspect`).
+pub fn totals(conn: &Connection) -> Result<(u64, u64)> {
+    Ok(conn.query_row(
+        "SELECT count(*), coalesce(sum(length(payload) + length(key) + length(uuid) + length(topic)), 0)
+         FROM events",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?)
+}
+
+/// Capture time of the oldest buffered event, if any.
+pub fn oldest_captured_at(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row(
+            "SELECT captured_at_ms FROM events ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Highest sequence number ever assigned (0 for a new file).
+pub fn last_seq(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Dead letters, newest last: `(seq, uuid, topic, reason)`.
+pub fn dead_letters(conn: &Connection) -> Result<Vec<(i64, String, String, String)>> {
+    let mut stmt =
+        conn.prepare("SELECT seq, uuid, topic, reason FROM dead_letters ORDER BY seq")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Buffer figures.
+pub fn stats(conn: &Connection) -> Result<Stats> {
+    let (events, bytes) = totals(conn)?;
+    let oldest = oldest_captured_at(conn)?;
+    let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    Ok(Stats {
+        volume_id: meta(conn, "volume_id")?.unwrap_or_default(),
+        events,
+        bytes,
+        oldest_event_age_seconds: oldest
+            .map(|t| ((now_ms() - t).max(0) as f64) / 1000.0)
+            .unwrap_or(0.0),
+        dead_letters: dead as u64,
+        last_seq: last_seq(conn)?,
+        schema_version: meta(conn, "schema_version")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        clean: events == 0 && meta(conn, "clean_at_ms")?.is_some(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

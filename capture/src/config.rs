@@ -1,0 +1,482 @@
+//! Command line and environment (`HOLDFAST_*`) configuration, validated once
+//! into typed values. Every tunable has a flag, an env fallback and a default;
+//! a bad value is rejected at start-up with a message that names the flag.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Result of validating configuration.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A configuration value that parsed but makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `--stream` value is not `NAME=TOPIC[:durable|direct]`.
+    #[error("--stream {value:?}: {reason}")]
+    Stream { value: String, reason: String },
+    /// A `--kafka-property` value is not `key=value`.
+    #[error("--kafka-property {value:?}: expected key=value")]
+    KafkaProperty { value: String },
+    /// `--default-stream` names a stream that is not configured.
+    #[error("--default-stream {name:?} is not one of the configured streams ({known})")]
+    DefaultStream { name: String, known: String },
+    /// `--partition-key-pointer` is not a JSON pointer.
+    #[error("--partition-key-pointer {value:?} must be empty or start with '/'")]
+    KeyPointer { value: String },
+    /// The auth token file could not be read or holds no token.
+    #[error("--auth-tokens-file {path}: {reason}")]
+    AuthTokens { path: String, reason: String },
+    /// A numeric limit is out of range.
+    #[error("{flag} must be {expected}, got {value}")]
+    Range {
+        flag: &'static str,
+        expected: &'static str,
+        value: u64,
+    },
+}
+
+/// `holdfast-capture`: accepts events over HTTP, keeps them on disk, forwards them to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "holdfast-capture", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "HOLDFAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API, buffer events on disk and forward them to Kafka.
+    Serve(ServeArgs),
+    /// Drain one buffer directory into Kafka and exit (0 only when it is empty).
+    Flush(FlushArgs),
+    /// Print buffer figures (events, bytes, oldest age, dead letters, volume id).
+    Inspect(InspectArgs),
+}
+
+/// When a commit is acknowledged.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// 200 after the transaction is fsynced (WAL, `synchronous=FULL`).
+    #[default]
+    Fsync,
+    /// 200 after the transaction is written to the OS (no fsync): survives a
+    /// killed process, not a power loss or kernel crash.
+    Os,
+}
+
+/// What a durable stream does when the disk fails.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum OnDiskFailure {
+    /// Answer 503 with Retry-After and turn unready.
+    #[default]
+    Reject,
+    /// Deliver straight to Kafka and answer after its ack.
+    Direct,
+}
+
+/// Delivery mode of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMode {
+    /// Through the disk buffer: 200 means on disk.
+    Durable,
+    /// Straight to Kafka: 200 means Kafka acknowledged (acks=all).
+    Direct,
+}
+
+/// A named stream: where its events go and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stream {
+    /// Kafka topic.
+    pub topic: String,
+    /// Delivery mode.
+    pub mode: StreamMode,
+}
+
+/// Kafka connection settings shared by `serve` and `flush`.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port,...).
+    #[arg(long, env = "HOLDFAST_KAFKA_BOOTSTRAP")]
+    pub kafka_bootstrap: String,
+    /// Extra librdkafka producer property, `key=value` (repeatable; TLS/SASL settings go here).
+    /// In the environment: several separated by newlines.
+    #[arg(long = "kafka-property", env = "HOLDFAST_KAFKA_PROPERTIES", value_delimiter = '\n')]
+    pub kafka_properties: Vec<String>,
+    /// Topic that also receives events Kafka rejected for good, with reason headers.
+    #[arg(long, env = "HOLDFAST_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// Events read from the buffer per Kafka batch.
+    #[arg(long, env = "HOLDFAST_FORWARD_BATCH_EVENTS", default_value_t = 5000)]
+    pub forward_batch_events: usize,
+    /// How long librdkafka may try one message before it is reported failed (ms).
+    #[arg(long, env = "HOLDFAST_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub kafka_message_timeout_ms: u64,
+}
+
+/// Buffer location and behaviour shared by `serve` and `flush`.
+#[derive(Debug, Clone, Args)]
+pub struct BufferArgs {
+    /// Directory holding the buffer (the PersistentVolume's mount).
+    #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "/var/lib/holdfast")]
+    pub data_dir: PathBuf,
+    /// fsync: 200 after fsync (default). os: 200 after write, no fsync (loses
+    /// acknowledged events on power loss or kernel crash, not on a killed process).
+    #[arg(long, env = "HOLDFAST_DURABILITY", value_enum, default_value_t = Durability::Fsync)]
+    pub durability: Durability,
+}
+
+/// `serve` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HOLDFAST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub buffer: BufferArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// A stream: `NAME=TOPIC[:durable|direct]` (repeatable). Env: comma separated.
+    #[arg(long = "stream", env = "HOLDFAST_STREAMS", value_delimiter = ',', default_value = "default=events:durable")]
+    pub streams: Vec<String>,
+    /// Stream used by `POST /v1/events`.
+    #[arg(long, env = "HOLDFAST_DEFAULT_STREAM", default_value = "default")]
+    pub default_stream: String,
+    /// JSON pointer (e.g. `/user/id`) giving the partition key when an event has no `key` field.
+    #[arg(long, env = "HOLDFAST_PARTITION_KEY_POINTER", default_value = "")]
+    pub partition_key_pointer: String,
+    /// Buffer quota in bytes of event data; at the quota new events get 503.
+    #[arg(long, env = "HOLDFAST_BUFFER_QUOTA_BYTES", default_value_t = 1 << 30)]
+    pub buffer_quota_bytes: u64,
+    /// Largest request body accepted, as sent (bytes).
+    #[arg(long, env = "HOLDFAST_MAX_BODY_BYTES", default_value_t = 5 << 20)]
+    pub max_body_bytes: u64,
+    /// Largest request body after gzip decompression (bytes).
+    #[arg(long, env = "HOLDFAST_MAX_DECOMPRESSED_BYTES", default_value_t = 20 << 20)]
+    pub max_decompressed_bytes: u64,
+    /// Largest single event (bytes of its JSON).
+    #[arg(long, env = "HOLDFAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
+    pub max_event_bytes: u64,
+    /// File of accepted bearer tokens, one per line (a mounted Secret). Unset: no auth.
+    #[arg(long, env = "HOLDFAST_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// What a durable stream does when the disk fails.
+    #[arg(long, env = "HOLDFAST_ON_DISK_FAILURE", value_enum, default_value_t = OnDiskFailure::Reject)]
+    pub on_disk_failure: OnDiskFailure,
+    /// On SIGTERM, how long to keep draining the buffer into Kafka before exiting (seconds).
+    #[arg(long, env = "HOLDFAST_DRAIN_TIMEOUT_SECS", default_value_t = 25)]
+    pub drain_timeout_secs: u64,
+    /// Retry-After value sent with 503 answers (seconds).
+    #[arg(long, env = "HOLDFAST_RETRY_AFTER_SECS", default_value_t = 1)]
+    pub retry_after_secs: u64,
+}
+
+/// `flush` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct FlushArgs {
+    #[command(flatten)]
+    pub buffer: BufferArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Give up (exit non-zero) when the buffer is not empty after this long (seconds).
+    #[arg(long, env = "HOLDFAST_FLUSH_TIMEOUT_SECS", default_value_t = 600)]
+    pub timeout_secs: u64,
+}
+
+/// `inspect` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    /// Directory holding the buffer.
+    #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "/var/lib/holdfast")]
+    pub data_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Validated Kafka settings.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub bootstrap: String,
+    /// Extra librdkafka properties, applied last (so they win).
+    pub properties: BTreeMap<String, String>,
+    /// Dead-letter topic, if any.
+    pub dead_letter_topic: Option<String>,
+    /// Events per forward batch.
+    pub batch_events: usize,
+    /// librdkafka `message.timeout.ms`.
+    pub message_timeout: Duration,
+}
+
+impl KafkaArgs {
+    /// Validates into [`KafkaConfig`].
+    pub fn validate(&self) -> Result<KafkaConfig> {
+        let mut properties = BTreeMap::new();
+        for value in self.kafka_properties.iter().filter(|v| !v.trim().is_empty()) {
+            let (k, v) = value
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| Error::KafkaProperty {
+                    value: value.clone(),
+                })?;
+            properties.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        if self.forward_batch_events == 0 {
+            return Err(Error::Range {
+                flag: "--forward-batch-events",
+                expected: "at least 1",
+                value: 0,
+            });
+        }
+        Ok(KafkaConfig {
+            bootstrap: self.kafka_bootstrap.clone(),
+            properties,
+            dead_letter_topic: self.dead_letter_topic.clone().filter(|t| !t.is_empty()),
+            batch_events: self.forward_batch_events,
+            message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
+        })
+    }
+}
+
+/// Validated `serve` configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Buffer directory.
+    pub data_dir: PathBuf,
+    /// Durability mode.
+    pub durability: Durability,
+    /// Kafka settings.
+    pub kafka: KafkaConfig,
+    /// Streams by name.
+    pub streams: BTreeMap<String, Stream>,
+    /// Stream for `POST /v1/events`.
+    pub default_stream: String,
+    /// JSON pointer for the partition key, if any.
+    pub key_pointer: Option<String>,
+    /// Buffer quota, bytes.
+    pub quota_bytes: u64,
+    /// Body limit, bytes as sent.
+    pub max_body_bytes: usize,
+    /// Body limit after decompression.
+    pub max_decompressed_bytes: usize,
+    /// Event limit.
+    pub max_event_bytes: usize,
+    /// Accepted bearer tokens; empty means no auth.
+    pub auth_tokens: Vec<String>,
+    /// Disk failure policy.
+    pub on_disk_failure: OnDiskFailure,
+    /// Drain deadline on SIGTERM.
+    pub drain_timeout: Duration,
+    /// Retry-After for 503s.
+    pub retry_after_secs: u64,
+}
+
+/// Parses one `NAME=TOPIC[:durable|direct]`.
+pub fn parse_stream(value: &str) -> Result<(String, Stream)> {
+    let err = |reason: &str| Error::Stream {
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (name, rest) = value
+        .split_once('=')
+        .ok_or_else(|| err("expected NAME=TOPIC[:durable|direct]"))?;
+    let (topic, mode) = match rest.rsplit_once(':') {
+        Some((topic, "durable")) => (topic, StreamMode::Durable),
+        Some((topic, "direct")) => (topic, StreamMode::Direct),
+        Some((_, other)) => {
+            return Err(err(&format!(
+                "unknown mode {other:?}, expected durable or direct"
+            )));
+        }
+        None => (rest, StreamMode::Durable),
+    };
+    let valid_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 249
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    };
+    if !valid_name(name) {
+        return Err(err("stream name must be non-empty [A-Za-z0-9._-]"));
+    }
+    if !valid_name(topic) {
+        return Err(err("topic must be a valid Kafka topic name [A-Za-z0-9._-]"));
+    }
+    Ok((
+        name.to_owned(),
+        Stream {
+            topic: topic.to_owned(),
+            mode,
+        },
+    ))
+}
+
+impl ServeArgs {
+    /// Validates into [`ServeConfig`].
+    pub fn validate(&self) -> Result<ServeConfig> {
+        let mut streams = BTreeMap::new();
+        for value in self.streams.iter().filter(|v| !v.trim().is_empty()) {
+            let (name, stream) = parse_stream(value.trim())?;
+            streams.insert(name, stream);
+        }
+        if !streams.contains_key(&self.default_stream) {
+            return Err(Error::DefaultStream {
+                name: self.default_stream.clone(),
+                known: streams.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+        let key_pointer = match self.partition_key_pointer.as_str() {
+            "" => None,
+            p if p.starts_with('/') => Some(p.to_owned()),
+            p => {
+                return Err(Error::KeyPointer {
+                    value: p.to_owned(),
+                });
+            }
+        };
+        let auth_tokens = match &self.auth_tokens_file {
+            None => Vec::new(),
+            Some(path) => read_tokens(path)?,
+        };
+        for (flag, value) in [
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-decompressed-bytes", self.max_decompressed_bytes),
+            ("--max-event-bytes", self.max_event_bytes),
+            ("--buffer-quota-bytes", self.buffer_quota_bytes),
+        ] {
+            if value == 0 {
+                return Err(Error::Range {
+                    flag,
+                    expected: "greater than 0",
+                    value,
+                });
+            }
+        }
+        Ok(ServeConfig {
+            listen: self.listen,
+            data_dir: self.buffer.data_dir.clone(),
+            durability: self.buffer.durability,
+            kafka: self.kafka.validate()?,
+            streams,
+            default_stream: self.default_stream.clone(),
+            key_pointer,
+            quota_bytes: self.buffer_quota_bytes,
+            max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            max_decompressed_bytes: usize::try_from(self.max_decompressed_bytes)
+                .unwrap_or(usize::MAX),
+            max_event_bytes: usize::try_from(self.max_event_bytes).unwrap_or(usize::MAX),
+            auth_tokens,
+            on_disk_failure: self.on_disk_failure,
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            retry_after_secs: self.retry_after_secs,
+        })
+    }
+}
+
+fn read_tokens(path: &std::path::Path) -> Result<Vec<String>> {
+    let err = |reason: String| Error::AuthTokens {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        return Err(err("no token in file".to_owned()));
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stream_with_and_without_mode() {
+        assert_eq!(
+            parse_stream("clicks=web.clicks").unwrap(),
+            (
+                "clicks".to_owned(),
+                Stream {
+                    topic: "web.clicks".to_owned(),
+                    mode: StreamMode::Durable
+                }
+            )
+        );
+        assert_eq!(
+            parse_stream("metrics=m:direct").unwrap().1.mode,
+            StreamMode::Direct
+        );
+    }
+
+    #[test]
+    fn rejects_stream_with_unknown_mode_naming_the_flag() {
+        let err = parse_stream("a=b:fast").unwrap_err().to_string();
+        assert!(err.starts_with("--stream \"a=b:fast\""), "{err}");
+        assert!(err.contains("unknown mode"), "{err}");
+        assert!(parse_stream("noequals").is_err());
+        assert!(parse_stream("a=bad topic").is_err());
+    }
+
+    #[test]
+    fn rejects_default_stream_that_is_not_configured() {
+        let cli = Cli::try_parse_from([
+            "holdfast-capture",
+            "serve",
+            "--kafka-bootstrap",
+            "k:9092",
+            "--stream",
+            "a=t",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let err = args.validate().unwrap_err().to_string();
+        assert!(err.contains("--default-stream \"default\""), "{err}");
+    }
+
+    #[test]
+    fn kafka_properties_override_and_must_be_key_value() {
+        let mut args = KafkaArgs {
+            kafka_bootstrap: "k:1".into(),
+            kafka_properties: vec!["security.protocol=SSL".into(), "linger.ms = 2".into()],
+            dead_letter_topic: None,
+            forward_batch_events: 10,
+            kafka_message_timeout_ms: 1000,
+        };
+        let cfg = args.validate().unwrap();
+        assert_eq!(cfg.properties["linger.ms"], "2");
+        args.kafka_properties.push("nonsense".into());
+        assert!(
+            args.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--kafka-property")
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! The one place that decides what a Kafka error means for an event: retry it,
+//! bury it in dead letters, or treat the producer as broken.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// What to do with an event whose delivery failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Transient (broker down, timeout, leader change): keep it and retry.
+    Retry,
+    /// Kafka will never take it: move it to dead letters with this reason.
+    DeadLetter(&'static str),
+    /// The producer itself is unusable (fenced, fatal idempotence error): keep
+    /// the event; the producer must be recreated.
+    Fatal,
+}
+
+/// Classifies a produce error.
+pub fn classify(error: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    let Some(code) = error.rdkafka_error_code() else {
+        return ErrorClass::Retry;
+    };
+    match code {
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => {
+            ErrorClass::DeadLetter("too_large")
+        }
+        C::UnknownTopic | C::InvalidTopic => {
+            ErrorClass::DeadLetter("unknown_topic")
+        }
+        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
+            ErrorClass::DeadLetter("not_authorized")
+        }
+        C::InvalidRecord => {
+            ErrorClass::DeadLetter("invalid_record")
+        }
+        C::Fatal | C::ProducerFenced | C::InvalidProducerEpoch | C::Fenced => ErrorClass::Fatal,
+        _ => ErrorClass::Retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poison_goes_to_dead_letters_and_outages_are_retried() {
+        let e = |c| KafkaError::MessageProduction(c);
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
+            ErrorClass::DeadLetter("too_large")
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::TopicAuthorizationFailed)),
+            ErrorClass::DeadLetter("not_authorized")
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::UnknownTopic)),
+            ErrorClass::DeadLetter("unknown_topic")
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::MessageTimedOut)),
+            ErrorClass::Retry
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::AllBrokersDown)),
+            ErrorClass::Retry
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::NotLeaderForPartition)),
+            ErrorClass::Retry
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::ProducerFenced)),
+            ErrorClass::Fatal
+        );
+        assert_eq!(classify(&KafkaError::Canceled), ErrorClass::Retry);
+    }
+}

@@ -1,0 +1,362 @@
+//! The HTTP API: `POST /v1/events[/{stream}]`, `/healthz`, `/readyz`, `/metrics`.
+//!
+//! A durable stream's 200 is written only after the buffer committed the
+//! request's events; a direct stream's only after Kafka acknowledged each one.
+//! A 4xx says exactly what was wrong (and which event); a 5xx says nothing
+//! internal, the detail goes to the log.
+
+pub mod ingest;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::buffer::{AppendError, NewEvent, WriterHandle};
+use crate::config::{OnDiskFailure, ServeConfig, StreamMode};
+use crate::forward::{self, ErrorClass, KafkaProducer};
+use crate::metrics::{Metrics, StreamLabel};
+use ingest::{ParseOptions, Rejection};
+
+/// Lifecycle flags read by `/readyz` and the handlers.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Start-up finished (buffer open, volume guarded).
+    pub started: AtomicBool,
+    /// SIGTERM received: unready, new requests get 503.
+    pub shutting_down: AtomicBool,
+    /// Requests being handled (shutdown waits for them before draining).
+    pub in_flight: AtomicUsize,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a Health);
+
+impl<'a> InFlight<'a> {
+    fn enter(h: &'a Health) -> Self {
+        h.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(h)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub cfg: Arc<ServeConfig>,
+    /// The buffer's writer.
+    pub writer: WriterHandle,
+    /// Producer for direct streams and the disk-failure fallback.
+    pub producer: KafkaProducer,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Lifecycle flags.
+    pub health: Arc<Health>,
+}
+
+/// An error answer: JSON body `{"error", "message", "index"?}`.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The client's fault; the message tells it what to fix.
+    Rejected(Rejection),
+    /// Not now: 503 with `Retry-After`.
+    Unavailable {
+        reason: &'static str,
+        retry_after: u64,
+    },
+    /// Missing or wrong bearer token.
+    Unauthorized,
+    /// No such stream.
+    UnknownStream(String),
+}
+
+impl ApiError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Rejected(r) => r.reason,
+            ApiError::Unavailable { reason, .. } => reason,
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::UnknownStream(_) => "unknown_stream",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Rejected(r) => {
+                let mut body = json!({"error": r.reason, "message": r.message});
+                if let Some(i) = r.index {
+                    body["index"] = json!(i);
+                }
+                (r.status, axum::Json(body)).into_response()
+            }
+            ApiError::Unavailable {
+                reason,
+                retry_after,
+            } => {
+                let mut resp = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(json!({"error": reason, "message": "try again later"})),
+                )
+                    .into_response();
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                resp
+            }
+            ApiError::Unauthorized => {
+                let mut resp = (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": "unauthorized", "message": "a valid bearer token is required"})),
+                )
+                    .into_response();
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                resp
+            }
+            ApiError::UnknownStream(name) => (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": "unknown_stream", "message": format!("stream {name:?} is not configured")})),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_default))
+        .route("/v1/events/{stream}", post(post_stream))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    match unready_reason(&s) {
+        None => (StatusCode::OK, "ready").into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+    }
+}
+
+/// Why the pod should not get traffic, if it should not.
+pub fn unready_reason(s: &AppState) -> Option<&'static str> {
+    let buf = &s.writer.state;
+    if !s.health.started.load(Ordering::Relaxed) {
+        Some("starting")
+    } else if s.health.shutting_down.load(Ordering::Relaxed) {
+        Some("shutting down")
+    } else if buf.over_quota.load(Ordering::Relaxed) {
+        Some("buffer over quota")
+    } else if buf.disk_failed.load(Ordering::Relaxed)
+        && s.cfg.on_disk_failure == OnDiskFailure::Reject
+    {
+        Some("disk failure")
+    } else {
+        None
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn post_default(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let stream = s.cfg.default_stream.clone();
+    respond(&s, &stream, &headers, body).await
+}
+
+async fn post_stream(
+    State(s): State<AppState>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(&s, &stream, &headers, body).await
+}
+
+async fn respond(s: &AppState, stream: &str, headers: &HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    match accept(s, stream, headers, body).await {
+        Ok(n) => {
+            s.metrics
+                .accepted
+                .get_or_create(&StreamLabel {
+                    stream: stream.to_owned(),
+                })
+                .inc_by(n as u64);
+            s.metrics
+                .ack_latency
+                .observe(started.elapsed().as_secs_f64());
+            (StatusCode::OK, axum::Json(json!({"accepted": n}))).into_response()
+        }
+        Err(e) => {
+            s.metrics.reject(e.reason());
+            e.into_response()
+        }
+    }
+}
+
+fn authorized(tokens: &[String], headers: &HeaderMap) -> bool {
+    if tokens.is_empty() {
+        return true;
+    }
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Compare against every token without stopping early, in constant time per token.
+    let mut ok = subtle::Choice::from(0u8);
+    for t in tokens {
+        ok |= t.as_bytes().ct_eq(presented.trim().as_bytes());
+    }
+    ok.into()
+}
+
+async fn accept(
+    s: &AppState,
+    stream_name: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<usize, ApiError> {
+    let cfg = &s.cfg;
+    let unavailable = |reason| ApiError::Unavailable {
+        reason,
+        retry_after: cfg.retry_after_secs,
+    };
+    // Entered before the check: shutdown sets the flag, then waits for in_flight to reach 0.
+    let _in_flight = InFlight::enter(&s.health);
+    if s.health.shutting_down.load(Ordering::SeqCst) {
+        return Err(unavailable("shutting_down"));
+    }
+    if !authorized(&cfg.auth_tokens, headers) {
+        return Err(ApiError::Unauthorized);
+    }
+    let stream = cfg
+        .streams
+        .get(stream_name)
+        .ok_or_else(|| ApiError::UnknownStream(stream_name.to_owned()))?;
+    let format = ingest::format_from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .map_err(ApiError::Rejected)?;
+    let raw = axum::body::to_bytes(body, cfg.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::Rejected(Rejection {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                reason: "body_too_large",
+                message: format!("body exceeds {} bytes", cfg.max_body_bytes),
+                index: None,
+            })
+        })?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let decoded;
+    let body: &[u8] = match encoding.as_deref() {
+        None | Some("identity") => &raw,
+        Some("gzip") | Some("x-gzip") => {
+            decoded = ingest::gunzip(&raw, cfg.max_decompressed_bytes).map_err(ApiError::Rejected)?;
+            &decoded
+        }
+        Some(other) => {
+            return Err(ApiError::Rejected(Rejection {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                reason: "unsupported_encoding",
+                message: format!("content encoding {other:?} is not supported; use gzip"),
+                index: None,
+            }));
+        }
+    };
+    let events = ingest::parse(
+        body,
+        format,
+        &ParseOptions {
+            topic: &stream.topic,
+            max_event_bytes: cfg.max_event_bytes,
+            key_pointer: cfg.key_pointer.as_deref(),
+            now_ms: crate::buffer::now_ms(),
+        },
+    )
+    .map_err(ApiError::Rejected)?;
+    let n = events.len();
+    match stream.mode {
+        StreamMode::Direct => direct(s, &events).await?,
+        StreamMode::Durable => {
+            // Kept only when a failed disk may route the request to Kafka instead.
+            let fallback =
+                (cfg.on_disk_failure == OnDiskFailure::Direct).then(|| events.clone());
+            match s.writer.append(events).await {
+                Ok(_) => {}
+                Err(AppendError::QuotaExceeded { .. }) => return Err(unavailable("buffer_full")),
+                Err(e @ (AppendError::Disk(_) | AppendError::Stopped)) => match fallback {
+                    Some(events) => {
+                        tracing::warn!(error = %e, events = n, "buffer failed; delivering directly to kafka");
+                        direct(s, &events).await?;
+                    }
+                    None => {
+                        tracing::error!(error = %e, "buffer append failed");
+                        return Err(unavailable("buffer_unavailable"));
+                    }
+                },
+            }
+        }
+    }
+    Ok(n)
+}
+
+async fn direct(s: &AppState, events: &[NewEvent]) -> Result<(), ApiError> {
+    match forward::send_direct(&s.producer, events).await {
+        Ok(()) => Ok(()),
+        Err(forward::Error::Direct {
+            index,
+            reason,
+            class: ErrorClass::DeadLetter(code),
+        }) => Err(ApiError::Rejected(Rejection {
+            status: StatusCode::BAD_REQUEST,
+            reason: "rejected_by_kafka",
+            message: format!("event {index}: kafka rejected it for good ({code}): {reason}"),
+            index: Some(index),
+        })),
+        Err(e) => {
+            tracing::warn!(error = %e, "direct delivery failed");
+            Err(ApiError::Unavailable {
+                reason: "kafka_unavailable",
+                retry_after: s.cfg.retry_after_secs,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

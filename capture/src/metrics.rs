@@ -1,0 +1,188 @@
+//! Prometheus metrics of a capture pod, all prefixed `holdfast_`. Buffer gauges
+//! are read from the writer's live figures at scrape time, so they are never stale.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::buffer::writer::BufferState;
+
+/// Label: stream name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    /// Stream name.
+    pub stream: String,
+}
+
+/// Label: reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: String,
+}
+
+/// Label: topic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    /// Kafka topic.
+    pub topic: String,
+}
+
+/// Every metric of the capture pod.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Events acknowledged, by stream.
+    pub accepted: Family<StreamLabel, Counter>,
+    /// Requests rejected, by reason.
+    pub rejected: Family<ReasonLabel, Counter>,
+    /// Events Kafka acknowledged, by topic.
+    pub delivered: Family<TopicLabel, Counter>,
+    /// Events moved to dead letters, by reason.
+    pub dead_lettered: Family<ReasonLabel, Counter>,
+    /// Time from request received to response, successful requests.
+    pub ack_latency: Histogram,
+    /// Commands per buffer commit.
+    pub commit_batch: Histogram,
+    /// 1 while the last Kafka interaction succeeded.
+    pub kafka_up: Gauge,
+    /// Failed forward attempts (retried).
+    pub forward_retries: Counter,
+    state: std::sync::OnceLock<Arc<BufferState>>,
+    buffer_events: Gauge,
+    buffer_bytes: Gauge,
+    oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("holdfast");
+        let accepted = Family::<StreamLabel, Counter>::default();
+        registry.register("events_accepted", "Events acknowledged", accepted.clone());
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register("requests_rejected", "Requests rejected", rejected.clone());
+        let delivered = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            "events_delivered",
+            "Events acknowledged by Kafka",
+            delivered.clone(),
+        );
+        let dead_lettered = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "events_dead_lettered",
+            "Events Kafka rejected for good",
+            dead_lettered.clone(),
+        );
+        let ack_latency = Histogram::new(
+            [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]
+            .into_iter(),
+        );
+        registry.register_with_unit(
+            "ack_latency",
+            "Time from request to acknowledgement",
+            prometheus_client::registry::Unit::Seconds,
+            ack_latency.clone(),
+        );
+        let commit_batch =
+            Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0, 4096.0].into_iter());
+        registry.register(
+            "buffer_commit_batch_commands",
+            "Requests and settlements per buffer commit",
+            commit_batch.clone(),
+        );
+        let kafka_up = Gauge::default();
+        registry.register("kafka_up", "1 while Kafka answers", kafka_up.clone());
+        let forward_retries = Counter::default();
+        registry.register(
+            "forward_retries",
+            "Forward batches retried after a Kafka error",
+            forward_retries.clone(),
+        );
+        let buffer_events = Gauge::default();
+        registry.register(
+            "buffer_events",
+            "Events waiting in the buffer",
+            buffer_events.clone(),
+        );
+        let buffer_bytes = Gauge::default();
+        registry.register_with_unit(
+            "buffer",
+            "Bytes of events waiting in the buffer",
+            prometheus_client::registry::Unit::Bytes,
+            buffer_bytes.clone(),
+        );
+        let oldest_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "buffer_oldest_event_age",
+            "Age of the oldest buffered event",
+            prometheus_client::registry::Unit::Seconds,
+            oldest_age.clone(),
+        );
+        Self {
+            registry,
+            accepted,
+            rejected,
+            delivered,
+            dead_lettered,
+            ack_latency,
+            commit_batch,
+            kafka_up,
+            forward_retries,
+            state: std::sync::OnceLock::new(),
+            buffer_events,
+            buffer_bytes,
+            oldest_age,
+        }
+    }
+
+    /// Connects the buffer's live figures.
+    pub fn attach_buffer(&self, state: Arc<BufferState>) {
+        let _ = self.state.set(state);
+    }
+
+    /// Counts a rejected request.
+    pub fn reject(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        if let Some(state) = self.state.get() {
+            self.buffer_events
+                .set(state.events.load(Ordering::Relaxed) as i64);
+            self.buffer_bytes
+                .set(state.bytes.load(Ordering::Relaxed) as i64);
+            let oldest = state.oldest_ms.load(Ordering::Relaxed);
+            let age = if oldest == 0 {
+                0.0
+            } else {
+                ((crate::buffer::now_ms() - oldest).max(0) as f64) / 1000.0
+            };
+            self.oldest_age.set(age);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
