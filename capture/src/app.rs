@@ -131,8 +131,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     health.shutting_down.store(true, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
     // Requests that passed the shutdown check finish before the drain is judged.
-    while health.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline
-    {
+    while health.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let remaining = forward::wait_empty(&writer, deadline).await;
@@ -148,7 +147,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     if clean {
         tracing::info!("buffer drained; exiting");
     } else {
-        tracing::warn!(remaining, "buffer not drained before the deadline; events stay on the volume");
+        tracing::warn!(
+            remaining,
+            "buffer not drained before the deadline; events stay on the volume"
+        );
     }
     let _ = close_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
@@ -219,7 +221,11 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
             secs: args.timeout_secs,
         });
     }
-    tracing::info!(delivered = before, dead_letters = stats.dead_letters, "buffer flushed");
+    tracing::info!(
+        delivered = before,
+        dead_letters = stats.dead_letters,
+        "buffer flushed"
+    );
     Ok(stats)
 }
 

@@ -117,7 +117,11 @@ pub struct KafkaArgs {
     pub kafka_bootstrap: String,
     /// Extra librdkafka producer property, `key=value` (repeatable; TLS/SASL settings go here).
     /// In the environment: several separated by newlines.
-    #[arg(long = "kafka-property", env = "HOLDFAST_KAFKA_PROPERTIES", value_delimiter = '\n')]
+    #[arg(
+        long = "kafka-property",
+        env = "HOLDFAST_KAFKA_PROPERTIES",
+        value_delimiter = '\n'
+    )]
     pub kafka_properties: Vec<String>,
     /// Topic that also receives events Kafka rejected for good, with reason headers.
     #[arg(long, env = "HOLDFAST_DEAD_LETTER_TOPIC")]
@@ -126,7 +130,11 @@ pub struct KafkaArgs {
     #[arg(long, env = "HOLDFAST_FORWARD_BATCH_EVENTS", default_value_t = 5000)]
     pub forward_batch_events: usize,
     /// How long librdkafka may try one message before it is reported failed (ms).
-    #[arg(long, env = "HOLDFAST_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "HOLDFAST_KAFKA_MESSAGE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
     pub kafka_message_timeout_ms: u64,
 }
 
@@ -153,7 +161,12 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// A stream: `NAME=TOPIC[:durable|direct]` (repeatable). Env: comma separated.
-    #[arg(long = "stream", env = "HOLDFAST_STREAMS", value_delimiter = ',', default_value = "default=events:durable")]
+    #[arg(
+        long = "stream",
+        env = "HOLDFAST_STREAMS",
+        value_delimiter = ',',
+        default_value = "default=events:durable"
+    )]
     pub streams: Vec<String>,
     /// Stream used by `POST /v1/events`.
     #[arg(long, env = "HOLDFAST_DEFAULT_STREAM", default_value = "default")]
@@ -229,7 +242,11 @@ impl KafkaArgs {
     /// Validates into [`KafkaConfig`].
     pub fn validate(&self) -> Result<KafkaConfig> {
         let mut properties = BTreeMap::new();
-        for value in self.kafka_properties.iter().filter(|v| !v.trim().is_empty()) {
+        for value in self
+            .kafka_properties
+            .iter()
+            .filter(|v| !v.trim().is_empty())
+        {
             let (k, v) = value
                 .split_once('=')
                 .filter(|(k, _)| !k.trim().is_empty())
@@ -312,8 +329,7 @@ pub fn parse_stream(value: &str) -> Result<(String, Stream)> {
     let valid_name = |s: &str| {
         !s.is_empty()
             && s.len() <= 249
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
     };
     if !valid_name(name) {

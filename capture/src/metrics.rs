@@ -99,8 +99,9 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             ack_latency.clone(),
         );
-        let commit_batch =
-            Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0, 4096.0].into_iter());
+        let commit_batch = Histogram::new(
+            [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0, 4096.0].into_iter(),
+        );
         registry.register(
             "buffer_commit_batch_commands",
             "Requests and settlements per buffer commit",

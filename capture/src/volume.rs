@@ -28,7 +28,10 @@ impl VolumeGuard {
         if remaining == 0 {
             tracing::info!("volume guard: buffer drained and marked clean; volume may be released");
         } else {
-            tracing::warn!(remaining, "volume guard: buffer not empty; volume must stay Retain");
+            tracing::warn!(
+                remaining,
+                "volume guard: buffer not empty; volume must stay Retain"
+            );
         }
     }
 }

@@ -22,6 +22,11 @@
 //! Consumers here use `assign` on every partition from the beginning and
 //! never join or commit to a group, so reading back what a test wrote does
 //! not depend on the group coordinator.
+//!
+//! Start-up takes a few seconds, most of it the JVM loading classes: the
+//! first start in a cache trains a class-data-sharing archive (once, about
+//! fifteen seconds) that later JVMs map instead of loading classes one by
+//! one. Set `HOLDFAST_KAFKA_CDS=0` to go without.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -32,6 +37,8 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -111,6 +118,10 @@ pub struct KafkaBroker {
     controller_port: u16,
     data_dir: PathBuf,
     workdir: TempDir,
+    /// Class-data-sharing archive the JVMs start from, when there is one.
+    class_archive: Option<PathBuf>,
+    /// Set only for the training run that writes the archive at exit.
+    dump_class_archive: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -137,6 +148,16 @@ impl KafkaBroker {
     /// is not cached yet (that takes a while once).
     pub async fn start_with(options: KafkaOptions) -> Result<Self> {
         let libs = libs_dir().await?;
+        let class_archive = class_archive(&libs).await;
+        Self::start_inner(options, libs, class_archive, None).await
+    }
+
+    async fn start_inner(
+        options: KafkaOptions,
+        libs: PathBuf,
+        class_archive: Option<PathBuf>,
+        dump_class_archive: Option<PathBuf>,
+    ) -> Result<Self> {
         let (port, controller_port) = pick_ports(options.port, options.controller_port)?;
         let workdir = tempfile::Builder::new()
             .prefix("holdfast-kafka-")
@@ -159,6 +180,8 @@ impl KafkaBroker {
             controller_port,
             data_dir,
             workdir,
+            class_archive,
+            dump_class_archive,
             child: None,
         };
         broker.write_config()?;
@@ -204,6 +227,10 @@ impl KafkaBroker {
     /// exited within [`STOP_GRACE`]. A stopped broker can be
     /// [restarted](Self::restart). Does nothing if it is not running.
     pub async fn stop(&mut self) -> Result<()> {
+        self.stop_within(STOP_GRACE).await
+    }
+
+    async fn stop_within(&mut self, grace: Duration) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -211,8 +238,12 @@ impl KafkaBroker {
             return Ok(());
         }
         let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
-        kill(pid, Signal::SIGTERM).context("sending SIGTERM to the broker")?;
-        let deadline = Instant::now() + STOP_GRACE;
+        match kill(pid, Signal::SIGTERM) {
+            // Exited between try_wait and kill: reaped below.
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(error) => return Err(error).context("sending SIGTERM to the broker"),
+        }
+        let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if child.try_wait()?.is_some() {
                 return Ok(());
@@ -331,6 +362,8 @@ impl KafkaBroker {
                 "1".to_owned(),
             ),
             ("group.initial.rebalance.delay.ms", "0".to_owned()),
+            // The broker is unfenced on a heartbeat: beat often to be ready sooner.
+            ("broker.heartbeat.interval.ms", "250".to_owned()),
             // Nothing else is there to balance or clean up in a test's lifetime.
             ("auto.leader.rebalance.enable", "false".to_owned()),
             ("log.initial.task.delay.ms", "1000".to_owned()),
@@ -350,15 +383,18 @@ impl KafkaBroker {
         write_file(&self.log4j_properties(), LOG4J_PROPERTIES)
     }
 
-    fn java(&self, main_class: &str, log_level: &str) -> Command {
-        let java = std::env::var_os("JAVA_HOME")
-            .map(|home| PathBuf::from(home).join("bin/java"))
-            .filter(|java| java.exists())
-            .unwrap_or_else(|| PathBuf::from("java"));
-        let mut cmd = tied_command(java);
+    /// `java` with the classpath and common options; the caller appends
+    /// its own JVM options, then the main class and its arguments.
+    fn java(&self, log_level: &str) -> Command {
+        let mut cmd = tied_command(java_binary());
         cmd.arg(format!("-Xms{}", self.options.heap))
             .arg(format!("-Xmx{}", self.options.heap))
             .args(JVM_OPTIONS)
+            .args(
+                self.class_archive
+                    .iter()
+                    .map(|a| format!("-XX:SharedArchiveFile={}", a.display())),
+            )
             .args(&self.options.jvm_options)
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
@@ -367,7 +403,6 @@ impl KafkaBroker {
             .arg(format!("-Dholdfast.log.level={log_level}"))
             .arg("-cp")
             .arg(self.libs.join("*"))
-            .arg(main_class)
             .current_dir(self.workdir.path())
             .stdin(Stdio::null());
         cmd
@@ -380,8 +415,11 @@ impl KafkaBroker {
         }
         let log_path = self.workdir.path().join("format.log");
         let log = File::create(&log_path).context("creating format.log")?;
-        let mut cmd = self.java("kafka.tools.StorageTool", "warn");
-        cmd.arg("format")
+        let mut cmd = self.java("warn");
+        // A short-lived tool: the quick compiler alone starts faster.
+        cmd.arg("-XX:TieredStopAtLevel=1")
+            .arg("kafka.tools.StorageTool")
+            .arg("format")
             .arg("--cluster-id")
             .arg(cluster_id())
             .arg("--config")
@@ -410,8 +448,12 @@ impl KafkaBroker {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let mut cmd = self.java("kafka.Kafka", "info");
-        cmd.arg(self.server_properties())
+        let mut cmd = self.java("info");
+        if let Some(archive) = &self.dump_class_archive {
+            cmd.arg(format!("-XX:ArchiveClassesAtExit={}", archive.display()));
+        }
+        cmd.arg("kafka.Kafka")
+            .arg(self.server_properties())
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = spawn_tied(cmd).context("starting java (is a JDK 17+ installed?)")?;
@@ -457,6 +499,15 @@ impl KafkaBroker {
 impl Drop for KafkaBroker {
     fn drop(&mut self) {
         self.kill();
+        // The log goes with the temporary directory: show a failing test
+        // what the broker last said.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of the Kafka log ({}) ---\n{}",
+                self.bootstrap(),
+                log_tail(&self.log_path(), 30)
+            );
+        }
     }
 }
 
@@ -666,13 +717,11 @@ pub fn consume_each(
         if now >= deadline {
             break;
         }
-        match consumer.poll((deadline - now).min(Duration::from_millis(200))) {
-            Some(Ok(message)) => {
-                on_record(Record::from_message(&message));
-                received += 1;
-            }
-            // Transient (broker restarting, leader moving): librdkafka retries.
-            Some(Err(_)) | None => {}
+        // Errors are transient here (broker restarting, leader moving):
+        // librdkafka retries by itself, and the deadline bounds the wait.
+        if let Some(Ok(message)) = consumer.poll((deadline - now).min(Duration::from_millis(200))) {
+            on_record(Record::from_message(&message));
+            received += 1;
         }
     }
     Ok(received)
@@ -770,6 +819,162 @@ pub async fn libs_dir() -> Result<PathBuf> {
     })
     .await
     .cloned()
+}
+
+/// Environment variable that turns the class-data-sharing archive off (`0`).
+pub const CDS_ENV: &str = "HOLDFAST_KAFKA_CDS";
+
+/// The JVM class-data-sharing (AppCDS) archive for this Kafka and this JDK,
+/// which cuts a broker's start-up by about a third. Best effort: `None`
+/// whenever it is disabled, cannot be made, or is being made by another
+/// caller (who will not be waited for).
+///
+/// The archive is made once per cache and JDK build by a training broker
+/// that runs a little traffic and dumps the classes it loaded when stopped
+/// (`-XX:ArchiveClassesAtExit`); a JVM that finds it does not match its
+/// build or classpath ignores it and starts normally.
+async fn class_archive(libs: &Path) -> Option<PathBuf> {
+    enum State {
+        Unknown,
+        Training,
+        Done(Option<PathBuf>),
+    }
+    static STATE: Mutex<State> = Mutex::new(State::Unknown);
+
+    if std::env::var_os(CDS_ENV).is_some_and(|v| v == "0") {
+        return None;
+    }
+    {
+        let mut state = STATE.lock().ok()?;
+        match &*state {
+            State::Done(archive) => return archive.clone(),
+            State::Training => return None,
+            State::Unknown => *state = State::Training,
+        }
+    }
+    let archive = make_class_archive(libs).await;
+    if let Ok(mut state) = STATE.lock() {
+        *state = State::Done(archive.clone());
+    }
+    archive
+}
+
+async fn make_class_archive(libs: &Path) -> Option<PathBuf> {
+    let dir = libs.parent()?.join("cds");
+    fs::create_dir_all(&dir).ok()?;
+    let key = jdk_fingerprint().await?;
+    let archive = dir.join(format!("kafka-{key:016x}.jsa"));
+    if archive.exists() {
+        return Some(archive);
+    }
+    // Across processes: whoever holds the lock trains, the others go without.
+    let lock_file = File::create(dir.join(format!("kafka-{key:016x}.lock"))).ok()?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).ok()?;
+    if archive.exists() {
+        return Some(archive);
+    }
+    let partial = dir.join(format!("kafka-{key:016x}.jsa.partial"));
+    let _ = fs::remove_file(&partial);
+    eprintln!("holdfast-e2e: training a class-data-sharing archive for Kafka (once)");
+    if let Err(error) = train(libs, &partial).await {
+        eprintln!("holdfast-e2e: no class-data-sharing archive: {error:#}");
+        let _ = fs::remove_file(&partial);
+        return None;
+    }
+    fs::rename(&partial, &archive).ok()?;
+    Some(archive)
+}
+
+/// Runs a broker through start-up, some idempotent and transactional
+/// traffic, and a clean stop, dumping the classes it loaded to `archive`.
+async fn train(libs: &Path, archive: &Path) -> Result<()> {
+    let mut broker = KafkaBroker::start_inner(
+        KafkaOptions::default(),
+        libs.to_owned(),
+        None,
+        Some(archive.to_owned()),
+    )
+    .await?;
+    let bootstrap = broker.bootstrap();
+    broker.create_topic("training", 2, &[]).await?;
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("transactional.id", "holdfast-cds-training")
+        .create()?;
+    let timeout = Duration::from_secs(30);
+    let producer = tokio::task::spawn_blocking(move || -> Result<_> {
+        use rdkafka::producer::Producer as _;
+        producer.init_transactions(timeout)?;
+        producer.begin_transaction()?;
+        Ok(producer)
+    })
+    .await??;
+    for i in 0..10 {
+        let payload = format!("record {i}");
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to("training")
+                    .key("k")
+                    .payload(&payload),
+                timeout,
+            )
+            .await
+            .map_err(|(error, _)| error)?;
+    }
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer as _;
+        producer.commit_transaction(timeout)
+    })
+    .await??;
+    broker.consume("training", 10, timeout).await?;
+    // Dumping takes a while, longer on a busy machine.
+    broker.stop_within(Duration::from_secs(180)).await?;
+    let size = fs::metadata(archive).map(|m| m.len()).unwrap_or_default();
+    if size == 0 {
+        bail!(
+            "the training broker wrote no archive; log {}",
+            broker.log_path().display()
+        );
+    }
+    Ok(())
+}
+
+/// A fingerprint of the `java` that runs the broker (its version output),
+/// since an archive only fits the JDK build that wrote it.
+async fn jdk_fingerprint() -> Option<u64> {
+    let java = java_binary();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(&java)
+            .arg("-version")
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await
+    .ok()?
+    .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    // FNV-1a: stable across Rust releases, unlike DefaultHasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in java_binary()
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .chain(&output.stderr)
+    {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    Some(hash)
+}
+
+/// `$JAVA_HOME/bin/java` if it exists, otherwise `java` from `PATH`.
+fn java_binary() -> PathBuf {
+    std::env::var_os("JAVA_HOME")
+        .map(|home| PathBuf::from(home).join("bin/java"))
+        .filter(|java| java.exists())
+        .unwrap_or_else(|| PathBuf::from("java"))
 }
 
 /// The partitions of `topic` that have a leader, `None` if the topic is

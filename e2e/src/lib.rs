@@ -4,5 +4,6 @@
 //! broker from Maven Central as a child process.
 
 pub mod agent;
+pub mod capture;
 pub mod kafka;
 pub mod kube;

@@ -450,7 +450,7 @@ async fn killed_process_is_restarted_per_policy() -> anyhow::Result<()> {
                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                 "volumeMounts": [{"name": "data", "mountPath": "/data"}],
             }],
-            "volumes": [{"name": "data", "hostPath": {"path": data.display().to_string()}}],
+            "volumes": [{"name": "data", "hostPath": {"path": data.display().to_string(), "type": "DirectoryOrCreate"}}],
         },
     }))?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);

@@ -233,17 +233,15 @@ fn run(
 
 /// Outcome of one command inside a transaction, answered after the commit.
 enum Pending {
-    Append(oneshot::Sender<Result<i64, AppendError>>, Result<i64, AppendError>),
+    Append(
+        oneshot::Sender<Result<i64, AppendError>>,
+        Result<i64, AppendError>,
+    ),
     Settle(oneshot::Sender<Result<(), AppendError>>),
     Clean(oneshot::Sender<Result<bool, AppendError>>, bool),
 }
 
-fn commit(
-    conn: &mut Connection,
-    batch: &mut Vec<Command>,
-    state: &BufferState,
-    appended: &Notify,
-) {
+fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, appended: &Notify) {
     let quota = state.quota.load(Ordering::Relaxed);
     let mut bytes = state.bytes.load(Ordering::Relaxed) as i128;
     let mut events = state.events.load(Ordering::Relaxed) as i128;

@@ -25,15 +25,11 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
         C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => {
             ErrorClass::DeadLetter("too_large")
         }
-        C::UnknownTopic | C::InvalidTopic => {
-            ErrorClass::DeadLetter("unknown_topic")
-        }
+        C::UnknownTopic | C::InvalidTopic => ErrorClass::DeadLetter("unknown_topic"),
         C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
             ErrorClass::DeadLetter("not_authorized")
         }
-        C::InvalidRecord => {
-            ErrorClass::DeadLetter("invalid_record")
-        }
+        C::InvalidRecord => ErrorClass::DeadLetter("invalid_record"),
         C::Fatal | C::ProducerFenced | C::InvalidProducerEpoch | C::Fenced => ErrorClass::Fatal,
         _ => ErrorClass::Retry,
     }

@@ -108,7 +108,10 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
-        .set("message.timeout.ms", cfg.message_timeout.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            cfg.message_timeout.as_millis().to_string(),
+        )
         .set("client.id", "holdfast-capture");
     for (k, v) in &cfg.properties {
         c.set(k, v);
@@ -304,7 +307,20 @@ impl Forwarder {
     /// whether the producer reported a fatal error.
     async fn forward(&self, batch: &[StoredEvent]) -> Result<(usize, bool)> {
         let refs: Vec<&NewEvent> = batch.iter().map(|s| &s.event).collect();
-        let results = send_all(&self.producer, &refs).await;
+        let mut results = send_all(&self.producer, &refs).await;
+        // Kafka judges size per record batch, so one oversized event fails the
+        // innocent events batched with it. Retry each such event alone: only an
+        // event that is rejected on its own is poison.
+        for (stored, result) in batch.iter().zip(results.iter_mut()) {
+            if let Err(e) = result
+                && classify(e) == ErrorClass::DeadLetter("too_large")
+            {
+                *result = send_all(&self.producer, &[&stored.event])
+                    .await
+                    .pop()
+                    .unwrap_or(Err(KafkaError::Canceled));
+            }
+        }
         let mut delivered = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut retry = 0;
@@ -381,11 +397,7 @@ impl Forwarder {
                             value: Some(e.topic.as_bytes()),
                         }),
                 );
-            if let Err((error, _)) = self
-                .producer
-                .send(record, Duration::from_secs(5))
-                .await
-            {
+            if let Err((error, _)) = self.producer.send(record, Duration::from_secs(5)).await {
                 tracing::warn!(seq, dlq, error = %error, "could not copy dead letter to the dead-letter topic");
             }
         }

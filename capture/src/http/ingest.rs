@@ -80,7 +80,12 @@ pub fn format_from_content_type(content_type: Option<&str>) -> Result<Format, Re
     let Some(ct) = content_type else {
         return Err(unsupported(""));
     };
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match mime.as_str() {
         "application/json" => Ok(Format::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Format::Ndjson),
@@ -118,7 +123,11 @@ struct Fields<'a> {
 }
 
 /// Parses a whole body into events, or rejects it whole.
-pub fn parse(body: &[u8], format: Format, opts: &ParseOptions<'_>) -> Result<Vec<NewEvent>, Rejection> {
+pub fn parse(
+    body: &[u8],
+    format: Format,
+    opts: &ParseOptions<'_>,
+) -> Result<Vec<NewEvent>, Rejection> {
     let text = std::str::from_utf8(body).map_err(|e| {
         Rejection::new(
             StatusCode::BAD_REQUEST,
@@ -191,8 +200,12 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
             format!("event {index} is not a JSON object"),
         ));
     }
-    let fields: Fields<'_> = serde_json::from_str(raw)
-        .map_err(|e| bad("malformed_json", format!("event {index} is not valid JSON: {e}")))?;
+    let fields: Fields<'_> = serde_json::from_str(raw).map_err(|e| {
+        bad(
+            "malformed_json",
+            format!("event {index} is not valid JSON: {e}"),
+        )
+    })?;
     let uuid = match fields.uuid.map(RawValue::get) {
         None | Some("null") => uuid::Uuid::now_v7().to_string(),
         Some(v) => {
@@ -278,7 +291,11 @@ mod tests {
         assert_eq!(evs[0].uuid, "0190a6e2-6f1b-7c3a-9f00-000000000001");
         let generated = uuid::Uuid::parse_str(&evs[1].uuid).unwrap();
         assert_eq!(generated.get_version_num(), 7);
-        assert_eq!(evs[1].key, evs[1].uuid.as_bytes(), "uuid is the default key");
+        assert_eq!(
+            evs[1].key,
+            evs[1].uuid.as_bytes(),
+            "uuid is the default key"
+        );
     }
 
     #[test]
@@ -304,13 +321,20 @@ mod tests {
         let r = parse(body.as_bytes(), Format::Json, &opts()).unwrap_err();
         assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(r.index, Some(1));
-        assert!(r.message.contains("event 1 is 108 bytes, limit 64"), "{}", r.message);
+        assert!(
+            r.message.contains("event 1 is 108 bytes, limit 64"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]
     fn names_the_bad_event_in_ndjson() {
         let r = parse(b"{\"a\":1}\n{\"a\":\n", Format::Ndjson, &opts()).unwrap_err();
-        assert_eq!((r.status, r.index, r.reason), (StatusCode::BAD_REQUEST, Some(1), "malformed_json"));
+        assert_eq!(
+            (r.status, r.index, r.reason),
+            (StatusCode::BAD_REQUEST, Some(1), "malformed_json")
+        );
         let r = parse(b"[{\"a\":1}, 3]", Format::Json, &opts()).unwrap_err();
         assert_eq!((r.index, r.reason), (Some(1), "not_an_object"));
         let r = parse(br#"{"uuid":"nope"}"#, Format::Json, &opts()).unwrap_err();
@@ -319,11 +343,28 @@ mod tests {
 
     #[test]
     fn rejects_malformed_and_empty_bodies() {
-        assert_eq!(parse(b"{\"a\":", Format::Json, &opts()).unwrap_err().reason, "malformed_json");
-        assert_eq!(parse(b"[1,", Format::Json, &opts()).unwrap_err().reason, "malformed_json");
-        assert_eq!(parse(b"[]", Format::Json, &opts()).unwrap_err().reason, "no_events");
-        assert_eq!(parse(b"\n\n", Format::Ndjson, &opts()).unwrap_err().reason, "no_events");
-        assert_eq!(parse(&[0xff, 0xfe], Format::Json, &opts()).unwrap_err().reason, "invalid_utf8");
+        assert_eq!(
+            parse(b"{\"a\":", Format::Json, &opts()).unwrap_err().reason,
+            "malformed_json"
+        );
+        assert_eq!(
+            parse(b"[1,", Format::Json, &opts()).unwrap_err().reason,
+            "malformed_json"
+        );
+        assert_eq!(
+            parse(b"[]", Format::Json, &opts()).unwrap_err().reason,
+            "no_events"
+        );
+        assert_eq!(
+            parse(b"\n\n", Format::Ndjson, &opts()).unwrap_err().reason,
+            "no_events"
+        );
+        assert_eq!(
+            parse(&[0xff, 0xfe], Format::Json, &opts())
+                .unwrap_err()
+                .reason,
+            "invalid_utf8"
+        );
     }
 
     #[test]
@@ -333,16 +374,27 @@ mod tests {
         enc.write_all(&vec![b'a'; 10_000]).unwrap();
         let gz = enc.finish().unwrap();
         assert_eq!(gunzip(&gz, 10_000).unwrap().len(), 10_000);
-        assert_eq!(gunzip(&gz, 9_999).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            gunzip(&gz, 9_999).unwrap_err().status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
         assert_eq!(gunzip(b"not gzip", 100).unwrap_err().reason, "bad_gzip");
     }
 
     #[test]
     fn content_type_selects_format() {
-        assert_eq!(format_from_content_type(Some("application/json; charset=utf-8")).unwrap(), Format::Json);
-        assert_eq!(format_from_content_type(Some("application/x-ndjson")).unwrap(), Format::Ndjson);
         assert_eq!(
-            format_from_content_type(Some("text/plain")).unwrap_err().status,
+            format_from_content_type(Some("application/json; charset=utf-8")).unwrap(),
+            Format::Json
+        );
+        assert_eq!(
+            format_from_content_type(Some("application/x-ndjson")).unwrap(),
+            Format::Ndjson
+        );
+        assert_eq!(
+            format_from_content_type(Some("text/plain"))
+                .unwrap_err()
+                .status,
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         );
         assert!(format_from_content_type(None).is_err());

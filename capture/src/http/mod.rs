@@ -286,7 +286,8 @@ async fn accept(
     let body: &[u8] = match encoding.as_deref() {
         None | Some("identity") => &raw,
         Some("gzip") | Some("x-gzip") => {
-            decoded = ingest::gunzip(&raw, cfg.max_decompressed_bytes).map_err(ApiError::Rejected)?;
+            decoded =
+                ingest::gunzip(&raw, cfg.max_decompressed_bytes).map_err(ApiError::Rejected)?;
             &decoded
         }
         Some(other) => {
@@ -314,8 +315,7 @@ async fn accept(
         StreamMode::Direct => direct(s, &events).await?,
         StreamMode::Durable => {
             // Kept only when a failed disk may route the request to Kafka instead.
-            let fallback =
-                (cfg.on_disk_failure == OnDiskFailure::Direct).then(|| events.clone());
+            let fallback = (cfg.on_disk_failure == OnDiskFailure::Direct).then(|| events.clone());
             match s.writer.append(events).await {
                 Ok(_) => {}
                 Err(AppendError::QuotaExceeded { .. }) => return Err(unavailable("buffer_full")),

@@ -112,7 +112,11 @@ async fn accepts_object_array_ndjson_and_gzip_and_buffers_them() {
     assert_eq!((s, body), (StatusCode::OK, json!({"accepted": 1})));
     let (s, _, body) = send(
         &f,
-        post("/v1/events/clicks", "application/json", r#"[{"a":1},{"a":2}]"#),
+        post(
+            "/v1/events/clicks",
+            "application/json",
+            r#"[{"a":1},{"a":2}]"#,
+        ),
     )
     .await;
     assert_eq!((s, body), (StatusCode::OK, json!({"accepted": 2})));
@@ -151,7 +155,11 @@ async fn bad_input_gets_the_right_4xx_and_writes_nothing() {
             None,
         ),
         (
-            post("/v1/events", "application/json", format!(r#"[{{"a":1}},{big}]"#)),
+            post(
+                "/v1/events",
+                "application/json",
+                format!(r#"[{{"a":1}},{big}]"#),
+            ),
             StatusCode::PAYLOAD_TOO_LARGE,
             "event_too_large",
             Some(1),
@@ -204,15 +212,17 @@ async fn requires_a_valid_bearer_token_when_configured() {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(h[header::WWW_AUTHENTICATE], "Bearer");
     let mut wrong = post("/v1/events", "application/json", r#"{"a":1}"#);
-    wrong
-        .headers_mut()
-        .insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cre"));
+    wrong.headers_mut().insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static("Bearer s3cre"),
+    );
     assert_eq!(send(&f, wrong).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(buffered(&f), 0);
     let mut right = post("/v1/events", "application/json", r#"{"a":1}"#);
-    right
-        .headers_mut()
-        .insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer other"));
+    right.headers_mut().insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static("Bearer other"),
+    );
     assert_eq!(send(&f, right).await.0, StatusCode::OK);
     assert_eq!(buffered(&f), 1);
 }
@@ -258,14 +268,22 @@ async fn readiness_follows_the_lifecycle_and_shutdown_refuses_new_events() {
     assert!(h.contains_key(header::RETRY_AFTER));
     assert_eq!(buffered(&f), 0);
     f.state.health.shutting_down.store(false, Ordering::Relaxed);
-    f.state.writer.state.disk_failed.store(true, Ordering::Relaxed);
+    f.state
+        .writer
+        .state
+        .disk_failed
+        .store(true, Ordering::Relaxed);
     assert_eq!(ready(&f).await, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]
 async fn metrics_expose_accepted_events_and_buffer_figures() {
     let f = fixture(&[], u64::MAX);
-    send(&f, post("/v1/events", "application/json", r#"[{"a":1},{"a":2}]"#)).await;
+    send(
+        &f,
+        post("/v1/events", "application/json", r#"[{"a":1},{"a":2}]"#),
+    )
+    .await;
     let (s, _, body) = send(&f, Request::get("/metrics").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     let text = body.as_str().unwrap();

@@ -135,7 +135,19 @@ async fn volume_source(
         return Ok(path);
     }
     if let Some(host) = &volume.host_path {
-        return Ok(PathBuf::from(&host.path));
+        let path = PathBuf::from(&host.path);
+        match host.type_.as_deref() {
+            Some("DirectoryOrCreate") => mkdir(&path)?,
+            Some("FileOrCreate") if !path.exists() => write(&path, b"")?,
+            Some("Directory") if !path.is_dir() => {
+                return Err(Error::NotReady(format!(
+                    "hostPath {} is not a directory",
+                    host.path
+                )));
+            }
+            _ => {}
+        }
+        return Ok(path);
     }
     mkdir(dir)?;
     if volume.empty_dir.is_some() {
@@ -433,6 +445,15 @@ pub fn mounts(
             }
             _ => source.clone(),
         };
+        // A missing source would make the wrapper create a file at the
+        // target on the host; refuse instead.
+        if !source.exists() {
+            return Err(Error::NotReady(format!(
+                "volume {} path {} does not exist",
+                mount.name,
+                source.display()
+            )));
+        }
         out.push(BindMount {
             source,
             target: mount.mount_path.clone(),
