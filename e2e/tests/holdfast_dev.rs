@@ -26,25 +26,39 @@ impl Drop for Guard {
     }
 }
 
-fn dev(args: &[&str]) -> Result<std::process::Output> {
-    Command::new(BIN)
+/// Runs `holdfast-dev args` to completion, capturing its output.
+fn dev(args: &[&str]) -> Result<Run> {
+    let output = Command::new(BIN)
         .args(args)
-        .stderr(Stdio::inherit())
         .output()
-        .with_context(|| format!("running holdfast-dev {args:?}"))
+        .with_context(|| format!("running holdfast-dev {args:?}"))?;
+    Ok(Run {
+        success: output.status.success(),
+        stdout: String::from_utf8(output.stdout)?,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+#[derive(Debug)]
+struct Run {
+    success: bool,
+    stdout: String,
+    stderr: String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<()> {
     let data = tempfile::tempdir()?;
+    let logs = tempfile::tempdir()?;
     let mut kafka = Guard(
         Command::new(BIN)
             .args(["kafka", "--data-dir"])
             .arg(data.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(logs.path().join("stderr"))?)
             .spawn()?,
     );
+    let stderr = || std::fs::read_to_string(logs.path().join("stderr")).unwrap_or_default();
     let stdout = kafka.0.stdout.take().context("no stdout")?;
     let line = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
@@ -54,7 +68,7 @@ async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<(
     let bootstrap = line
         .trim()
         .strip_prefix("KAFKA_BOOTSTRAP=")
-        .with_context(|| format!("unexpected first line {line:?}"))?
+        .with_context(|| format!("unexpected first line {line:?}; stderr:\n{}", stderr()))?
         .to_owned();
     assert!(bootstrap.starts_with("127.0.0.1:"), "{bootstrap}");
     assert!(
@@ -73,7 +87,7 @@ async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<(
         "--config",
         "retention.ms=-1",
     ])?;
-    assert!(created.status.success());
+    assert!(created.success, "{created:?}");
     let again = dev(&[
         "create-topic",
         "--bootstrap",
@@ -81,10 +95,8 @@ async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<(
         "--topic",
         "events",
     ])?;
-    assert!(
-        !again.status.success(),
-        "creating an existing topic succeeded"
-    );
+    assert!(!again.success, "creating an existing topic succeeded");
+    assert!(again.stderr.contains("TopicAlreadyExists"), "{again:?}");
     let tolerated = dev(&[
         "create-topic",
         "--bootstrap",
@@ -93,7 +105,7 @@ async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<(
         "events",
         "--if-not-exists",
     ])?;
-    assert!(tolerated.status.success());
+    assert!(tolerated.success, "{tolerated:?}");
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -131,8 +143,9 @@ async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<(
         "--timeout-secs",
         "30",
     ])?;
-    assert!(consumed.status.success());
-    let lines: Vec<Value> = String::from_utf8(consumed.stdout)?
+    assert!(consumed.success, "{consumed:?}");
+    let lines: Vec<Value> = consumed
+        .stdout
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
@@ -162,11 +175,8 @@ async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<(
         "--timeout-secs",
         "2",
     ])?;
-    assert!(
-        !short.status.success(),
-        "consume succeeded without enough records"
-    );
-    assert_eq!(String::from_utf8(short.stdout)?.lines().count(), 2);
+    assert!(!short.success, "consume succeeded without enough records");
+    assert_eq!(short.stdout.lines().count(), 2, "{short:?}");
 
     let pid = Pid::from_raw(i32::try_from(kafka.0.id())?);
     kill(pid, Signal::SIGTERM)?;
@@ -176,10 +186,17 @@ async fn kafka_create_topic_and_consume_work_from_the_command_line() -> Result<(
             break status;
         }
         if Instant::now() > deadline {
-            bail!("holdfast-dev kafka did not stop within 60s of SIGTERM");
+            bail!(
+                "holdfast-dev kafka did not stop within 60s of SIGTERM; stderr:\n{}",
+                stderr()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(status.success(), "holdfast-dev kafka exited with {status}");
+    assert!(
+        status.success(),
+        "holdfast-dev kafka exited with {status}; stderr:\n{}",
+        stderr()
+    );
     Ok(())
 }

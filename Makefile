@@ -1,0 +1,50 @@
+# Holdfast. `make demo` and `make test` are the two commands a new user needs.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean
+
+all: build
+
+## build: compile every binary (debug)
+build:
+	$(CARGO) build --bins
+
+## demo: local Kafka + a capture pod, send events, show them in Kafka, keep serving until Ctrl-C
+demo:
+	bash scripts/demo.sh
+
+## kafka: fetch Apache Kafka's jars from Maven Central into the cache (once)
+kafka:
+	bash e2e/kafka/fetch.sh
+
+## e2e-bins: build kube-apiserver, controller-manager, scheduler, etcd, helm from pinned Go modules (once)
+e2e-bins:
+	bash e2e/bins.sh
+
+## test: every test, unit and end-to-end (real Kafka, real Kubernetes control plane)
+test: build kafka e2e-bins
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads 2
+
+## unit: tests that need neither Kafka nor Kubernetes
+unit:
+	$(CARGO) test -p holdfast-capture
+
+## e2e: only the end-to-end tests
+e2e: build kafka e2e-bins
+	$(CARGO) test -p holdfast-e2e --no-fail-fast -- --test-threads 2
+
+## bench: load-test a release build with wrk against a local Kafka and report figures
+bench:
+	bash scripts/bench.sh
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
