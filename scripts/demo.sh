@@ -21,7 +21,8 @@ cleanup() {
   wait 2>/dev/null || true
   echo "demo files left in $work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 say "starting Kafka (KRaft, one node on 127.0.0.1)"
 "$bin/holdfast-dev" kafka >"$work/kafka.out" 2>"$work/kafka.log" &

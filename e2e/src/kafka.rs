@@ -55,6 +55,9 @@ use tempfile::TempDir;
 /// Environment variable naming a ready classpath folder, which skips `fetch.sh`.
 pub const LIBS_ENV: &str = "HOLDFAST_KAFKA_LIBS";
 
+/// Environment variable that turns the class-data-sharing archive off (`0`).
+pub const CDS_ENV: &str = "HOLDFAST_KAFKA_CDS";
+
 /// How long to wait for a broker to answer after launch.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -820,9 +823,6 @@ pub async fn libs_dir() -> Result<PathBuf> {
     .await
     .cloned()
 }
-
-/// Environment variable that turns the class-data-sharing archive off (`0`).
-pub const CDS_ENV: &str = "HOLDFAST_KAFKA_CDS";
 
 /// The JVM class-data-sharing (AppCDS) archive for this Kafka and this JDK,
 /// which cuts a broker's start-up by about a third. Best effort: `None`

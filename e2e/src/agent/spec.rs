@@ -26,8 +26,9 @@ pub fn binary_for(container: &Container, bin_dir: &Path) -> Option<(PathBuf, Vec
         ),
         None => {
             let image = container.image.as_deref()?;
-            let repo = image.split(['@', ':']).next()?;
-            let last = repo.rsplit('/').next()?;
+            // registry:5000/holdfast/operator:1.0@sha256:... -> operator
+            let without_digest = image.split('@').next()?;
+            let last = without_digest.rsplit('/').next()?.split(':').next()?;
             let name = if last.starts_with("holdfast-") {
                 last.to_string()
             } else {
