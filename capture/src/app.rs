@@ -73,12 +73,15 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         Some(commit_observer(&metrics)),
     )?;
     metrics.attach_buffer(writer.state.clone());
+    let volume_id = {
+        let conn = buffer::open_reader(&cfg.data_dir)?;
+        buffer::meta(&conn, "volume_id")?.unwrap_or_default()
+    };
     {
         let s = &writer.state;
-        let conn = buffer::open_reader(&cfg.data_dir)?;
         tracing::info!(
             data_dir = %cfg.data_dir.display(),
-            volume_id = buffer::meta(&conn, "volume_id")?.unwrap_or_default(),
+            volume_id,
             events = s.events.load(Ordering::Relaxed),
             bytes = s.bytes.load(Ordering::Relaxed),
             last_seq = s.last_seq.load(Ordering::Relaxed),
@@ -108,8 +111,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     )?;
     let forwarder = tokio::spawn(forwarder.run(stop_rx, RunUntil::Stopped));
 
-    let volume = VolumeGuard::local();
-    volume.before_ready().await;
+    let volume = match &cfg.volume_claim {
+        Some((namespace, claim)) => VolumeGuard::kubernetes(namespace.clone(), claim.clone()).await,
+        None => VolumeGuard::local(),
+    };
+    volume.before_ready(&volume_id).await;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -198,6 +198,13 @@ pub struct ServeArgs {
     /// Retry-After value sent with 503 answers (seconds).
     #[arg(long, env = "HOLDFAST_RETRY_AFTER_SECS", default_value_t = 1)]
     pub retry_after_secs: u64,
+    /// PersistentVolumeClaim holding the buffer: its PV is kept `Retain` while
+    /// events may be on it and flipped to `Delete` after a clean drain. Unset: no Kubernetes.
+    #[arg(long, env = "HOLDFAST_VOLUME_CLAIM")]
+    pub volume_claim: Option<String>,
+    /// Namespace of `--volume-claim` (in a pod: from the downward API).
+    #[arg(long, env = "HOLDFAST_NAMESPACE", default_value = "default")]
+    pub namespace: String,
 }
 
 /// `flush` arguments.
@@ -305,6 +312,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Retry-After for 503s.
     pub retry_after_secs: u64,
+    /// Claim of the buffer's volume and its namespace, when on Kubernetes.
+    pub volume_claim: Option<(String, String)>,
 }
 
 /// Parses one `NAME=TOPIC[:durable|direct]`.
@@ -405,6 +414,11 @@ impl ServeArgs {
             on_disk_failure: self.on_disk_failure,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             retry_after_secs: self.retry_after_secs,
+            volume_claim: self
+                .volume_claim
+                .clone()
+                .filter(|c| !c.is_empty())
+                .map(|c| (self.namespace.clone(), c)),
         })
     }
 }

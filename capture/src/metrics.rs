@@ -87,21 +87,17 @@ impl Metrics {
             "Events Kafka rejected for good",
             dead_lettered.clone(),
         );
-        let ack_latency = Histogram::new(
-            [
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]
-            .into_iter(),
-        );
+        let ack_latency = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
         registry.register_with_unit(
             "ack_latency",
             "Time from request to acknowledgement",
             prometheus_client::registry::Unit::Seconds,
             ack_latency.clone(),
         );
-        let commit_batch = Histogram::new(
-            [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0, 4096.0].into_iter(),
-        );
+        let commit_batch =
+            Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0, 4096.0]);
         registry.register(
             "buffer_commit_batch_commands",
             "Requests and settlements per buffer commit",

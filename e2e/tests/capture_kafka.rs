@@ -113,7 +113,11 @@ async fn round_trip_of_ten_thousand_events_in_mixed_formats() -> Result<()> {
     let mut round = 0usize;
     while sent < 10_000 {
         round += 1;
-        let stream = if round % 2 == 0 { "clicks" } else { "default" };
+        let stream = if round.is_multiple_of(2) {
+            "clicks"
+        } else {
+            "default"
+        };
         let topic = if stream == "clicks" {
             "web.clicks"
         } else {
@@ -284,7 +288,9 @@ async fn every_acknowledged_event_survives_repeated_sigkill() -> Result<()> {
     .await;
     // Read everything in the topic: duplicates make it more than acked.len().
     let total = records_in(&kafka.bootstrap(), "events").await?;
-    let records = kafka.consume("events", total, Duration::from_secs(60)).await?;
+    let records = kafka
+        .consume("events", total, Duration::from_secs(60))
+        .await?;
     let (seen, dups) = tally(&records);
     let lost: Vec<&String> = acked.iter().filter(|u| !seen.contains_key(*u)).collect();
     eprintln!(
@@ -623,5 +629,55 @@ async fn flush_drains_a_directory_left_by_a_killed_process() -> Result<()> {
     for e in &events {
         assert!(seen.contains_key(e["uuid"].as_str().unwrap()));
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_stream_answers_after_kafka_ack_and_503_without_kafka() -> Result<()> {
+    let mut kafka = KafkaBroker::start().await?;
+    kafka.create_topic("metrics", 1, &[]).await?;
+    let dir = tempdir();
+    let cap = CaptureProcess::start(
+        &dir.path().join("buf"),
+        &kafka.bootstrap(),
+        &[
+            "--stream",
+            "default=events",
+            "--stream",
+            "m=metrics:direct",
+            "--kafka-message-timeout-ms",
+            "3000",
+        ],
+    )
+    .await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/events/m", cap.url());
+    let id = uuid::Uuid::now_v7().to_string();
+    let r = post(
+        &client,
+        &url,
+        "application/json",
+        json!({"uuid": id}).to_string(),
+        false,
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    // Already in Kafka when the 200 arrived; never on disk.
+    assert_eq!(capture::inspect(cap.data_dir())?["last_seq"], 0);
+    let records = kafka.consume("metrics", 1, Duration::from_secs(30)).await?;
+    assert_eq!(uuid_of(&records[0]), id);
+    kafka.stop().await?;
+    let r = post(
+        &client,
+        &url,
+        "application/json",
+        json!({"a": 1}).to_string(),
+        false,
+    )
+    .await?;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await?;
+    assert_eq!(body["error"], "kafka_unavailable");
     Ok(())
 }

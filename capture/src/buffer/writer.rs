@@ -249,6 +249,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
     let mut first_ms = None;
     let mut any_append = false;
     let mut settled = false;
+    let mut last_seq = 0;
     let mut pending = Vec::with_capacity(batch.len());
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
@@ -291,6 +292,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
                         }
                         bytes += needed as i128;
                         events += evs.len() as i128;
+                        last_seq = last;
                         any_append |= !evs.is_empty();
                         pending.push(Pending::Append(reply, Ok(last)));
                     }
@@ -346,11 +348,12 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
                 state
                     .oldest_ms
                     .store(first_ms.unwrap_or_else(now_ms), Ordering::Relaxed);
-            } else if let Ok(Some(oldest)) = super::oldest_captured_at(conn) {
+            } else if settled && let Ok(Some(oldest)) = super::oldest_captured_at(conn) {
+                // Only deletes can move the oldest event.
                 state.oldest_ms.store(oldest, Ordering::Relaxed);
             }
-            if let Ok(seq) = super::last_seq(conn) {
-                state.last_seq.store(seq, Ordering::Relaxed);
+            if last_seq > 0 {
+                state.last_seq.store(last_seq, Ordering::Relaxed);
             }
             update_over_quota(state, settled);
             for p in pending {

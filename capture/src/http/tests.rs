@@ -60,6 +60,7 @@ fn fixture(tokens: &[&str], quota: u64) -> Fixture {
         on_disk_failure: OnDiskFailure::Reject,
         drain_timeout: Duration::from_secs(1),
         retry_after_secs: 3,
+        volume_claim: None,
     };
     let producer = forward::create_producer(&kafka, metrics.clone()).unwrap();
     let health = Arc::new(Health::default());
