@@ -181,3 +181,40 @@ async fn volume_id_is_made_once_and_kept() {
     assert_eq!(again.volume_id, id);
     assert_eq!(again.schema_version, SCHEMA_VERSION);
 }
+
+#[tokio::test]
+async fn settling_part_of_a_batch_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX);
+    h.append(vec![ev(0), ev(1), ev(2), ev(3)]).await.unwrap();
+    let r = open_reader(dir.path()).unwrap();
+    let b = read_batch(&r, 0, 10).unwrap();
+    // Only the second and fourth were delivered: the first and third stay.
+    h.settle(
+        vec![(b[1].seq, b[1].event.size()), (b[3].seq, b[3].event.size())],
+        vec![],
+    )
+    .await
+    .unwrap();
+    let left: Vec<i64> = read_batch(&r, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|s| s.seq)
+        .collect();
+    assert_eq!(left, vec![b[0].seq, b[2].seq]);
+    assert_eq!(h.state.events.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        h.state.bytes.load(Ordering::Relaxed),
+        b[0].event.size() + b[2].event.size()
+    );
+    // Then the whole head at once (range delete).
+    h.settle(
+        vec![(b[0].seq, b[0].event.size()), (b[2].seq, b[2].event.size())],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(totals(&r).unwrap(), (0, 0));
+    assert_eq!(h.state.bytes.load(Ordering::Relaxed), 0);
+    stop(w, h).await;
+}

@@ -258,6 +258,9 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
                 "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+            let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;
+            let mut count_through =
+                tx.prepare_cached("SELECT count(*) FROM events WHERE seq <= ?1")?;
             let mut bury = tx.prepare_cached(
                 "INSERT OR REPLACE INTO dead_letters(seq, uuid, topic, key, payload, captured_at_ms, reason, failed_at_ms)
                  SELECT seq, uuid, topic, key, payload, captured_at_ms, ?2, ?3 FROM events WHERE seq = ?1",
@@ -309,10 +312,26 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
                                 events -= 1;
                             }
                         }
-                        for (seq, size) in &delivered {
-                            if delete.execute([seq])? == 1 {
-                                bytes -= *size as i128;
-                                events -= 1;
+                        // The forwarder reads the oldest events in order, so when a
+                        // whole batch is settled one range delete replaces a delete per row.
+                        let through = delivered.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+                        let whole_head = through > 0
+                            && delivered.len() as i128
+                                == count_through.query_row([through], |r| r.get::<_, i64>(0))?
+                                    as i128;
+                        if whole_head {
+                            let n = delete_through.execute([through])?;
+                            events -= n as i128;
+                            bytes -= delivered
+                                .iter()
+                                .map(|(_, size)| *size as i128)
+                                .sum::<i128>();
+                        } else {
+                            for (seq, size) in &delivered {
+                                if delete.execute([seq])? == 1 {
+                                    bytes -= *size as i128;
+                                    events -= 1;
+                                }
                             }
                         }
                         settled = true;
