@@ -148,10 +148,14 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     }
     let remaining = forward::wait_empty(&writer, deadline).await;
     let _ = stop_tx.send(true);
+    let abort = forwarder.abort_handle();
     match tokio::time::timeout(Duration::from_secs(5), forwarder).await {
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "forwarder failed"),
         Ok(_) => {}
-        Err(_) => tracing::warn!("forwarder did not stop within 5s"),
+        Err(_) => {
+            tracing::warn!("forwarder did not stop within 5s; aborting it");
+            abort.abort();
+        }
     }
     let clean = remaining == 0 && writer.mark_clean_if_empty().await.unwrap_or(false);
     let remaining = writer.state.events.load(Ordering::Relaxed);
@@ -169,9 +173,12 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     drop(state);
     drop(writer);
     forward::flush_producer(&direct_producer, Duration::from_secs(1));
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await
-        .ok();
+    // Every handle is gone, so the writer finishes its last commit and stops.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || writer_thread.join()),
+    )
+    .await;
     Ok(())
 }
 

@@ -1,5 +1,3 @@
-use std::process::ExitCode;
-
 use clap::Parser;
 use holdfast_capture::app;
 use holdfast_capture::config::{Cli, Command, LogFormat};
@@ -17,7 +15,7 @@ fn init_logging(format: LogFormat) {
 }
 
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result: anyhow::Result<()> = async {
@@ -40,12 +38,14 @@ async fn main() -> ExitCode {
         Ok(())
     }
     .await;
+    // Exit here rather than wait for the runtime to wind down blocking work:
+    // everything that must be durable was committed before this point.
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => std::process::exit(0),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "exiting");
             eprintln!("holdfast-capture: {e:#}");
-            ExitCode::FAILURE
+            std::process::exit(1)
         }
     }
 }

@@ -681,3 +681,35 @@ async fn direct_stream_answers_after_kafka_ack_and_503_without_kafka() -> Result
     assert_eq!(body["error"], "kafka_unavailable");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_without_kafka_keeps_events_and_exits_by_the_deadline() -> Result<()> {
+    let mut kafka = KafkaBroker::start().await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let mut cap =
+        CaptureProcess::start(&buf, &kafka.bootstrap(), &["--drain-timeout-secs", "2"]).await?;
+    kafka.stop().await?;
+    let client = reqwest::Client::new();
+    let body = serde_json::to_vec(&(0..100).map(|i| json!({"i": i})).collect::<Vec<_>>())?;
+    let r = post(
+        &client,
+        &format!("{}/v1/events", cap.url()),
+        "application/json",
+        body,
+        false,
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    let started = Instant::now();
+    cap.terminate()?;
+    let status = cap.wait_exit(Duration::from_secs(20)).await?;
+    assert!(status.success(), "exit status {status}");
+    eprintln!("shutdown with kafka down took {:?}", started.elapsed());
+    let s = capture::inspect(&buf)?;
+    assert_eq!(
+        (s["events"].as_u64(), s["clean"].as_bool()),
+        (Some(100), Some(false))
+    );
+    Ok(())
+}

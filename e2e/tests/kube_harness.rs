@@ -445,10 +445,10 @@ async fn killed_process_is_restarted_per_policy() -> anyhow::Result<()> {
             "containers": [{
                 "name": "main",
                 "image": "holdfast/testpod:dev",
-                "command": [bin, "serve", "--listen=$(POD_IP):8080", "--data=/data"],
+                "command": [bin, "serve", "--listen=$(POD_IP):8080", "--data=/run/holdfast-test/data"],
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                "volumeMounts": [{"name": "data", "mountPath": "/run/holdfast-test/data"}],
             }],
             "volumes": [{"name": "data", "hostPath": {"path": data.display().to_string(), "type": "DirectoryOrCreate"}}],
         },
@@ -488,5 +488,296 @@ async fn killed_process_is_restarted_per_policy() -> anyhow::Result<()> {
     })
     .await?;
     ensure!(after.values().all(|pid| !pid_alive(*pid)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_installs_a_chart_into_the_cluster() -> anyhow::Result<()> {
+    init_tracing();
+    let h = harness::shared().await;
+    let client = h.client()?;
+    let ns = h.namespace("helm").await?;
+    let chart = tempfile::tempdir()?;
+    std::fs::create_dir_all(chart.path().join("templates"))?;
+    // kubeVersion checks both the version stamped into the API server and
+    // the default helm renders with offline.
+    std::fs::write(
+        chart.path().join("Chart.yaml"),
+        "apiVersion: v2\nname: demo\nversion: 0.1.0\nkubeVersion: \">=1.35.0-0\"\n",
+    )?;
+    std::fs::write(
+        chart.path().join("templates/cm.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: demo\ndata:\n  greeting: {{ .Values.greeting | quote }}\n",
+    )?;
+    let template = h
+        .helm()?
+        .args(["template", "demo"])
+        .arg(chart.path())
+        .args(["--set", "greeting=offline"])
+        .output()
+        .await?;
+    ensure!(
+        template.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&template.stderr)
+    );
+    let install = h
+        .helm()?
+        .args(["install", "demo"])
+        .arg(chart.path())
+        .args(["--namespace", &ns, "--set", "greeting=hello"])
+        .output()
+        .await?;
+    ensure!(
+        install.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, &ns)
+        .get("demo")
+        .await?;
+    let greeting = cm.data.unwrap_or_default().remove("greeting");
+    ensure!(
+        greeting.as_deref() == Some("hello"),
+        "greeting {greeting:?}"
+    );
+    Ok(())
+}
+
+/// The real capture binary as a StatefulSet pod: its volume guard, talking to
+/// the API server with the pod's own ServiceAccount token, marks the PV
+/// `Retain` before the pod turns ready, and flips it to `Delete` after a clean
+/// drain on SIGTERM. Kafka is unreachable on purpose: the buffer stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_pod_guards_its_volume() -> anyhow::Result<()> {
+    init_tracing();
+    let bin = holdfast_e2e::agent::AgentConfig::default_bin_dir().join("holdfast-capture");
+    ensure!(
+        bin.is_file(),
+        "{} is missing: build it first (cargo build -p holdfast-capture, or make e2e)",
+        bin.display()
+    );
+    let h = harness::shared().await;
+    let client = h.client()?;
+    let ns = h.namespace("capture").await?;
+    let rbac: Vec<serde_json::Value> = vec![
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "capture", "namespace": ns},
+               "rules": [{"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "capture", "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "capture"},
+               "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": format!("capture-{ns}")},
+               "rules": [{"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get", "patch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": format!("capture-{ns}")},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("capture-{ns}")},
+               "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns}]}),
+    ];
+    Api::<Role>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(rbac[0].clone())?,
+        )
+        .await?;
+    Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(rbac[1].clone())?,
+        )
+        .await?;
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(rbac[2].clone())?,
+        )
+        .await?;
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(rbac[3].clone())?,
+        )
+        .await?;
+
+    let mut sts = statefulset(10)?;
+    let pod_spec = sts
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .context("template")?;
+    let container = &mut pod_spec.containers[0];
+    container.image = Some("holdfast/capture:dev".into());
+    container.command = Some(vec!["holdfast-capture".into(), "serve".into()]);
+    container.args = Some(
+        [
+            "--listen=$(POD_IP):8080",
+            "--data-dir=/var/lib/holdfast",
+            "--kafka-bootstrap=127.0.0.1:1",
+            "--volume-claim=data-$(POD_NAME)",
+            "--namespace=$(POD_NAMESPACE)",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    sts_api.create(&PostParams::default(), &sts).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = wait_pod_ready(&pods, "capture-0").await?;
+    let uid = pod.uid().context("uid")?;
+
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let pv_name = claims
+        .get("data-capture-0")
+        .await?
+        .spec
+        .and_then(|s| s.volume_name)
+        .context("claim not bound")?;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let policy = |pv: &PersistentVolume| {
+        (
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.persistent_volume_reclaim_policy.clone())
+                .unwrap_or_default(),
+            pv.annotations().get("holdfast.dev/clean").cloned(),
+        )
+    };
+    // The class says Delete; the pod said Retain before it turned ready.
+    let (reclaim, clean) = policy(&pvs.get(&pv_name).await?);
+    ensure!(
+        reclaim == "Retain",
+        "ready capture pod's volume is {reclaim}"
+    );
+    ensure!(
+        clean.as_deref() == Some("false"),
+        "clean annotation {clean:?}"
+    );
+
+    pods.delete("capture-0", &DeleteParams::default()).await?;
+    poll_until("capture-0 replaced", TIMEOUT, || async {
+        match pods.get_opt("capture-0").await {
+            Ok(Some(p)) if p.uid().as_deref() == Some(uid.as_str()) => None,
+            Ok(_) => Some(()),
+            Err(_) => None,
+        }
+    })
+    .await?;
+    sts_api.delete("capture", &DeleteParams::default()).await?;
+    poll_until(
+        "pv flipped to Delete after a clean drain",
+        TIMEOUT,
+        || async {
+            let pv = pvs.get(&pv_name).await.ok()?;
+            let (reclaim, clean) = policy(&pv);
+            // The replacement pod may set Retain again before the StatefulSet
+            // goes; its own clean shutdown flips it back.
+            (reclaim == "Delete" && clean.as_deref() == Some("true")).then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// The agent resolves what a container's spec refers to: downward API,
+/// Secret and ConfigMap keys, `envFrom` with a prefix, `$(VAR)` expansion,
+/// Secret and ConfigMap volumes (with `items`), and a projected token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_environment_and_volumes_are_resolved() -> anyhow::Result<()> {
+    init_tracing();
+    let h = harness::shared().await;
+    let client = h.client()?;
+    let ns = h.namespace("env").await?;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds"},
+        "stringData": {"token": "s3cret", "user": "alice"},
+    }))?;
+    Api::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "settings"},
+        "data": {"mode": "durable", "level": "debug"},
+    }))?;
+    Api::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cm)
+        .await?;
+    let out = h.dir().join(format!("dump-{ns}"));
+    let bin = testpod_binary_name();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "dump", "labels": {"app": "dump"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main",
+                "image": "holdfast/testpod:dev",
+                "command": [bin, "dump", "--out=/run/holdfast-test/out",
+                    "--read", "/run/holdfast-test/creds/token",
+                    "--read", "/run/holdfast-test/settings/renamed",
+                    "--read", "/var/run/secrets/kubernetes.io/serviceaccount/namespace"],
+                "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                    {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
+                    {"name": "GREETING", "value": "$(POD_NAME) in $(CFG_level) mode"},
+                ],
+                "volumeMounts": [
+                    {"name": "out", "mountPath": "/run/holdfast-test/out"},
+                    {"name": "creds", "mountPath": "/run/holdfast-test/creds", "readOnly": true},
+                    {"name": "settings", "mountPath": "/run/holdfast-test/settings"},
+                ],
+            }],
+            "volumes": [
+                {"name": "out", "hostPath": {"path": out.display().to_string(), "type": "DirectoryOrCreate"}},
+                {"name": "creds", "secret": {"secretName": "creds"}},
+                {"name": "settings", "configMap": {"name": "settings", "items": [{"key": "level", "path": "renamed"}]}},
+            ],
+        },
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    let phase = poll_until("dump pod finished", TIMEOUT, || async {
+        let phase = pods.get("dump").await.ok()?.status?.phase?;
+        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+    })
+    .await?;
+    let log = h
+        .agent()
+        .pod_dir(&ns, "dump")
+        .and_then(|d| std::fs::read_to_string(d.join("main.log")).ok())
+        .unwrap_or_default();
+    ensure!(phase == "Succeeded", "dump pod {phase}: {log}");
+    let env = std::fs::read_to_string(out.join("env"))?;
+    let node = pods
+        .get("dump")
+        .await?
+        .spec
+        .and_then(|s| s.node_name)
+        .context("node")?;
+    for line in [
+        "POD_NAME=dump".to_string(),
+        format!("NODE={node}"),
+        "APP=dump".into(),
+        "TOKEN=s3cret".into(),
+        "MODE=durable".into(),
+        "CFG_mode=durable".into(),
+        "CFG_level=debug".into(),
+        "GREETING=dump in debug mode".into(),
+        format!("KUBERNETES_SERVICE_PORT={}", h.control_plane().api_port()),
+    ] {
+        ensure!(env.lines().any(|l| l == line), "{line} not in env:\n{env}");
+    }
+    let read = std::fs::read_to_string(out.join("read"))?;
+    for line in [
+        "/run/holdfast-test/creds/token=s3cret".to_string(),
+        "/run/holdfast-test/settings/renamed=debug".into(),
+        format!("/var/run/secrets/kubernetes.io/serviceaccount/namespace={ns}"),
+    ] {
+        ensure!(read.lines().any(|l| l == line), "{line} not read:\n{read}");
+    }
     Ok(())
 }

@@ -83,10 +83,10 @@ async fn harness_starts_and_stops_cleanly_five_times() -> anyhow::Result<()> {
                 "containers": [{
                     "name": "main",
                     "image": "holdfast/testpod:dev",
-                    "command": ["holdfast-testpod", "serve", "--listen=$(POD_IP):8080", "--data=/data"],
+                    "command": ["holdfast-testpod", "serve", "--listen=$(POD_IP):8080", "--data=/run/holdfast-test/data"],
                     "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                     "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 1},
-                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/run/holdfast-test/data"}],
                 }],
                 "volumes": [{"name": "data", "emptyDir": {}}],
             },
@@ -101,7 +101,12 @@ async fn harness_starts_and_stops_cleanly_five_times() -> anyhow::Result<()> {
         if round == 0 {
             // Node crash: heartbeats stop, the process dies, the node
             // controller marks the node not Ready; a restart brings both back.
-            let node = h.agent().nodes()[0].clone();
+            let node = pods
+                .get("sleeper")
+                .await?
+                .spec
+                .and_then(|s| s.node_name)
+                .context("sleeper not bound to a node")?;
             let nodes: Api<Node> = Api::all(client.clone());
             let pid = *h
                 .agent()

@@ -86,13 +86,18 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown)
-        ) {
-            self.metrics.kafka_up.set(0);
+        match error.rdkafka_error_code() {
+            // Logged once per outage, not once per reconnect attempt.
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                if self.metrics.kafka_up.set(0) != 0 {
+                    tracing::warn!(reason, "all kafka brokers are down; events stay buffered");
+                }
+            }
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                tracing::debug!(error = %error, reason, "kafka connection failed")
+            }
+            _ => tracing::warn!(error = %error, reason, "kafka client error"),
         }
-        tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
 
@@ -277,7 +282,12 @@ impl Forwarder {
                 }
                 continue;
             }
-            let (retried, fatal) = self.forward(&batch).await?;
+            // A batch in flight is abandoned on stop: its events are still in
+            // the buffer and are sent again by the next drainer (at least once).
+            let (retried, fatal) = tokio::select! {
+                r = self.forward(&batch) => r?,
+                _ = stop.changed() => return Ok(()),
+            };
             if fatal {
                 // An idempotent producer that hit a fatal error accepts nothing more.
                 tracing::error!("kafka producer hit a fatal error; recreating it");

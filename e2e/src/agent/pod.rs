@@ -1,6 +1,9 @@
 //! One pod's life on the agent, from first sight to removal: materialise its
 //! volumes and environment, run each container as a local process inside a
-//! private mount namespace, probe readiness, restart per `restartPolicy`,
+//! private mount namespace, probe readiness and liveness (every
+//! `min(periodSeconds, 1 s)`, thresholds honoured; `exec` probes pass; a
+//! failed liveness check SIGKILLs), restart per `restartPolicy` (backoff
+//! 0.5 s doubling to 10 s),
 //! report status, and on deletion SIGTERM, wait the grace period, SIGKILL and
 //! remove the pod object.
 //!
@@ -73,6 +76,8 @@ struct ContainerRun {
     probe_successes: i32,
     probe_failures: i32,
     next_probe: Instant,
+    live_failures: i32,
+    next_live_probe: Instant,
     waiting: Option<(String, String)>,
 }
 
@@ -91,6 +96,8 @@ impl ContainerRun {
             probe_successes: 0,
             probe_failures: 0,
             next_probe: Instant::now(),
+            live_failures: 0,
+            next_live_probe: Instant::now(),
             waiting: None,
         }
     }
@@ -366,6 +373,16 @@ impl Worker {
                     run.probe_successes = 0;
                     run.probe_failures = 0;
                     run.next_probe = Instant::now();
+                    run.live_failures = 0;
+                    run.next_live_probe = Instant::now()
+                        + Duration::from_secs(
+                            run.container
+                                .liveness_probe
+                                .as_ref()
+                                .and_then(|p| p.initial_delay_seconds)
+                                .unwrap_or(0)
+                                .max(0) as u64,
+                        );
                     run.ready = run.container.readiness_probe.is_none();
                 }
                 Err(message) => {
@@ -408,6 +425,29 @@ impl Worker {
                 }
             }
         }
+        if run.process.is_some()
+            && let Some(probe) = run.container.liveness_probe.clone()
+            && Instant::now() >= run.next_live_probe
+        {
+            let period = Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64)
+                .min(Duration::from_secs(1));
+            run.next_live_probe = Instant::now() + period;
+            if probe_once(&probe, &run.container, &pod_ip).await {
+                run.live_failures = 0;
+            } else {
+                run.live_failures += 1;
+                if run.live_failures >= probe.failure_threshold.unwrap_or(3)
+                    && let Some(process) = run.process.as_mut()
+                {
+                    // The kubelet would stop it with its grace period; a
+                    // failed liveness check here is a SIGKILL, and the
+                    // restart policy decides what follows.
+                    tracing::info!(container = %run.container.name, "liveness probe failed, killing");
+                    process.signal(Signal::SIGKILL);
+                    run.live_failures = 0;
+                }
+            }
+        }
     }
 
     /// Starts one container as a process in its own mount namespace.
@@ -429,6 +469,12 @@ impl Worker {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
             ),
             ("HOSTNAME".to_string(), self.pod.name_any()),
+            // A home of its own: clients must not find the host's
+            // ~/.kube/config and skip the in-cluster configuration.
+            (
+                "HOME".to_string(),
+                self.ctx.pod_dir.join("home").display().to_string(),
+            ),
             (
                 "KUBERNETES_SERVICE_HOST".to_string(),
                 self.ctx.api_host.clone(),
@@ -459,7 +505,7 @@ impl Worker {
         let workdir = container.working_dir.clone().unwrap_or_else(|| "/".into());
         let script = spec::mount_script(&mounts, &workdir);
         let log = self.ctx.pod_dir.join(format!("{}.log", container.name));
-        std::fs::create_dir_all(&self.ctx.pod_dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(self.ctx.pod_dir.join("home")).map_err(|e| e.to_string())?;
         let name = format!(
             "{}/{}/{}",
             self.pod.namespace().unwrap_or_default(),
@@ -645,7 +691,7 @@ async fn patch_status(api: &Api<Pod>, name: &str, patch: Value) -> Result<(), ku
         .map(|_| ())
 }
 
-/// One readiness probe: `httpGet` (2xx/3xx is success) or `tcpSocket`
+/// One readiness or liveness probe: `httpGet` (2xx/3xx is success) or `tcpSocket`
 /// against the pod's address. `exec` probes cannot run without a container
 /// image and count as success.
 async fn probe_once(probe: &Probe, container: &Container, pod_ip: &str) -> bool {

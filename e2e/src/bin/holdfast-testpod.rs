@@ -9,6 +9,9 @@
 //!   since the epoch) to `DIR/sigterm`, then keeps writing the time to
 //!   `DIR/alive` every 100 ms for `--linger-ms` (default 0) and exits 0.
 //! - `exit --code N [--data DIR]`: writes `DIR/ran` and exits with `N`.
+//! - `dump --out DIR [--read PATH]...`: writes its environment to `DIR/env`
+//!   (`KEY=VALUE` lines, sorted) and, for each `--read`, `PATH=<contents>` to
+//!   `DIR/read`, then exits 0.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -50,7 +53,28 @@ async fn main() -> anyhow::Result<()> {
             }
             std::process::exit(code);
         }
-        _ => bail!("usage: holdfast-testpod serve --listen ADDR --data DIR | exit --code N"),
+        Some("dump") => {
+            let out = PathBuf::from(flag(&args, "--out").context("--out is required")?);
+            std::fs::create_dir_all(&out)?;
+            let mut env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+            env.sort();
+            std::fs::write(out.join("env"), env.join("\n") + "\n")?;
+            let mut read = String::new();
+            for (i, arg) in args.iter().enumerate() {
+                if arg == "--read"
+                    && let Some(path) = args.get(i + 1)
+                {
+                    let text =
+                        std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
+                    read.push_str(&format!("{path}={}\n", text.trim()));
+                }
+            }
+            std::fs::write(out.join("read"), read)?;
+            Ok(())
+        }
+        _ => bail!(
+            "usage: holdfast-testpod serve --listen ADDR --data DIR | exit --code N | dump --out DIR"
+        ),
     }
 }
 
@@ -111,7 +135,10 @@ async fn serve(args: &[String]) -> anyhow::Result<()> {
     std::fs::write(data.join("sigterm"), now_ms().to_string())?;
     let until = tokio::time::Instant::now() + linger;
     while tokio::time::Instant::now() < until {
-        std::fs::write(data.join("alive"), now_ms().to_string())?;
+        // Atomic replace: a SIGKILL between truncate and write must not
+        // leave an empty file.
+        std::fs::write(data.join("alive.tmp"), now_ms().to_string())?;
+        std::fs::rename(data.join("alive.tmp"), data.join("alive"))?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())

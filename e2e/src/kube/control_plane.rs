@@ -145,13 +145,26 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; the window until the
-/// component binds it is small and ports are not reused quickly).
+/// A free TCP port on 127.0.0.1 (free when asked; see [`free_ports`] for
+/// several distinct ones).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot bind a loopback port")
+    let [port] = free_ports::<1>();
+    port
+}
+
+/// `N` distinct free TCP ports on 127.0.0.1: all bound at once, so they
+/// differ, then released for the components to bind (free when asked; a
+/// component that loses the race fails to start and the start is retried).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .expect("bound listener has an address")
+            .port()
+    })
 }
 
 /// The root under which every harness run keeps its files:
@@ -211,25 +224,44 @@ impl ControlPlane {
     /// Starts etcd, the API server, the controller-manager and the scheduler
     /// in `dir`, and waits until the API server is ready. Must run inside a
     /// tokio runtime.
+    /// A start that fails because a component exited or never got ready (a
+    /// port taken between picking and binding it, a machine too loaded) is
+    /// retried twice from scratch.
     pub async fn start(dir: &Path) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            let attempt_dir = dir.join(format!("attempt-{attempt}"));
+            match Self::start_once(dir, &attempt_dir).await {
+                Err(e @ (Error::Exited { .. } | Error::NotReady { .. })) if attempt < 3 => {
+                    tracing::warn!(attempt, error = %e, "control plane failed to start, retrying");
+                    eprintln!(
+                        "holdfast-e2e: control plane failed to start (attempt {attempt}): {e}"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(dir: &Path, data: &Path) -> Result<Self> {
         let bin = bin_dir()?;
         let started = Instant::now();
         let pki = Pki::create(&dir.join("pki"), SERVICE_IP)?;
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io_err(&logs))?;
+        let [api_port, etcd_port, peer_port] = free_ports::<3>();
         let mut cp = Self {
             dir: dir.to_path_buf(),
             pki,
-            api_port: free_port(),
+            api_port,
             kubeconfig: dir.join("kubeconfig"),
             processes: Vec::new(),
         };
 
-        let etcd_port = free_port();
-        let peer_port = free_port();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let etcd_data = dir.join("etcd");
+        let etcd_data = data.join("etcd");
         cp.spawn(&bin, "etcd", |c| {
             c.arg("--name=default")
                 .arg(format!("--data-dir={}", etcd_data.display()))

@@ -92,7 +92,8 @@ where
 /// How to start a harness.
 #[derive(Debug, Clone)]
 pub struct HarnessConfig {
-    /// Nodes the agent registers (default: one, `holdfast-node-1`).
+    /// Nodes the agent registers (default: two, `holdfast-node-1` and
+    /// `holdfast-node-2`, so node affinity of local volumes is observable).
     pub nodes: Vec<String>,
     /// Where pod binaries are looked up (default: [`AgentConfig::default_bin_dir`]).
     pub pod_bin_dir: Option<PathBuf>,
@@ -103,7 +104,7 @@ pub struct HarnessConfig {
 impl Default for HarnessConfig {
     fn default() -> Self {
         Self {
-            nodes: vec!["holdfast-node-1".into()],
+            nodes: vec!["holdfast-node-1".into(), "holdfast-node-2".into()],
             pod_bin_dir: None,
             image_prefix: "holdfast/".into(),
         }
@@ -208,6 +209,29 @@ impl Harness {
         let mut pids = self.control_plane.pids();
         pids.extend(self.agent.all_pids());
         pids
+    }
+
+    /// A `helm` command (the pinned binary from [`bin_dir`]) that talks to
+    /// this cluster as the admin, with helm's cache, config and data
+    /// directories inside the harness directory.
+    pub fn helm(&self) -> Result<tokio::process::Command> {
+        let helm = bin_dir()?.join("helm");
+        if !helm.is_file() {
+            return Err(control_plane::Error::MissingBinary {
+                binary: "helm".into(),
+                dir: helm.parent().unwrap_or(Path::new("")).display().to_string(),
+            }
+            .into());
+        }
+        let home = self.dir.join("helm");
+        let mut command = tokio::process::Command::new(helm);
+        command
+            .env("KUBECONFIG", self.control_plane.kubeconfig())
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .kill_on_drop(true);
+        Ok(command)
     }
 
     /// Creates a namespace `<prefix>-<random>` and waits until its `default`

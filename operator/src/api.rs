@@ -1,0 +1,780 @@
+//! The `CaptureCluster` custom resource (`holdfast.dev/v1alpha1`), and the
+//! labels, annotations and names every other module and the capture pods
+//! agree on.
+//!
+//! The schema carries what the API server can check by itself (required
+//! fields, enums, minimums, patterns); [`CaptureClusterSpec::validate`]
+//! checks the rest (cross-field rules, quantities, reserved Kafka
+//! properties) and names the offending field, so the reconciler can refuse a
+//! spec without applying anything.
+//!
+//! Contract with the capture pod (orphan recovery builds on it): a PV whose
+//! annotation [`CLEAN_ANNOTATION`] is `"true"` holds no events. The pod sets
+//! it after a clean drain, and clears it before it accepts events again; the
+//! operator keeps every other PV bound to a Holdfast claim at reclaim policy
+//! `Retain`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of Holdfast's resources.
+pub const GROUP: &str = "holdfast.dev";
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "holdfast-operator";
+/// Finalizer on a CaptureCluster: its volumes are drained before it goes.
+pub const FINALIZER: &str = "holdfast.dev/drain";
+
+/// Label: the CaptureCluster an object (pod, claim, PV) belongs to.
+pub const CLUSTER_LABEL: &str = "holdfast.dev/cluster";
+/// Label on a PV: the name of the claim it was bound to.
+pub const CLAIM_LABEL: &str = "holdfast.dev/claim";
+/// Label on a PV: the namespace of the claim it was bound to.
+pub const NAMESPACE_LABEL: &str = "holdfast.dev/namespace";
+/// Label: which part of Holdfast an object is (`capture`).
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Label: the application (`holdfast`).
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+/// Label: the tool managing the object (`holdfast-operator`).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Annotation on a PV: `"true"` once its buffer was seen empty (clean drain).
+pub const CLEAN_ANNOTATION: &str = "holdfast.dev/clean";
+
+/// Name of the volumeClaimTemplate (claims are `buffer-<pod>`).
+pub const BUFFER_VOLUME: &str = "buffer";
+/// Where the buffer volume is mounted in a capture pod.
+pub const BUFFER_MOUNT_PATH: &str = "/var/lib/holdfast";
+/// The capture pod's HTTP port (events, probes, metrics).
+pub const HTTP_PORT: i32 = 8080;
+
+/// A set of capture pods with their buffers, Services and RBAC.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "holdfast.dev",
+    version = "v1alpha1",
+    kind = "CaptureCluster",
+    doc = "A set of Holdfast capture pods: HTTP in, a durable buffer on a retained volume per pod, Kafka out.",
+    plural = "captureclusters",
+    shortname = "hfc",
+    namespaced,
+    status = "CaptureClusterStatus",
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Orphans","type":"integer","jsonPath":".status.orphanedVolumes"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureClusterSpec {
+    /// Number of capture pods.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Container image holding `holdfast-capture`.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Pull policy of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// Resource requests and limits of the capture container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels a capture pod must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of the capture pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Affinity of the capture pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Where and how events are delivered.
+    pub kafka: KafkaSpec,
+    /// Streams (name → topic, mode); empty means one stream `default` to topic `events`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<StreamSpec>,
+    /// Stream of `POST /v1/events`; defaults to the first stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_stream: Option<String>,
+    /// JSON pointer (e.g. `/user/id`) for the partition key of events without `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub partition_key_pointer: Option<String>,
+    /// The buffer volume of each pod.
+    pub storage: StorageSpec,
+    /// `fsync` (default: a 200 survives power loss) or `os` (no fsync).
+    #[serde(default)]
+    pub durability: Durability,
+    /// Secret with accepted bearer tokens (one per line); unset: no auth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret: Option<SecretKeyRef>,
+    /// Termination grace period of a capture pod; the pod drains into Kafka
+    /// for this long less a margin (see [`drain_timeout_secs`]).
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 10))]
+    pub shutdown_grace_period_seconds: i64,
+    /// Draining of volumes left without a pod.
+    #[serde(default)]
+    pub orphan_recovery: OrphanRecoverySpec,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+fn default_grace() -> i64 {
+    60
+}
+
+/// Image pull policy.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    /// Always pull.
+    Always,
+    /// Pull when the node lacks it.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl ImagePullPolicy {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// Kafka settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// librdkafka producer properties (they win over Holdfast's defaults).
+    /// Secrets do not belong here: use `tls` and `sasl`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+    /// TLS to the brokers, with certificates from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<KafkaTls>,
+    /// SASL authentication, with credentials from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<KafkaSasl>,
+    /// Exactly-once delivery (transactional producer, checkpoint topic).
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// Also copy dead letters to this topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+}
+
+/// TLS material for Kafka, from one Secret mounted in the pod.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaTls {
+    /// Secret in the CaptureCluster's namespace.
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
+    /// Key of the CA certificate (PEM).
+    #[serde(default = "default_ca_key")]
+    pub ca_key: String,
+    /// Key of the client certificate (PEM), for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_key: Option<String>,
+    /// Key of the client private key (PEM), for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_key: Option<String>,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+/// SASL credentials for Kafka, from a Secret (passed as environment).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSasl {
+    /// SASL mechanism.
+    pub mechanism: SaslMechanism,
+    /// Secret in the CaptureCluster's namespace.
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
+    /// Key of the user name.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key of the password.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// SASL mechanisms librdkafka supports with a user name and password.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SaslMechanism {
+    /// PLAIN.
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// One stream: a name clients post to, the topic it feeds, how it is delivered.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSpec {
+    /// Stream name (`POST /v1/events/{name}`).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,249}$"))]
+    pub name: String,
+    /// Kafka topic.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,249}$"))]
+    pub topic: String,
+    /// `durable` (through the disk buffer) or `direct` (acknowledged by Kafka).
+    #[serde(default)]
+    pub mode: StreamMode,
+}
+
+/// Delivery mode of a stream.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// Buffered on disk; 200 once durable.
+    #[default]
+    Durable,
+    /// Straight to Kafka; 200 once Kafka acknowledged.
+    Direct,
+}
+
+impl StreamMode {
+    /// The capture flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Durable => "durable",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+/// The buffer volume of each pod.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each pod's claim (a quantity, e.g. `10Gi`).
+    pub size: Quantity,
+    /// StorageClass of the claims; unset: the cluster default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Event bytes a buffer may hold before the pod answers 503; default:
+    /// 80 % of `size`. Must be below `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub buffer_quota_bytes: Option<u64>,
+}
+
+/// Durability of a `200` on a durable stream.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync before answering: survives power loss.
+    #[default]
+    Fsync,
+    /// Written to the OS only: survives a crash of the process, not of the node.
+    Os,
+}
+
+impl Durability {
+    /// The capture flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fsync => "fsync",
+            Self::Os => "os",
+        }
+    }
+}
+
+/// A key of a Secret in the CaptureCluster's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key in the Secret.
+    #[serde(default = "default_tokens_key")]
+    pub key: String,
+}
+
+fn default_tokens_key() -> String {
+    "tokens".into()
+}
+
+/// How volumes left without a pod are drained (orphan recovery).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrphanRecoverySpec {
+    /// Drain orphaned volumes with flush Jobs.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long a volume must be without a pod before a flush Job starts.
+    #[serde(default = "default_orphan_delay")]
+    #[schemars(range(min = 0))]
+    pub delay_seconds: u32,
+    /// Flush Jobs of this cluster running at once.
+    #[serde(default = "default_parallel_jobs")]
+    #[schemars(range(min = 1))]
+    pub max_parallel_flush_jobs: u32,
+}
+
+impl Default for OrphanRecoverySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            delay_seconds: default_orphan_delay(),
+            max_parallel_flush_jobs: default_parallel_jobs(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_orphan_delay() -> u32 {
+    60
+}
+
+fn default_parallel_jobs() -> u32 {
+    2
+}
+
+/// What the operator last saw and did.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureClusterStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Capture pods that pass their readiness probe.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Standard conditions: `Ready`, `SpecValid`, `Draining`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Volumes of this cluster without a pod that still hold events.
+    #[serde(default)]
+    pub orphaned_volumes: i32,
+    /// Flush Jobs draining this cluster's orphaned volumes now.
+    #[serde(default)]
+    pub active_flush_jobs: i32,
+}
+
+/// Condition type: every pod is ready and the spec is applied.
+pub const CONDITION_READY: &str = "Ready";
+/// Condition type: the spec passed validation (False names the field).
+pub const CONDITION_SPEC_VALID: &str = "SpecValid";
+/// Condition type: the cluster is being deleted and its volumes drained.
+pub const CONDITION_DRAINING: &str = "Draining";
+
+/// A spec the reconciler refuses, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidSpec {
+    /// JSON path of the field, e.g. `spec.storage.bufferQuotaBytes`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidSpec {
+    InvalidSpec {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Kafka properties the operator sets itself (or that exactly-once mode
+/// derives from the volume); a spec may not override them.
+pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "transactional.id",
+    "sasl.username",
+    "sasl.password",
+    "ssl.key.password",
+];
+
+/// The longest CaptureCluster name: pods are `<name>-<ordinal>` and their
+/// claims `buffer-<name>-<ordinal>`, and StatefulSet pods carry a
+/// `controller-revision-hash` label of `<name>-<hash>` (63 characters at most).
+pub const MAX_NAME_LEN: usize = 42;
+
+/// The drain deadline a pod gets: the grace period less a margin of a tenth
+/// (at least 5 s) for the process to mark its volume and exit.
+pub fn drain_timeout_secs(grace: i64) -> i64 {
+    let margin = (grace / 10).max(5);
+    (grace - margin).max(1)
+}
+
+/// Parses a Kubernetes quantity into bytes (`512Mi`, `10Gi`, `1G`, `1e9`,
+/// `1000`); `None` when it is not one or is fractional below a byte.
+pub fn quantity_bytes(quantity: &Quantity) -> Option<u64> {
+    let text = quantity.0.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse().ok()?),
+        _ => return None,
+    };
+    let bytes = number * factor;
+    (bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+impl CaptureClusterSpec {
+    /// The streams the pods serve (the spec's, or `default` → `events`).
+    pub fn effective_streams(&self) -> Vec<StreamSpec> {
+        if self.streams.is_empty() {
+            vec![StreamSpec {
+                name: "default".into(),
+                topic: "events".into(),
+                mode: StreamMode::Durable,
+            }]
+        } else {
+            self.streams.clone()
+        }
+    }
+
+    /// The stream of `POST /v1/events`.
+    pub fn effective_default_stream(&self) -> String {
+        self.default_stream
+            .clone()
+            .or_else(|| self.effective_streams().first().map(|s| s.name.clone()))
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// Size of each claim in bytes (validated by [`Self::validate`]).
+    pub fn storage_bytes(&self) -> Option<u64> {
+        quantity_bytes(&self.storage.size)
+    }
+
+    /// The buffer quota: the spec's, else 80 % of the claim size.
+    pub fn buffer_quota_bytes(&self) -> u64 {
+        self.storage
+            .buffer_quota_bytes
+            .unwrap_or_else(|| self.storage_bytes().unwrap_or(1 << 30) / 10 * 8)
+    }
+
+    /// What the schema cannot check. `name` is the CaptureCluster's name.
+    pub fn validate(&self, name: &str) -> Result<(), InvalidSpec> {
+        if !is_dns_label(name) || name.len() > MAX_NAME_LEN {
+            return Err(invalid(
+                "metadata.name",
+                format!(
+                    "must be a DNS label (lowercase letters, digits, '-', starting with a letter) of at most {MAX_NAME_LEN} characters"
+                ),
+            ));
+        }
+        if self.replicas < 0 {
+            return Err(invalid("spec.replicas", "must be 0 or more"));
+        }
+        if self.image.trim().is_empty() {
+            return Err(invalid("spec.image", "must not be empty"));
+        }
+        let kafka = &self.kafka;
+        if kafka.bootstrap_servers.trim().is_empty()
+            || kafka.bootstrap_servers.split(',').any(|s| {
+                s.trim()
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            })
+        {
+            return Err(invalid(
+                "spec.kafka.bootstrapServers",
+                format!(
+                    "{:?} is not a comma-separated list of host:port",
+                    kafka.bootstrap_servers
+                ),
+            ));
+        }
+        for (key, value) in &kafka.properties {
+            let field = format!("spec.kafka.properties[{key}]");
+            if key.trim().is_empty() || key.contains(['=', '\n']) || key.trim() != key {
+                return Err(invalid(
+                    field,
+                    "property names are non-empty, without '=', newlines or surrounding spaces",
+                ));
+            }
+            if value.contains('\n') {
+                return Err(invalid(field, "values must not contain newlines"));
+            }
+            if RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                return Err(invalid(
+                    field,
+                    "is set by the operator (use bootstrapServers, sasl or tls)",
+                ));
+            }
+        }
+        if kafka.exactly_once {
+            return Err(invalid(
+                "spec.kafka.exactlyOnce",
+                "exactly-once delivery is not supported by this version of holdfast-capture",
+            ));
+        }
+        if let Some(tls) = &kafka.tls
+            && tls.cert_key.is_some() != tls.key_key.is_some()
+        {
+            return Err(invalid(
+                "spec.kafka.tls",
+                "certKey and keyKey go together (mutual TLS needs both)",
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, stream) in self.streams.iter().enumerate() {
+            let valid = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 249
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            };
+            if !valid(&stream.name) {
+                return Err(invalid(
+                    format!("spec.streams[{i}].name"),
+                    "must match [A-Za-z0-9._-]{1,249}",
+                ));
+            }
+            if !valid(&stream.topic) {
+                return Err(invalid(
+                    format!("spec.streams[{i}].topic"),
+                    "must be a Kafka topic name [A-Za-z0-9._-]{1,249}",
+                ));
+            }
+            if !names.insert(stream.name.as_str()) {
+                return Err(invalid(
+                    format!("spec.streams[{i}].name"),
+                    format!("stream {} is declared twice", stream.name),
+                ));
+            }
+        }
+        if let Some(default) = &self.default_stream
+            && !self.effective_streams().iter().any(|s| &s.name == default)
+        {
+            return Err(invalid(
+                "spec.defaultStream",
+                format!("names no stream in spec.streams ({default})"),
+            ));
+        }
+        if let Some(pointer) = &self.partition_key_pointer
+            && !pointer.starts_with('/')
+        {
+            return Err(invalid(
+                "spec.partitionKeyPointer",
+                "a JSON pointer starts with '/'",
+            ));
+        }
+        let Some(size) = self.storage_bytes() else {
+            return Err(invalid(
+                "spec.storage.size",
+                format!(
+                    "{:?} is not a quantity of bytes (e.g. 10Gi)",
+                    self.storage.size.0
+                ),
+            ));
+        };
+        if let Some(quota) = self.storage.buffer_quota_bytes {
+            if quota == 0 {
+                return Err(invalid(
+                    "spec.storage.bufferQuotaBytes",
+                    "must be at least 1",
+                ));
+            }
+            if quota >= size {
+                return Err(invalid(
+                    "spec.storage.bufferQuotaBytes",
+                    format!(
+                        "{quota} must be below spec.storage.size ({size} bytes): SQLite needs room beyond the events"
+                    ),
+                ));
+            }
+        }
+        if self.shutdown_grace_period_seconds < 10 {
+            return Err(invalid(
+                "spec.shutdownGracePeriodSeconds",
+                "must be at least 10",
+            ));
+        }
+        if self.orphan_recovery.max_parallel_flush_jobs == 0 {
+            return Err(invalid(
+                "spec.orphanRecovery.maxParallelFlushJobs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec() -> CaptureClusterSpec {
+        serde_json::from_value(serde_json::json!({
+            "image": "holdfast/capture:dev",
+            "kafka": {"bootstrapServers": "kafka:9092"},
+            "storage": {"size": "1Gi"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let s = spec();
+        assert_eq!(s.replicas, 1);
+        assert_eq!(s.durability, Durability::Fsync);
+        assert_eq!(s.shutdown_grace_period_seconds, 60);
+        assert!(s.orphan_recovery.enabled);
+        assert_eq!(s.effective_default_stream(), "default");
+        assert_eq!(s.buffer_quota_bytes(), (1u64 << 30) / 10 * 8);
+        assert_eq!(s.validate("events"), Ok(()));
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let text = include_str!("../examples/capturecluster.yaml");
+        let cluster: CaptureCluster = serde_yaml::from_str(text).unwrap();
+        assert_eq!(cluster.spec.validate("events"), Ok(()));
+        assert_eq!(cluster.spec.streams.len(), 2);
+        assert_eq!(
+            cluster.spec.kafka.sasl.unwrap().mechanism,
+            SaslMechanism::ScramSha512
+        );
+    }
+
+    #[test]
+    fn parses_quantities() {
+        let q = |s: &str| quantity_bytes(&Quantity(s.into()));
+        assert_eq!(q("1Gi"), Some(1 << 30));
+        assert_eq!(q("512Mi"), Some(512 << 20));
+        assert_eq!(q("2G"), Some(2_000_000_000));
+        assert_eq!(q("1.5Ki"), Some(1536));
+        assert_eq!(q("1e3"), Some(1000));
+        assert_eq!(q("100m"), None);
+        assert_eq!(q("lots"), None);
+    }
+
+    #[test]
+    fn drain_timeout_leaves_a_margin_below_the_grace_period() {
+        assert_eq!(drain_timeout_secs(60), 54);
+        assert_eq!(drain_timeout_secs(10), 5);
+        assert_eq!(drain_timeout_secs(300), 270);
+    }
+
+    #[test]
+    fn rejects_specs_naming_the_field() {
+        let field = |f: &dyn Fn(&mut CaptureClusterSpec)| {
+            let mut s = spec();
+            f(&mut s);
+            s.validate("events").unwrap_err().field
+        };
+        assert_eq!(
+            field(&|s| s.storage.buffer_quota_bytes = Some(2 << 30)),
+            "spec.storage.bufferQuotaBytes"
+        );
+        assert_eq!(
+            field(&|s| s.storage.size = Quantity("big".into())),
+            "spec.storage.size"
+        );
+        assert_eq!(
+            field(&|s| {
+                s.kafka
+                    .properties
+                    .insert("bootstrap.servers".into(), "x:1".into());
+            }),
+            "spec.kafka.properties[bootstrap.servers]"
+        );
+        assert_eq!(
+            field(&|s| s.kafka.bootstrap_servers = "nohost".into()),
+            "spec.kafka.bootstrapServers"
+        );
+        assert_eq!(
+            field(&|s| s.kafka.exactly_once = true),
+            "spec.kafka.exactlyOnce"
+        );
+        assert_eq!(
+            field(&|s| {
+                let stream = StreamSpec {
+                    name: "a".into(),
+                    topic: "t".into(),
+                    mode: StreamMode::Durable,
+                };
+                s.streams = vec![stream.clone(), stream];
+            }),
+            "spec.streams[1].name"
+        );
+        assert_eq!(
+            field(&|s| s.default_stream = Some("nope".into())),
+            "spec.defaultStream"
+        );
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(spec().validate(&long).unwrap_err().field, "metadata.name");
+        assert_eq!(
+            spec().validate("Events").unwrap_err().field,
+            "metadata.name"
+        );
+    }
+}

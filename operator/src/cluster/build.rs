@@ -1,0 +1,550 @@
+//! Pure builders: one CaptureCluster in, the Kubernetes objects that run it
+//! out. Nothing here talks to the API server, so every field is tested
+//! without a cluster.
+//!
+//! Every object carries the cluster's labels and a controller owner reference
+//! to the CaptureCluster (garbage-collected with it, once the finalizer lets
+//! it go). All configuration of a pod lives in its template (flags as
+//! `HOLDFAST_*` environment, Secrets as volumes or `secretKeyRef`), so any
+//! spec change changes the template and the StatefulSet rolls the pods; the
+//! content of referenced Secrets is not hashed (rotate it with a rollout).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy,
+    StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{
+    BUFFER_MOUNT_PATH, BUFFER_VOLUME, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster, HTTP_PORT,
+    MANAGED_BY_LABEL, NAME_LABEL, drain_timeout_secs,
+};
+
+/// The user id capture pods run as (not root).
+pub const CAPTURE_UID: i64 = 65532;
+/// Name of the capture container.
+pub const CAPTURE_CONTAINER: &str = "capture";
+const TLS_MOUNT: &str = "/etc/holdfast/kafka-tls";
+const AUTH_MOUNT: &str = "/etc/holdfast/auth";
+/// Scratch space (the root file system is read-only); SQLite looks in
+/// `/var/tmp` for temporary files.
+const TMP_MOUNT: &str = "/var/tmp";
+
+/// Names of a cluster's objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// StatefulSet and client Service: `<cluster>`.
+    pub statefulset: String,
+    /// Headless Service: `<cluster>-headless`.
+    pub headless: String,
+    /// ServiceAccount, Role and RoleBinding of the pods: `<cluster>-capture`.
+    pub capture: String,
+}
+
+impl Names {
+    /// The names for `cluster`.
+    pub fn of(cluster: &CaptureCluster) -> Self {
+        let name = cluster.name_any();
+        Self {
+            statefulset: name.clone(),
+            headless: format!("{name}-headless"),
+            capture: format!("{name}-capture"),
+        }
+    }
+}
+
+/// Labels selecting a cluster's pods (also on its claims); stable for the
+/// life of the StatefulSet, whose selector is immutable.
+pub fn selector_labels(cluster: &CaptureCluster) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (NAME_LABEL.to_string(), "holdfast".to_string()),
+        (COMPONENT_LABEL.to_string(), "capture".to_string()),
+        (CLUSTER_LABEL.to_string(), cluster.name_any()),
+    ])
+}
+
+/// Labels of every object the operator makes for a cluster.
+pub fn labels(cluster: &CaptureCluster) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(cluster);
+    labels.insert(
+        MANAGED_BY_LABEL.to_string(),
+        "holdfast-operator".to_string(),
+    );
+    labels
+}
+
+fn owner(cluster: &CaptureCluster) -> OwnerReference {
+    cluster
+        .controller_owner_ref(&())
+        .expect("a CaptureCluster from the API server has a name and uid")
+}
+
+fn meta(cluster: &CaptureCluster, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: cluster.namespace(),
+        labels: Some(labels(cluster)),
+        owner_references: Some(vec![owner(cluster)]),
+        ..Default::default()
+    }
+}
+
+/// The ServiceAccount of the capture pods.
+pub fn build_service_account(cluster: &CaptureCluster) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(cluster, &Names::of(cluster).capture),
+        automount_service_account_token: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The capture pods' Role: read their own pod and claim (to find their PV),
+/// post Events. Changing their PV's reclaim policy is cluster-scoped and is
+/// granted separately (see the orphan-recovery design in the crate docs).
+pub fn build_role(cluster: &CaptureCluster) -> Role {
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|s| s.to_string()).collect()),
+        resources: Some(resources.iter().map(|s| s.to_string()).collect()),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    Role {
+        metadata: meta(cluster, &Names::of(cluster).capture),
+        rules: Some(vec![
+            rule(&[""], &["pods", "persistentvolumeclaims"], &["get"]),
+            rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
+        ]),
+    }
+}
+
+/// Binds [`build_role`] to [`build_service_account`].
+pub fn build_role_binding(cluster: &CaptureCluster) -> RoleBinding {
+    let names = Names::of(cluster);
+    RoleBinding {
+        metadata: meta(cluster, &names.capture),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: names.capture.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: names.capture,
+            namespace: cluster.namespace(),
+            ..Default::default()
+        }]),
+    }
+}
+
+fn service_ports() -> Vec<ServicePort> {
+    vec![ServicePort {
+        name: Some("http".into()),
+        port: HTTP_PORT,
+        target_port: Some(IntOrString::String("http".into())),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }]
+}
+
+/// The headless Service that gives each pod a stable DNS name; it lists
+/// pods before they are ready so peers and tools can reach a draining pod.
+pub fn build_headless_service(cluster: &CaptureCluster) -> Service {
+    Service {
+        metadata: meta(cluster, &Names::of(cluster).headless),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(cluster)),
+            ports: Some(service_ports()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The client Service: ready pods only.
+pub fn build_client_service(cluster: &CaptureCluster) -> Service {
+    Service {
+        metadata: meta(cluster, &Names::of(cluster).statefulset),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(cluster)),
+            ports: Some(service_ports()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// At most one capture pod voluntarily disrupted at a time: a draining pod
+/// must finish before the next one goes.
+pub fn build_pod_disruption_budget(cluster: &CaptureCluster) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(cluster, &Names::of(cluster).statefulset),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(cluster)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The librdkafka properties of the pods: TLS and SASL settings derived from
+/// the spec first, then the spec's own properties (which win). SASL
+/// credentials are `$(VAR)` references to environment from the Secret, so
+/// they never appear in the pod spec.
+pub fn kafka_properties(cluster: &CaptureCluster) -> BTreeMap<String, String> {
+    let kafka = &cluster.spec.kafka;
+    let mut props = BTreeMap::new();
+    let protocol = match (kafka.tls.is_some(), kafka.sasl.is_some()) {
+        (true, true) => Some("SASL_SSL"),
+        (true, false) => Some("SSL"),
+        (false, true) => Some("SASL_PLAINTEXT"),
+        (false, false) => None,
+    };
+    if let Some(protocol) = protocol {
+        props.insert("security.protocol".to_string(), protocol.to_string());
+    }
+    if let Some(tls) = &kafka.tls {
+        props.insert(
+            "ssl.ca.location".into(),
+            format!("{TLS_MOUNT}/{}", tls.ca_key),
+        );
+        if let (Some(cert), Some(key)) = (&tls.cert_key, &tls.key_key) {
+            props.insert(
+                "ssl.certificate.location".into(),
+                format!("{TLS_MOUNT}/{cert}"),
+            );
+            props.insert("ssl.key.location".into(), format!("{TLS_MOUNT}/{key}"));
+        }
+    }
+    if let Some(sasl) = &kafka.sasl {
+        props.insert("sasl.mechanism".into(), sasl.mechanism.as_str().into());
+        props.insert(
+            "sasl.username".into(),
+            "$(HOLDFAST_KAFKA_SASL_USERNAME)".into(),
+        );
+        props.insert(
+            "sasl.password".into(),
+            "$(HOLDFAST_KAFKA_SASL_PASSWORD)".into(),
+        );
+    }
+    for (k, v) in &kafka.properties {
+        props.insert(k.clone(), v.clone());
+    }
+    props
+}
+
+/// The capture container's environment (every flag of `holdfast-capture
+/// serve` has an `HOLDFAST_*` variable). `POD_IP` comes first so the listen
+/// address can refer to it: the pod listens on its own address, which is
+/// what the probes and Services use.
+pub fn capture_env(cluster: &CaptureCluster) -> Vec<EnvVar> {
+    let spec = &cluster.spec;
+    let mut vars = vec![
+        field_env("POD_IP", "status.podIP"),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("NODE_NAME", "spec.nodeName"),
+        env("HOLDFAST_LISTEN", format!("$(POD_IP):{HTTP_PORT}")),
+        env("HOLDFAST_DATA_DIR", BUFFER_MOUNT_PATH),
+        // The pod's claim, for the volume guard (the PV behind it).
+        env("HOLDFAST_CLAIM", format!("{BUFFER_VOLUME}-$(POD_NAME)")),
+        env("HOLDFAST_DURABILITY", spec.durability.as_str()),
+        env(
+            "HOLDFAST_KAFKA_BOOTSTRAP",
+            spec.kafka.bootstrap_servers.clone(),
+        ),
+        env(
+            "HOLDFAST_STREAMS",
+            spec.effective_streams()
+                .iter()
+                .map(|s| format!("{}={}:{}", s.name, s.topic, s.mode.as_str()))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        env("HOLDFAST_DEFAULT_STREAM", spec.effective_default_stream()),
+        env(
+            "HOLDFAST_BUFFER_QUOTA_BYTES",
+            spec.buffer_quota_bytes().to_string(),
+        ),
+        env(
+            "HOLDFAST_DRAIN_TIMEOUT_SECS",
+            drain_timeout_secs(spec.shutdown_grace_period_seconds).to_string(),
+        ),
+        env("HOLDFAST_LOG_FORMAT", "json"),
+        env("TMPDIR", TMP_MOUNT),
+    ];
+    if let Some(sasl) = &spec.kafka.sasl {
+        vars.push(secret_env(
+            "HOLDFAST_KAFKA_SASL_USERNAME",
+            &sasl.secret_name,
+            &sasl.username_key,
+        ));
+        vars.push(secret_env(
+            "HOLDFAST_KAFKA_SASL_PASSWORD",
+            &sasl.secret_name,
+            &sasl.password_key,
+        ));
+    }
+    let props = kafka_properties(cluster);
+    if !props.is_empty() {
+        vars.push(env(
+            "HOLDFAST_KAFKA_PROPERTIES",
+            props
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ));
+    }
+    if let Some(topic) = &spec.kafka.dead_letter_topic {
+        vars.push(env("HOLDFAST_DEAD_LETTER_TOPIC", topic.clone()));
+    }
+    if let Some(pointer) = &spec.partition_key_pointer {
+        vars.push(env("HOLDFAST_PARTITION_KEY_POINTER", pointer.clone()));
+    }
+    if let Some(auth) = &spec.auth_secret {
+        vars.push(env(
+            "HOLDFAST_AUTH_TOKENS_FILE",
+            format!("{AUTH_MOUNT}/{}", auth.key),
+        ));
+    }
+    vars
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+/// The capture StatefulSet with `replicas` pods (the spec's, or 0 while the
+/// cluster is being deleted).
+pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet {
+    let spec = &cluster.spec;
+    let names = Names::of(cluster);
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    let mut mounts = vec![
+        VolumeMount {
+            name: BUFFER_VOLUME.into(),
+            mount_path: BUFFER_MOUNT_PATH.into(),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: TMP_MOUNT.into(),
+            ..Default::default()
+        },
+    ];
+    if let Some(tls) = &spec.kafka.tls {
+        volumes.push(Volume {
+            name: "kafka-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls.secret_name.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "kafka-tls".into(),
+            mount_path: TLS_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    if let Some(auth) = &spec.auth_secret {
+        volumes.push(Volume {
+            name: "auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(auth.name.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "auth".into(),
+            mount_path: AUTH_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let container = Container {
+        name: CAPTURE_CONTAINER.into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec!["holdfast-capture".into(), "serve".into()]),
+        env: Some(capture_env(cluster)),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: HTTP_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(http_probe("/readyz", 2, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(BUFFER_VOLUME.into()),
+            labels: Some(selector_labels(cluster)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    spec.storage.size.clone(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    StatefulSet {
+        metadata: meta(cluster, &names.statefulset),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(names.headless),
+            // Pods are independent buffers: start and stop them in parallel.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(cluster)),
+                ..Default::default()
+            },
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    partition: Some(0),
+                }),
+            }),
+            // Claims outlive their pods: a claim with events is drained by
+            // its next pod or by orphan recovery, never deleted with the set.
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Retain".into()),
+                    when_scaled: Some("Retain".into()),
+                },
+            ),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(cluster)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names.capture),
+                    automount_service_account_token: Some(true),
+                    termination_grace_period_seconds: Some(spec.shutdown_grace_period_seconds),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(CAPTURE_UID),
+                        run_as_group: Some(CAPTURE_UID),
+                        fs_group: Some(CAPTURE_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    node_selector: spec.node_selector.clone(),
+                    tolerations: spec.tolerations.clone(),
+                    affinity: spec.affinity.clone(),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;
