@@ -63,7 +63,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API, buffer events on disk and forward them to Kafka.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Drain one buffer directory into Kafka and exit (0 only when it is empty).
     Flush(FlushArgs),
     /// Print buffer figures (events, bytes, oldest age, dead letters, volume id).
