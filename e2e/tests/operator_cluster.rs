@@ -29,11 +29,13 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use operator_support::{
-    Operator, TIMEOUT, condition, init_tracing, install_cluster_wide, operator_identity, pod_ready,
+    Operator, TIMEOUT, condition, init_tracing, install_cluster_wide, operator_cluster_role,
+    operator_identity, operator_identity_bound_to, pod_ready,
 };
 use serde_json::json;
 
@@ -350,6 +352,13 @@ async fn capture_cluster_runs_delivers_retains_scales_rolls_and_drains() -> anyh
     })
     .await?;
     wait_ready(&client, &ns, name, 1).await?;
+    let cc = ccs.get(name).await?;
+    ensure!(
+        cc.status.as_ref().and_then(|s| s.observed_generation) == cc.metadata.generation,
+        "status describes generation {:?}, spec is {:?}",
+        cc.status.as_ref().and_then(|s| s.observed_generation),
+        cc.metadata.generation
+    );
 
     // The operator said what it did.
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
@@ -498,5 +507,86 @@ async fn invalid_spec_names_the_field_and_applies_nothing() -> anyhow::Result<()
     .await
     .with_context(|| operator.log_text())?;
     operator.ensure_never_forbidden()?;
+    Ok(())
+}
+
+/// A request the API server refuses (here: the operator's role lacks
+/// PodDisruptionBudgets) is reported as a Warning Event and an error metric
+/// by reason, retried with backoff, and succeeds once the permission exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_reported_and_retried_until_it_succeeds() -> anyhow::Result<()> {
+    init_tracing();
+    let h = harness::shared().await;
+    let client = h.client()?;
+    install_cluster_wide(&client).await?;
+    let ns = h.namespace("op-refused").await?;
+    // The operator's ClusterRole without the policy rule.
+    let mut role = operator_cluster_role()?;
+    let role_name = format!("holdfast-operator-no-pdb-{ns}");
+    role.metadata.name = Some(role_name.clone());
+    let full_rules = role.rules.clone().unwrap_or_default();
+    role.rules = Some(
+        full_rules
+            .iter()
+            .filter(|r| !r.api_groups.iter().flatten().any(|g| g == "policy"))
+            .cloned()
+            .collect(),
+    );
+    ensure!(role.rules.as_ref().unwrap().len() + 1 == full_rules.len());
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    roles.create(&PostParams::default(), &role).await?;
+    let kubeconfig = operator_identity_bound_to(h, &ns, &role_name).await?;
+    let operator = Operator::start(h, &ns, &kubeconfig, "op-c")?;
+    let ccs: Api<CaptureCluster> = Api::namespaced(client.clone(), &ns);
+    let mut cc = cluster("refused", "127.0.0.1:9", 0)?;
+    cc.spec.storage.storage_class_name = None;
+    ccs.create(&PostParams::default(), &cc).await?;
+
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let note = poll_until("ReconcileFailed event", TIMEOUT, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ReconcileFailed"))?
+            .note
+    })
+    .await
+    .with_context(|| operator.log_text())?;
+    ensure!(
+        note.contains("poddisruptionbudgets") && note.contains("forbidden"),
+        "{note}"
+    );
+    let errors = poll_until("forbidden counted", TIMEOUT, || async {
+        let n = operator
+            .metric(
+                "holdfast_operator_reconcile_errors_total{controller=\"capturecluster\",reason=\"forbidden\"}",
+            )
+            .await?;
+        (n >= 1.0).then_some(n)
+    })
+    .await?;
+    eprintln!("{errors} forbidden reconciliations counted");
+    let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    ensure!(stss.get_opt("refused").await?.is_none());
+
+    // Granted: the next retry applies everything.
+    role.rules = Some(full_rules);
+    roles
+        .replace(&role_name, &PostParams::default(), &{
+            let mut r = role.clone();
+            r.metadata.resource_version = roles.get(&role_name).await?.resource_version();
+            r
+        })
+        .await?;
+    poll_until("applied after the grant", TIMEOUT, || async {
+        let cc = ccs.get("refused").await.ok()?;
+        let sts = stss.get_opt("refused").await.ok()??;
+        (condition(&cc, "Ready")?.0 == "True").then_some(sts)
+    })
+    .await
+    .with_context(|| operator.log_text())?;
     Ok(())
 }

@@ -88,6 +88,15 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() -> anyhow::Result
         .await
         .context("standby metrics")?;
     ensure!(idle == 0.0, "the standby reconciled {idle} times");
+    let text = leader.metrics().await.context("leader metrics")?;
+    for wanted in [
+        "holdfast_operator_leader 1",
+        "holdfast_operator_reconcile_duration_seconds_bucket{",
+    ] {
+        ensure!(text.contains(wanted), "no {wanted:?} in\n{text}");
+    }
+    let text = standby.metrics().await.context("standby metrics")?;
+    ensure!(text.contains("holdfast_operator_leader 0"), "{text}");
 
     // The leader stops; the standby takes the released Lease and applies
     // the next change.

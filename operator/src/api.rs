@@ -45,6 +45,12 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Annotation on a PV: `"true"` once its buffer was seen empty (clean drain).
 pub const CLEAN_ANNOTATION: &str = "holdfast.dev/clean";
 
+/// Default name of the ClusterRole that lets capture pods read and patch
+/// PersistentVolumes (`rbac/capture-clusterrole.yaml`, shipped by the chart;
+/// an admission policy narrows it to their own volume). The operator binds it
+/// per CaptureCluster.
+pub const CAPTURE_CLUSTER_ROLE: &str = "holdfast-capture";
+
 /// Name of the volumeClaimTemplate (claims are `buffer-<pod>`).
 pub const BUFFER_VOLUME: &str = "buffer";
 /// Where the buffer volume is mounted in a capture pod.

@@ -136,6 +136,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         client.clone(),
         Recorder::new(client.clone(), reporter),
         metrics.clone(),
+        args.capture_cluster_role.clone(),
     ));
     let clusters = tokio::spawn(cluster::run(
         ctx.clone(),

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// The leader renews this long before its Lease expires.
     #[arg(long, env = "HOLDFAST_LEASE_GRACE_SECS", default_value_t = 5)]
     pub lease_grace_secs: u64,
+    /// ClusterRole bound to each cluster's capture pods so they can keep
+    /// their own PersistentVolume `Retain` (see `rbac/capture-clusterrole.yaml`).
+    #[arg(long, env = "HOLDFAST_CAPTURE_CLUSTER_ROLE", default_value = crate::api::CAPTURE_CLUSTER_ROLE)]
+    pub capture_cluster_role: String,
     /// Identity in the Lease (default: `POD_NAME`, else the host name and pid).
     #[arg(long, env = "HOLDFAST_OPERATOR_IDENTITY")]
     pub identity: Option<String>,

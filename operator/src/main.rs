@@ -1,3 +1,5 @@
+//! `holdfast-operator`: parse the command line, then `crd` or `run` (see the library docs).
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -131,10 +131,14 @@ impl WriterHandle {
     }
 }
 
+/// How often the checkpointer copies the WAL into the database file.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The writer thread. Dropping every [`WriterHandle`] stops it; [`join`](Self::join) waits.
 #[derive(Debug)]
 pub struct GroupCommitWriter {
     thread: Option<JoinHandle<()>>,
+    checkpointer: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl GroupCommitWriter {
@@ -173,9 +177,11 @@ impl GroupCommitWriter {
                 path: dir.to_owned(),
                 source,
             })?;
+        let checkpointer = start_checkpointer(dir, durability)?;
         Ok((
             Self {
                 thread: Some(thread),
+                checkpointer: Some(checkpointer),
             },
             handle,
         ))
@@ -186,7 +192,39 @@ impl GroupCommitWriter {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        if let Some((stop, t)) = self.checkpointer.take() {
+            drop(stop);
+            let _ = t.join();
+        }
     }
+}
+
+/// Runs passive WAL checkpoints on a connection of its own, so the writer's
+/// commits (and so the acknowledgements) never pay for copying pages into
+/// the database file. Passive checkpoints never block the writer.
+fn start_checkpointer(
+    dir: &Path,
+    durability: Durability,
+) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>)> {
+    let conn = super::open_writer(dir, durability)?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("buffer-checkpoint".into())
+        .spawn(move || {
+            // Wakes every interval until the sender is dropped.
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_INTERVAL)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "wal checkpoint failed");
+                }
+            }
+        })
+        .map_err(|source| Error::DataDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    Ok((stop, thread))
 }
 
 /// Unready from 95% of the quota or after a refusal; ready again only once

@@ -74,9 +74,7 @@ pub async fn install_cluster_wide(client: &Client) -> anyhow::Result<()> {
             .then_some(())
     })
     .await?;
-    let role: ClusterRole = serde_yaml::from_str(&std::fs::read_to_string(format!(
-        "{REPO}/operator/rbac/clusterrole.yaml"
-    ))?)?;
+    let role = operator_cluster_role()?;
     Api::<ClusterRole>::all(client.clone())
         .patch(
             &role.name_any(),
@@ -98,6 +96,22 @@ pub async fn install_cluster_wide(client: &Client) -> anyhow::Result<()> {
 /// operator ClusterRole and the leader-election Role, and returns a
 /// kubeconfig that authenticates as it (a TokenRequest token).
 pub async fn operator_identity(h: &Harness, ns: &str) -> anyhow::Result<PathBuf> {
+    operator_identity_bound_to(h, ns, "holdfast-operator").await
+}
+
+/// The operator's ClusterRole from `operator/rbac/clusterrole.yaml`.
+pub fn operator_cluster_role() -> anyhow::Result<ClusterRole> {
+    Ok(serde_yaml::from_str(&std::fs::read_to_string(format!(
+        "{REPO}/operator/rbac/clusterrole.yaml"
+    ))?)?)
+}
+
+/// [`operator_identity`] bound to ClusterRole `cluster_role` instead.
+pub async fn operator_identity_bound_to(
+    h: &Harness,
+    ns: &str,
+    cluster_role: &str,
+) -> anyhow::Result<PathBuf> {
     let client = h.client()?;
     let sa_name = "holdfast-operator";
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
@@ -108,7 +122,7 @@ pub async fn operator_identity(h: &Harness, ns: &str) -> anyhow::Result<PathBuf>
     .await?;
     let binding: ClusterRoleBinding = serde_json::from_value(json!({
         "metadata": {"name": format!("holdfast-operator-{ns}")},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "holdfast-operator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
         "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": ns}],
     }))?;
     Api::<ClusterRoleBinding>::all(client.clone())
@@ -212,8 +226,16 @@ impl Operator {
 
     /// `holdfast_operator_reconciles_total{controller}`, 0 when absent.
     pub async fn reconciles(&self, controller: &str) -> Option<f64> {
+        self.metric(&format!(
+            "holdfast_operator_reconciles_total{{controller=\"{controller}\"}}"
+        ))
+        .await
+    }
+
+    /// The value of one sample (`name{labels}` as exposed), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
         let text = self.metrics().await?;
-        let prefix = format!("holdfast_operator_reconciles_total{{controller=\"{controller}\"}} ");
+        let prefix = format!("{sample} ");
         Some(
             text.lines()
                 .find_map(|l| l.strip_prefix(&prefix))

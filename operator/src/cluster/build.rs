@@ -23,14 +23,16 @@ use k8s_openapi::api::core::v1::{
     VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{
     BUFFER_MOUNT_PATH, BUFFER_VOLUME, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster, HTTP_PORT,
-    MANAGED_BY_LABEL, NAME_LABEL, drain_timeout_secs,
+    MANAGED_BY_LABEL, NAME_LABEL, NAMESPACE_LABEL, drain_timeout_secs,
 };
 
 /// The user id capture pods run as (not root).
@@ -52,6 +54,9 @@ pub struct Names {
     pub headless: String,
     /// ServiceAccount, Role and RoleBinding of the pods: `<cluster>-capture`.
     pub capture: String,
+    /// ClusterRoleBinding of the pods (their PV):
+    /// `holdfast-capture-<namespace>-<cluster>`.
+    pub cluster_binding: String,
 }
 
 impl Names {
@@ -62,6 +67,10 @@ impl Names {
             statefulset: name.clone(),
             headless: format!("{name}-headless"),
             capture: format!("{name}-capture"),
+            cluster_binding: format!(
+                "holdfast-capture-{}-{name}",
+                cluster.namespace().unwrap_or_default()
+            ),
         }
     }
 }
@@ -112,8 +121,8 @@ pub fn build_service_account(cluster: &CaptureCluster) -> ServiceAccount {
 }
 
 /// The capture pods' Role: read their own pod and claim (to find their PV),
-/// post Events. Changing their PV's reclaim policy is cluster-scoped and is
-/// granted separately (see the orphan-recovery design in the crate docs).
+/// post Events. Patching their PV is cluster-scoped: see
+/// [`build_cluster_role_binding`].
 pub fn build_role(cluster: &CaptureCluster) -> Role {
     let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
         api_groups: Some(groups.iter().map(|s| s.to_string()).collect()),
@@ -139,6 +148,38 @@ pub fn build_role_binding(cluster: &CaptureCluster) -> RoleBinding {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "Role".into(),
             name: names.capture.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: names.capture,
+            namespace: cluster.namespace(),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Binds ClusterRole `role` (PV get/patch, see
+/// [`crate::api::CAPTURE_CLUSTER_ROLE`]) to the capture ServiceAccount, so a
+/// pod can keep its own volume `Retain` and flip it after a clean drain. A
+/// cluster-scoped object cannot be owned by a namespaced one: it carries the
+/// cluster's labels and the finalizer deletes it after the last drain.
+pub fn build_cluster_role_binding(cluster: &CaptureCluster, role: &str) -> ClusterRoleBinding {
+    let names = Names::of(cluster);
+    let mut labels = labels(cluster);
+    labels.insert(
+        NAMESPACE_LABEL.to_string(),
+        cluster.namespace().unwrap_or_default(),
+    );
+    ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(names.cluster_binding),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: role.to_string(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
@@ -298,12 +339,15 @@ pub fn capture_env(cluster: &CaptureCluster) -> Vec<EnvVar> {
     let mut vars = vec![
         field_env("POD_IP", "status.podIP"),
         field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("HOLDFAST_NAMESPACE", "metadata.namespace"),
         env("HOLDFAST_LISTEN", format!("$(POD_IP):{HTTP_PORT}")),
         env("HOLDFAST_DATA_DIR", BUFFER_MOUNT_PATH),
-        // The pod's claim, for the volume guard (the PV behind it).
-        env("HOLDFAST_CLAIM", format!("{BUFFER_VOLUME}-$(POD_NAME)")),
+        // The pod's own claim: its volume guard keeps the PV behind it
+        // `Retain` and flips it after a clean drain.
+        env(
+            "HOLDFAST_VOLUME_CLAIM",
+            format!("{BUFFER_VOLUME}-$(POD_NAME)"),
+        ),
         env("HOLDFAST_DURABILITY", spec.durability.as_str()),
         env(
             "HOLDFAST_KAFKA_BOOTSTRAP",

@@ -21,12 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -105,17 +106,25 @@ pub struct Context {
     pub recorder: Recorder,
     /// Operator metrics.
     pub metrics: Arc<Metrics>,
+    /// The ClusterRole bound to each cluster's capture pods (PV access).
+    pub capture_cluster_role: String,
     /// Consecutive failures per object (`namespace/name`), for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
     /// A context for the controllers.
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        capture_cluster_role: String,
+    ) -> Self {
         Self {
             client,
             recorder,
             metrics,
+            capture_cluster_role,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -258,6 +267,9 @@ pub async fn reconcile(cluster: Arc<CaptureCluster>, ctx: Arc<Context>) -> Resul
     };
     match &result {
         Ok(_) => ctx.succeeded(&key(&cluster)),
+        // A conflict is another writer's change landing first: retried
+        // quietly, not an event worth a human's attention.
+        Err(e) if e.reason() == "conflict" => {}
         Err(e) => {
             ctx.publish(
                 &cluster,
@@ -300,7 +312,7 @@ async fn ensure_finalizer(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
     finalizers.push(FINALIZER.to_string());
     api.patch(
         &cluster.name_any(),
-        &PatchParams::default(),
+        &update_params(),
         &Patch::Merge(json!({"metadata": {
             "finalizers": finalizers,
             "resourceVersion": cluster.resource_version(),
@@ -321,7 +333,7 @@ async fn remove_finalizer(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
     match api
         .patch(
             &cluster.name_any(),
-            &PatchParams::default(),
+            &update_params(),
             &Patch::Merge(json!({"metadata": {
                 "finalizers": finalizers,
                 "resourceVersion": cluster.resource_version(),
@@ -332,6 +344,15 @@ async fn remove_finalizer(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(api_err(format!("remove finalizer of {}", key(cluster)))(e)),
+    }
+}
+
+/// Parameters of the operator's non-apply patches (finalizers, scale to
+/// zero): the same field manager as its applies.
+fn update_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
     }
 }
 
@@ -353,6 +374,26 @@ where
     )
     .await
     .map_err(api_err(format!("apply {} {ns}/{name}", K::kind(&()))))
+}
+
+/// Server-side applies a cluster-scoped `object` with the operator's field manager.
+pub async fn apply_cluster_object<K>(client: &Client, object: &K) -> Result<K>
+where
+    K: Resource<Scope = ClusterResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let name = object.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(api_err(format!("apply {} {name}", K::kind(&()))))
 }
 
 /// Fields of the volumeClaimTemplate that cannot change once the
@@ -424,6 +465,11 @@ async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> Result<Acti
     apply_object(client, ns, &build::build_service_account(cluster)).await?;
     apply_object(client, ns, &build::build_role(cluster)).await?;
     apply_object(client, ns, &build::build_role_binding(cluster)).await?;
+    apply_cluster_object(
+        client,
+        &build::build_cluster_role_binding(cluster, &ctx.capture_cluster_role),
+    )
+    .await?;
     apply_object(client, ns, &build::build_headless_service(cluster)).await?;
     apply_object(client, ns, &build::build_client_service(cluster)).await?;
     apply_object(client, ns, &build::build_pod_disruption_budget(cluster)).await?;
@@ -645,7 +691,7 @@ async fn cleanup(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> Result<Ac
         statefulsets
             .patch(
                 &names.statefulset,
-                &PatchParams::default(),
+                &update_params(),
                 &Patch::Merge(json!({"spec": {"replicas": 0}})),
             )
             .await
@@ -712,6 +758,22 @@ async fn cleanup(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> Result<Ac
         }
         draining(cluster, ns, ctx, "VolumesHoldEvents", message).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    // The pods needed their PV access to mark their volumes; now nothing
+    // of the cluster runs.
+    let bindings: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
+    match bindings
+        .delete(&names.cluster_binding, &Default::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => {
+            return Err(api_err(format!(
+                "delete clusterrolebinding {}",
+                names.cluster_binding
+            ))(e));
+        }
     }
     info!(cluster = %key(cluster), "every volume is clean: releasing the finalizer");
     ctx.publish(

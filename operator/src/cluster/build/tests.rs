@@ -361,3 +361,46 @@ fn capture_role_binds_the_capture_service_account() {
         );
     }
 }
+
+#[test]
+fn capture_pods_get_their_volume_access_through_a_labelled_cluster_binding() {
+    let binding = build_cluster_role_binding(&cluster(), "holdfast-capture");
+    assert_eq!(
+        binding.metadata.name.as_deref(),
+        Some("holdfast-capture-shop-events")
+    );
+    // Cluster-scoped: no owner reference (the finalizer deletes it), labels instead.
+    assert!(binding.metadata.owner_references.is_none());
+    let labels = binding.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels[CLUSTER_LABEL], "events");
+    assert_eq!(labels[crate::api::NAMESPACE_LABEL], "shop");
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(binding.role_ref.name, "holdfast-capture");
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("events-capture", Some("shop"))
+    );
+    // The pod finds its claim from its own name and namespace.
+    let sts = build_statefulset(&cluster(), 1);
+    let vars = capture(&sts).env.as_ref().unwrap();
+    let env = env_map(vars);
+    assert_eq!(env["HOLDFAST_VOLUME_CLAIM"], "buffer-$(POD_NAME)");
+    let pod_name = vars.iter().position(|v| v.name == "POD_NAME").unwrap();
+    let claim = vars
+        .iter()
+        .position(|v| v.name == "HOLDFAST_VOLUME_CLAIM")
+        .unwrap();
+    assert!(pod_name < claim);
+    assert!(vars.iter().any(|v| {
+        v.name == "HOLDFAST_NAMESPACE"
+            && v.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path
+                == "metadata.namespace"
+    }));
+}
