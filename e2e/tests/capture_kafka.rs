@@ -713,3 +713,100 @@ async fn sigterm_without_kafka_keeps_events_and_exits_by_the_deadline() -> Resul
     );
     Ok(())
 }
+
+/// A tmpfs of a fixed size, unmounted on drop: a disk that really fills up.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()?;
+        anyhow::ensure!(status.success(), "mount tmpfs failed (needs root)");
+        Ok(Self(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_answers_503_and_loses_no_acknowledged_event() -> Result<()> {
+    let mut kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let _disk = SmallDisk::mount(&buf, "2m")?;
+    let cap = CaptureProcess::start(&buf, &kafka.bootstrap(), &[]).await?;
+    kafka.stop().await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/events", cap.url());
+    let mut acked = Vec::new();
+    let refused = loop {
+        let events: Vec<serde_json::Value> = (0..20)
+            .map(|_| json!({"uuid": uuid::Uuid::now_v7().to_string(), "pad": "d".repeat(400)}))
+            .collect();
+        let r = post(
+            &client,
+            &url,
+            "application/json",
+            serde_json::to_vec(&events)?,
+            false,
+        )
+        .await?;
+        if r.status() != 200 {
+            break r;
+        }
+        acked.extend(
+            events
+                .iter()
+                .map(|e| e["uuid"].as_str().unwrap().to_owned()),
+        );
+        assert!(acked.len() < 100_000, "the disk never filled");
+    };
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let ready = client.get(format!("{}/readyz", cap.url())).send().await?;
+    assert_eq!(
+        ready.status(),
+        503,
+        "a pod with a full disk must turn unready"
+    );
+    eprintln!("disk full after {} acked events", acked.len());
+    kafka.restart().await?;
+    let records = kafka
+        .consume("events", acked.len(), Duration::from_secs(120))
+        .await?;
+    let (seen, _) = tally(&records);
+    let lost = acked.iter().filter(|u| !seen.contains_key(*u)).count();
+    assert_eq!(lost, 0, "{lost} acknowledged events lost on a full disk");
+    // Once drained, the pod takes events again by itself.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = post(
+            &client,
+            &url,
+            "application/json",
+            json!({"a": 1}).to_string(),
+            false,
+        )
+        .await?;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refusing after the buffer drained"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -83,6 +83,17 @@ pub async fn install_cluster_wide(client: &Client) -> anyhow::Result<()> {
         )
         .await
         .context("apply the operator ClusterRole")?;
+    let capture: ClusterRole = serde_yaml::from_str(&std::fs::read_to_string(format!(
+        "{REPO}/operator/rbac/capture-clusterrole.yaml"
+    ))?)?;
+    Api::<ClusterRole>::all(client.clone())
+        .patch(
+            &capture.name_any(),
+            &PatchParams::apply("holdfast-e2e").force(),
+            &Patch::Apply(&capture),
+        )
+        .await
+        .context("apply the capture ClusterRole")?;
     // The API server serves the new resource a moment after Established.
     let api: Api<CaptureCluster> = Api::all(client.clone());
     poll_until("captureclusters served", TIMEOUT, || async {
