@@ -65,6 +65,9 @@ async fn shutdown_signal() {
 /// Runs the capture pod until SIGTERM/SIGINT.
 pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let _lock = DirLock::acquire(&cfg.data_dir)?;
+    if let Err(e) = buffer::ensure_reserve(&cfg.data_dir, cfg.disk_reserve_bytes) {
+        tracing::warn!(error = %e, bytes = cfg.disk_reserve_bytes, "could not set the disk reserve aside");
+    }
     let metrics = Arc::new(Metrics::new());
     let (writer_thread, writer) = GroupCommitWriter::start(
         &cfg.data_dir,

@@ -148,6 +148,10 @@ pub struct BufferArgs {
     /// acknowledged events on power loss or kernel crash, not on a killed process).
     #[arg(long, env = "HOLDFAST_DURABILITY", value_enum, default_value_t = Durability::Fsync)]
     pub durability: Durability,
+    /// Disk space set aside at start and released when the disk fills up, so
+    /// delivered events can still be deleted (bytes; 0 disables).
+    #[arg(long, env = "HOLDFAST_DISK_RESERVE_BYTES", default_value_t = 8 << 20)]
+    pub disk_reserve_bytes: u64,
 }
 
 /// `serve` arguments.
@@ -288,6 +292,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Durability mode.
     pub durability: Durability,
+    /// Disk reserve, bytes.
+    pub disk_reserve_bytes: u64,
     /// Kafka settings.
     pub kafka: KafkaConfig,
     /// Streams by name.
@@ -401,6 +407,7 @@ impl ServeArgs {
             listen: self.listen,
             data_dir: self.buffer.data_dir.clone(),
             durability: self.buffer.durability,
+            disk_reserve_bytes: self.buffer.disk_reserve_bytes,
             kafka: self.kafka.validate()?,
             streams,
             default_stream: self.default_stream.clone(),

@@ -17,7 +17,7 @@ use crate::cluster::{self, Context};
 use crate::config::RunArgs;
 use crate::leader::{Leadership, LeaseConfig};
 use crate::metrics::{self, Metrics};
-use crate::volumes;
+use crate::{orphans, volumes};
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,15 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         args.watch_namespace.clone(),
         stopped(),
     ));
+    let orphans = tokio::spawn(orphans::run(
+        ctx.clone(),
+        orphans::Config {
+            namespace: args.watch_namespace.clone(),
+            interval: Duration::from_secs(args.orphan_scan_interval_secs),
+            flush_timeout_secs: args.flush_timeout_secs,
+        },
+        stopped(),
+    ));
     let lost = async {
         match leadership.as_mut() {
             Some(l) => l.lost().await,
@@ -167,6 +176,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let _ = tokio::time::timeout(Duration::from_secs(20), async {
         let _ = clusters.await;
         let _ = volumes.await;
+        let _ = orphans.await;
     })
     .await;
     if let Some(l) = leadership {

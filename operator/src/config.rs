@@ -65,6 +65,15 @@ pub struct RunArgs {
     /// Identity in the Lease (default: `POD_NAME`, else the host name and pid).
     #[arg(long, env = "HOLDFAST_OPERATOR_IDENTITY")]
     pub identity: Option<String>,
+    /// Seconds between two passes of orphan recovery (find orphaned
+    /// volumes, start and follow flush Jobs).
+    #[arg(long, env = "HOLDFAST_ORPHAN_SCAN_INTERVAL_SECS", default_value_t = 5)]
+    pub orphan_scan_interval_secs: u64,
+    /// `holdfast-capture flush --timeout-secs` of each flush Job: how long
+    /// one Job tries to empty a buffer before it fails (and is retried with
+    /// backoff).
+    #[arg(long, env = "HOLDFAST_FLUSH_TIMEOUT_SECS", default_value_t = 600)]
+    pub flush_timeout_secs: u64,
 }
 
 /// A flag value the operator refuses at start-up.
@@ -93,6 +102,18 @@ impl RunArgs {
                     "must be between 1 and --lease-duration-secs ({}) exclusive",
                     self.lease_duration_secs
                 ),
+            });
+        }
+        if self.orphan_scan_interval_secs == 0 {
+            return Err(InvalidFlag {
+                flag: "--orphan-scan-interval-secs",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.flush_timeout_secs < 10 {
+            return Err(InvalidFlag {
+                flag: "--flush-timeout-secs",
+                reason: "must be at least 10".into(),
             });
         }
         if self.lease_name.is_empty() {

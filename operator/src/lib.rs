@@ -10,10 +10,10 @@
 //! - [`leader`], [`metrics`], [`app`]: leader election, `/metrics` and
 //!   `/healthz`, the `run` command.
 //!
-//! Orphan recovery (flush Jobs for volumes left without a pod) is designed
-//! to slot in as an `orphans` module fed by the same labels:
-//! [`api::CLUSTER_LABEL`], [`api::CLAIM_LABEL`], [`api::NAMESPACE_LABEL`] on
-//! PVs, and [`api::CLEAN_ANNOTATION`] for the volumes it may release.
+//! - [`orphans`]: volumes no pod will drain (scaled away, claim deleted,
+//!   cluster deleted) are drained by flush Jobs and handed back; fed by the
+//!   PV labels [`api::CLUSTER_LABEL`], [`api::CLAIM_LABEL`],
+//!   [`api::NAMESPACE_LABEL`] and [`api::CLEAN_ANNOTATION`].
 
 pub mod api;
 pub mod app;
@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod config;
 pub mod leader;
 pub mod metrics;
+pub mod orphans;
 pub mod volumes;
 
 use kube::CustomResourceExt;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub volumes_retained: Counter,
     /// CaptureClusters whose spec was refused.
     pub invalid_specs: Counter,
+    /// Orphan recovery (flush Jobs, orphaned volumes).
+    pub orphans: crate::orphans::OrphanMetrics,
     ready: AtomicBool,
 }
 
@@ -100,6 +102,7 @@ impl Metrics {
             "Reconciliations that refused a CaptureCluster spec",
             invalid_specs.clone(),
         );
+        let orphans = crate::orphans::OrphanMetrics::register(&mut registry);
         Self {
             registry,
             reconciles,
@@ -108,6 +111,7 @@ impl Metrics {
             leader,
             volumes_retained,
             invalid_specs,
+            orphans,
             ready: AtomicBool::new(false),
         }
     }

@@ -47,6 +47,43 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub const DB_FILE: &str = "buffer.db";
 /// File name of the drainer lock inside the data directory.
 pub const LOCK_FILE: &str = "holdfast.lock";
+/// File name of the disk reserve inside the data directory.
+pub const RESERVE_FILE: &str = "reserve.bin";
+
+/// Makes sure `bytes` of disk are set aside in `dir` (written, not sparse).
+/// When the disk fills up, [`release_reserve`] gives them back so the
+/// forwarder can still delete what Kafka acknowledged: deleting needs a
+/// little space for the WAL, and draining is the only way out of a full disk.
+pub fn ensure_reserve(dir: &Path, bytes: u64) -> Result<()> {
+    let path = dir.join(RESERVE_FILE);
+    if bytes == 0 || path.metadata().map(|m| m.len() >= bytes).unwrap_or(false) {
+        return Ok(());
+    }
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = File::create(&path)?;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&path);
+        Error::DataDir { path, source }
+    })
+}
+
+/// Deletes the disk reserve; returns its size if there was one.
+pub fn release_reserve(dir: &Path) -> Option<u64> {
+    let path = dir.join(RESERVE_FILE);
+    let len = path.metadata().ok()?.len();
+    std::fs::remove_file(&path).ok()?;
+    Some(len)
+}
 
 /// Result of buffer operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -215,6 +215,7 @@ pub enum RunUntil {
 
 /// Drains the buffer into Kafka, oldest first.
 pub struct Forwarder {
+    dir: std::path::PathBuf,
     reader: Arc<std::sync::Mutex<Connection>>,
     writer: WriterHandle,
     producer: KafkaProducer,
@@ -238,6 +239,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         Ok(Self {
+            dir: dir.to_owned(),
             reader: Arc::new(std::sync::Mutex::new(buffer::open_reader(dir)?)),
             writer,
             producer,
@@ -270,45 +272,70 @@ impl Forwarder {
             if *stop.borrow() {
                 return Ok(());
             }
-            let batch = self.read(self.cfg.batch_events).await?;
-            if batch.is_empty() {
-                if until == RunUntil::Empty {
-                    return Ok(());
+            let outcome = match self.read(self.cfg.batch_events).await {
+                Err(e) => Err(e),
+                Ok(batch) if batch.is_empty() => {
+                    if until == RunUntil::Empty {
+                        return Ok(());
+                    }
+                    tokio::select! {
+                        _ = self.writer.appended.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
                 }
-                tokio::select! {
-                    _ = self.writer.appended.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = stop.changed() => {}
-                }
-                continue;
-            }
-            // A batch in flight is abandoned on stop: its events are still in
-            // the buffer and are sent again by the next drainer (at least once).
-            let (retried, fatal) = tokio::select! {
-                r = self.forward(&batch) => r?,
-                _ = stop.changed() => return Ok(()),
+                // A batch in flight is abandoned on stop: its events are still in
+                // the buffer and are sent again by the next drainer (at least once).
+                Ok(batch) => tokio::select! {
+                    r = self.forward(&batch) => r,
+                    _ = stop.changed() => return Ok(()),
+                },
             };
-            if fatal {
-                // An idempotent producer that hit a fatal error accepts nothing more.
-                tracing::error!("kafka producer hit a fatal error; recreating it");
-                self.producer = create_producer(&self.cfg, self.metrics.clone())?;
-            }
-            if retried > 0 {
-                self.metrics.forward_retries.inc();
-                self.metrics.kafka_up.set(0);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(
-                    events = retried,
-                    delay_ms = delay.as_millis() as u64,
-                    "kafka did not take every event; retrying"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => {}
+            let delay = match outcome {
+                Ok((0, _)) => {
+                    self.metrics.kafka_up.set(1);
+                    backoff = backoff_builder.build();
+                    continue;
                 }
-            } else {
-                self.metrics.kafka_up.set(1);
-                backoff = backoff_builder.build();
+                Ok((retried, fatal)) => {
+                    if fatal {
+                        // An idempotent producer that hit a fatal error accepts nothing more.
+                        tracing::error!("kafka producer hit a fatal error; recreating it");
+                        match create_producer(&self.cfg, self.metrics.clone()) {
+                            Ok(p) => self.producer = p,
+                            Err(e) => {
+                                tracing::error!(error = %e, "could not recreate the producer")
+                            }
+                        }
+                    }
+                    self.metrics.forward_retries.inc();
+                    self.metrics.kafka_up.set(0);
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(
+                        events = retried,
+                        delay_ms = delay.as_millis() as u64,
+                        "kafka did not take every event; retrying"
+                    );
+                    delay
+                }
+                Err(e) => {
+                    // The buffer failed (typically a full disk): the forwarder never
+                    // gives up, since draining is what frees the disk.
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::error!(error = %e, delay_ms = delay.as_millis() as u64, "forwarding failed on the buffer side; retrying");
+                    if let Some(freed) = buffer::release_reserve(&self.dir) {
+                        tracing::warn!(
+                            bytes = freed,
+                            "released the disk reserve so delivered events can be deleted"
+                        );
+                    }
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => {}
             }
         }
     }
@@ -374,7 +401,7 @@ impl Forwarder {
         {
             self.send_to_dlq(dlq, batch, &dead).await;
         }
-        self.writer.settle(delivered, dead).await?;
+        self.settle(delivered, dead).await;
         for (topic, n) in by_topic {
             self.metrics
                 .delivered
@@ -384,6 +411,29 @@ impl Forwarder {
                 .inc_by(n);
         }
         Ok((retry, fatal))
+    }
+
+    /// Records what Kafka took. Retried until it succeeds (or the forwarder is
+    /// stopped): sending the batch again instead would flood Kafka with
+    /// duplicates while the disk is full, and the events are safe either way.
+    async fn settle(&self, delivered: Vec<(i64, u64)>, dead: Vec<(i64, u64, String)>) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.writer.settle(delivered.clone(), dead.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, events = delivered.len() + dead.len(), "could not record delivered events; retrying");
+                    if let Some(freed) = buffer::release_reserve(&self.dir) {
+                        tracing::warn!(
+                            bytes = freed,
+                            "released the disk reserve so delivered events can be deleted"
+                        );
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// Best effort: the dead letters table keeps the event whatever happens here.

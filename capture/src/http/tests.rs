@@ -48,6 +48,7 @@ fn fixture(tokens: &[&str], quota: u64) -> Fixture {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_owned(),
         durability: Durability::Fsync,
+        disk_reserve_bytes: 0,
         kafka: kafka.clone(),
         streams,
         default_stream: "default".into(),

@@ -8,9 +8,10 @@
 //!   field and a Warning Event says why;
 //! - the finalizer [`FINALIZER`] is removed only once no pod of the cluster
 //!   runs and every PV of the cluster carries [`CLEAN_ANNOTATION`]` = "true"`
-//!   (a claim that never got a volume holds nothing). Volumes that cannot
-//!   drain are orphan recovery's job; until it exists, the finalizer waits
-//!   and the `Draining` condition says which volumes it waits for.
+//!   (a claim that never got a volume holds nothing). Volumes the pods
+//!   could not drain are drained by flush Jobs ([`crate::orphans`]); until
+//!   then the finalizer waits and the `Draining` condition says which
+//!   volumes it waits for.
 
 pub mod build;
 pub mod conditions;
@@ -570,7 +571,8 @@ async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> Result<Acti
             ready_replicas: ready,
             conditions: conds,
             orphaned_volumes: orphaned,
-            active_flush_jobs: status.active_flush_jobs,
+            active_flush_jobs: crate::orphans::count_active_flush_jobs(&ctx.client, ns, &name)
+                .await?,
         },
     )
     .await?;
@@ -737,7 +739,7 @@ async fn cleanup(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> Result<Ac
     if !dirty.is_empty() {
         let list = dirty.iter().cloned().collect::<Vec<_>>().join(", ");
         let message = format!(
-            "{} volume(s) may still hold events: {list}; orphan recovery is not available in this version, so deletion waits until each PV is annotated {CLEAN_ANNOTATION}=true",
+            "{} volume(s) may still hold events: {list}; deletion waits until flush Jobs (orphan recovery) have drained each and annotated it {CLEAN_ANNOTATION}=true",
             dirty.len()
         );
         let changed = !cluster.status.as_ref().is_some_and(|s| {

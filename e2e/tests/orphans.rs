@@ -1,0 +1,863 @@
+//! Orphan recovery on the real control plane with real Kafka (issue 5): a
+//! client posts throughout each scenario, every uuid that got a `200` is
+//! looked up in Kafka afterwards (duplicates counted), and every PV's final
+//! reclaim policy is checked.
+//!
+//! - `killed_then_scaled_away_pod_is_drained_by_a_flush_job_on_its_node`:
+//!   a pod SIGKILLed under load and scaled away before it can come back;
+//!   its volume is drained by a flush Job that runs on the volume's node
+//!   (local PV), flipped to `Delete` and deleted.
+//! - `claim_deleted_by_hand_is_recovered_through_its_released_volume`:
+//!   the claim of a loaded pod is deleted and the pod killed; the Released
+//!   PV is rebound to a recovery claim and drained.
+//! - `graceful_scale_down_without_kafka_is_drained_when_kafka_returns`:
+//!   Kafka stops, a pod scaled away leaves `Retain` with events; a flush
+//!   Job waits for Kafka; the operator is restarted in the middle; when
+//!   Kafka returns the Job drains the volume.
+//! - `pod_returning_to_its_claim_takes_over_from_the_flush_job`: a flush
+//!   Job waits for Kafka on a scaled-away claim; scaling back up stops the
+//!   Job and the returning pod drains its own buffer.
+//! - `deleted_cluster_is_drained_then_cleaned_up`: a CaptureCluster deleted
+//!   while Kafka is down keeps its finalizer until flush Jobs drained every
+//!   volume, then everything goes.
+//! - `rolling_update_under_load_loses_nothing`.
+//!
+//! The operator runs as a child process under `operator/rbac/clusterrole.yaml`.
+//! Figures (acked, found, duplicates, time from orphan to drained) are
+//! printed on stderr (`--nocapture`).
+//!
+//! Needs: `make e2e-bins`, `make kafka`, and the workspace binaries
+//! (`cargo build --bins`).
+
+mod operator_support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use holdfast_e2e::kafka::KafkaBroker;
+use holdfast_e2e::kube::{self as harness, Harness, poll_until, storage};
+use holdfast_operator::api::{CLEAN_ANNOTATION, CLUSTER_LABEL, CaptureCluster};
+use holdfast_operator::orphans::job::flush_job_name;
+use holdfast_operator::orphans::{FLUSH_COMPONENT, REMAINING_ANNOTATION};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use operator_support::{
+    Operator, init_tracing, install_cluster_wide, operator_identity, pod_ready,
+};
+use serde_json::json;
+use tokio::sync::watch;
+
+const TOPIC: &str = "clicks";
+/// Long enough for a flush Job to wait out a Kafka outage.
+const RECOVERY: Duration = Duration::from_secs(240);
+
+fn cluster(name: &str, bootstrap: &str, replicas: i32) -> anyhow::Result<CaptureCluster> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "holdfast.dev/v1alpha1",
+        "kind": "CaptureCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "image": "holdfast/capture:dev",
+            // A second of lingering keeps a backlog in each buffer, so a
+            // killed pod leaves events behind.
+            "kafka": {"bootstrapServers": bootstrap, "properties": {
+                "linger.ms": "1000",
+                "reconnect.backoff.max.ms": "1000",
+            }},
+            "streams": [{"name": TOPIC, "topic": TOPIC}],
+            "storage": {"size": "64Mi", "storageClassName": storage::STORAGE_CLASS},
+            "shutdownGracePeriodSeconds": 10,
+            "orphanRecovery": {"delaySeconds": 1, "maxParallelFlushJobs": 2},
+        },
+    }))?)
+}
+
+/// A namespace with an operator and a CaptureCluster of `replicas` ready pods.
+struct Scene {
+    h: &'static Harness,
+    client: Client,
+    ns: String,
+    name: String,
+    kubeconfig: std::path::PathBuf,
+    operator: Operator,
+}
+
+impl Scene {
+    async fn start(prefix: &str, broker: &KafkaBroker, replicas: i32) -> anyhow::Result<Self> {
+        let h = harness::shared().await;
+        let client = h.client()?;
+        install_cluster_wide(&client).await?;
+        let ns = h.namespace(prefix).await?;
+        let kubeconfig = operator_identity(h, &ns).await?;
+        let operator = Operator::start(h, &ns, &kubeconfig, "op-a")?;
+        let name = "events".to_string();
+        Api::<CaptureCluster>::namespaced(client.clone(), &ns)
+            .create(
+                &PostParams::default(),
+                &cluster(&name, &broker.bootstrap(), replicas)?,
+            )
+            .await?;
+        let scene = Self {
+            h,
+            client,
+            ns,
+            name,
+            kubeconfig,
+            operator,
+        };
+        scene.wait_ready(replicas as usize).await?;
+        Ok(scene)
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn claims(&self) -> Api<PersistentVolumeClaim> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn jobs(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn pvs(&self) -> Api<PersistentVolume> {
+        Api::all(self.client.clone())
+    }
+
+    fn ccs(&self) -> Api<CaptureCluster> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn capture_pods(&self) -> Vec<Pod> {
+        self.pods()
+            .list(&ListParams::default().labels(&format!(
+                "{CLUSTER_LABEL}={},app.kubernetes.io/component=capture",
+                self.name
+            )))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+    }
+
+    async fn wait_ready(&self, n: usize) -> anyhow::Result<()> {
+        poll_until(
+            &format!("{n} ready capture pods"),
+            Duration::from_secs(120),
+            || async {
+                let pods = self.capture_pods().await;
+                (pods.len() == n
+                    && pods
+                        .iter()
+                        .all(|p| pod_ready(p) && p.metadata.deletion_timestamp.is_none()))
+                .then_some(())
+            },
+        )
+        .await
+        .with_context(|| self.operator.log_text())?;
+        Ok(())
+    }
+
+    async fn scale(&self, replicas: i32) -> anyhow::Result<()> {
+        self.ccs()
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The PV bound to `claim`.
+    async fn volume_of(&self, claim: &str) -> anyhow::Result<String> {
+        poll_until(
+            &format!("claim {claim} bound"),
+            Duration::from_secs(60),
+            || async { self.claims().get(claim).await.ok()?.spec?.volume_name },
+        )
+        .await
+        .map_err(Into::into)
+    }
+
+    /// SIGKILLs pod `pod` every 50 ms until its object is gone, so it never
+    /// drains: returns when it is gone.
+    async fn kill_until_gone(&self, pod: &str) -> anyhow::Result<()> {
+        poll_until(
+            &format!("pod {pod} gone"),
+            Duration::from_secs(60),
+            || async {
+                let _ = self.h.agent().kill_pod(&self.ns, pod);
+                self.pods().get_opt(pod).await.ok()?.is_none().then_some(())
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until PV `volume` is deleted, recording the last reclaim policy
+    /// and clean annotation seen, and the node of its flush Job's pod.
+    async fn wait_volume_drained(
+        &self,
+        volume: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Drained> {
+        let seen: Arc<Mutex<Drained>> = Arc::default();
+        let job_name = flush_job_name(volume);
+        poll_until(
+            &format!("volume {volume} drained and deleted"),
+            timeout,
+            || async {
+                let mut s = seen.lock().unwrap().clone();
+                if let Ok(pods) = self
+                    .pods()
+                    .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+                    .await
+                {
+                    for p in pods.items {
+                        if let Some(node) = p.spec.and_then(|s| s.node_name) {
+                            s.job_nodes.insert(node);
+                        }
+                    }
+                }
+                if self
+                    .jobs()
+                    .get_opt(&job_name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
+                    s.job_seen = true;
+                }
+                let pv = self.pvs().get_opt(volume).await;
+                let done = match pv {
+                    Ok(None) => true,
+                    Ok(Some(pv)) => {
+                        s.last_policy = pv
+                            .spec
+                            .as_ref()
+                            .and_then(|x| x.persistent_volume_reclaim_policy.clone());
+                        s.last_clean = pv.annotations().get(CLEAN_ANNOTATION).cloned();
+                        false
+                    }
+                    Err(_) => false,
+                };
+                *seen.lock().unwrap() = s;
+                done.then_some(())
+            },
+        )
+        .await
+        .with_context(|| self.operator.log_text())?;
+        let out = seen.lock().unwrap().clone();
+        Ok(out)
+    }
+
+    /// The node a PV is pinned to (local volumes of the test storage).
+    async fn node_of(&self, volume: &str) -> anyhow::Result<String> {
+        let pv = self.pvs().get(volume).await?;
+        let term = pv
+            .spec
+            .and_then(|s| s.node_affinity)
+            .and_then(|a| a.required)
+            .context("volume without node affinity")?
+            .node_selector_terms
+            .into_iter()
+            .next()
+            .context("no term")?;
+        term.match_expressions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.key == "kubernetes.io/hostname")
+            .and_then(|e| e.values?.into_iter().next())
+            .context("no hostname in the node affinity")
+    }
+
+    /// Every remaining PV of the cluster is `Retain` (its pod is alive).
+    async fn live_volumes_retained(&self) -> anyhow::Result<()> {
+        for claim in self
+            .claims()
+            .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={}", self.name)))
+            .await?
+        {
+            let Some(volume) = claim.spec.and_then(|s| s.volume_name) else {
+                continue;
+            };
+            let pv = self.pvs().get(&volume).await?;
+            let policy = pv.spec.and_then(|s| s.persistent_volume_reclaim_policy);
+            ensure!(
+                policy.as_deref() == Some("Retain"),
+                "volume {volume} of a live pod is {policy:?}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Events of the namespace with `reason`.
+    async fn events(&self, reason: &str) -> Vec<String> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter_map(|e| e.note)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Drained {
+    last_policy: Option<String>,
+    last_clean: Option<String>,
+    job_seen: bool,
+    job_nodes: BTreeSet<String>,
+}
+
+/// A client posting 5 events per request to the ready capture pods in turn,
+/// keeping the uuids of every `200`.
+struct Load {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(Vec<String>, u64)>,
+}
+
+impl Load {
+    fn start(client: Client, ns: &str, name: &str) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let pods: Api<Pod> = Api::namespaced(client, ns);
+        let selector = format!("{CLUSTER_LABEL}={name},app.kubernetes.io/component=capture");
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .expect("http client");
+            let mut acked = Vec::new();
+            let mut refused = 0u64;
+            let mut ips: Vec<String> = Vec::new();
+            let mut refreshed = Instant::now() - Duration::from_secs(10);
+            let mut turn = 0usize;
+            while !*rx.borrow() {
+                if refreshed.elapsed() > Duration::from_millis(300) {
+                    if let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await {
+                        ips = list
+                            .items
+                            .iter()
+                            .filter(|p| pod_ready(p) && p.metadata.deletion_timestamp.is_none())
+                            .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                            .collect();
+                    }
+                    refreshed = Instant::now();
+                }
+                if ips.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                turn += 1;
+                let ip = &ips[turn % ips.len()];
+                let uuids: Vec<String> = (0..5).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+                let body: Vec<_> = uuids
+                    .iter()
+                    .map(|u| json!({"uuid": u, "key": format!("user-{}", turn % 7)}))
+                    .collect();
+                match http
+                    .post(format!("http://{ip}:8080/v1/events/{TOPIC}"))
+                    .json(&body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => acked.extend(uuids),
+                    _ => refused += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (acked, refused)
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self) -> anyhow::Result<(Vec<String>, u64)> {
+        let _ = self.stop.send(true);
+        Ok(self.task.await?)
+    }
+}
+
+/// Acked, found in Kafka, duplicates; fails when an acked uuid is missing.
+async fn count_in_kafka(broker: &KafkaBroker, acked: &[String]) -> anyhow::Result<(usize, usize)> {
+    let want: BTreeSet<&str> = acked.iter().map(String::as_str).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let records = broker
+            .consume(TOPIC, usize::MAX, Duration::from_secs(8))
+            .await?;
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for r in &records {
+            if let Some(u) = r.header("holdfast-uuid") {
+                *counts
+                    .entry(String::from_utf8_lossy(u).into_owned())
+                    .or_default() += 1;
+            }
+        }
+        let missing = want.iter().filter(|u| !counts.contains_key(**u)).count();
+        if missing == 0 {
+            let found = want.len();
+            let dups = counts
+                .iter()
+                .filter(|(u, _)| want.contains(u.as_str()))
+                .map(|(_, n)| n - 1)
+                .sum();
+            return Ok((found, dups));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{missing} of {} acked events are not in Kafka",
+            want.len()
+        );
+    }
+}
+
+fn report(scenario: &str, acked: usize, found: usize, dups: usize, refused: u64, drained: &str) {
+    eprintln!(
+        "ORPHANS {scenario}: acked {acked} / found in Kafka {found} / duplicates {dups} / refused requests {refused} / {drained}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_then_scaled_away_pod_is_drained_by_a_flush_job_on_its_node() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let scene = Scene::start("orph-kill", &broker, 2).await?;
+    let volume = scene.volume_of("buffer-events-1").await?;
+    let node = scene.node_of(&volume).await?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // SIGKILL under load and scale away at once: it never comes back.
+    scene.h.agent().kill_pod(&scene.ns, "events-1")?;
+    scene.scale(1).await?;
+    scene.kill_until_gone("events-1").await?;
+    let orphaned_at = Instant::now();
+    let pv = scene.pvs().get(&volume).await?;
+    ensure!(
+        pv.annotations().get(CLEAN_ANNOTATION).map(String::as_str) != Some("true"),
+        "the killed pod marked its volume clean: nothing for a flush Job to do"
+    );
+    let drained = scene.wait_volume_drained(&volume, RECOVERY).await?;
+    let took = orphaned_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked, refused) = load.finish().await?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+
+    ensure!(drained.job_seen, "no flush job was seen for {volume}");
+    ensure!(
+        drained.last_policy.as_deref() == Some("Delete")
+            && drained.last_clean.as_deref() == Some("true"),
+        "volume {volume} was last seen {:?} clean={:?}",
+        drained.last_policy,
+        drained.last_clean
+    );
+    ensure!(
+        drained.job_nodes.iter().all(|n| n == &node) && !drained.job_nodes.is_empty(),
+        "flush job of {volume} (pinned to {node}) ran on {:?}",
+        drained.job_nodes
+    );
+    ensure!(
+        scene.claims().get_opt("buffer-events-1").await?.is_none(),
+        "the drained claim is still there"
+    );
+    scene.live_volumes_retained().await?;
+    let notes = scene.events("VolumeDrained").await;
+    ensure!(
+        notes.iter().any(|n| n.contains(&volume)),
+        "no VolumeDrained event for {volume}: {notes:?}"
+    );
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "1 kill+scale-down (8 local PV node)",
+        acked.len(),
+        found,
+        dups,
+        refused,
+        &format!(
+            "orphan to drained+deleted {:.1}s, job on {:?} (pv pinned to {node})",
+            took.as_secs_f64(),
+            drained.job_nodes
+        ),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_deleted_by_hand_is_recovered_through_its_released_volume() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let scene = Scene::start("orph-claim", &broker, 1).await?;
+    let volume = scene.volume_of("buffer-events-0").await?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // The claim goes (held by its pod until the pod is gone), the pod dies
+    // without draining: the PV is Released with events on it.
+    scene
+        .claims()
+        .delete("buffer-events-0", &DeleteParams::default())
+        .await?;
+    scene
+        .pods()
+        .delete("events-0", &DeleteParams::default())
+        .await?;
+    let old_uid = scene
+        .pods()
+        .get_opt("events-0")
+        .await?
+        .and_then(|p| p.uid());
+    poll_until("old pod events-0 gone", Duration::from_secs(60), || async {
+        let _ = scene.h.agent().kill_pod(&scene.ns, "events-0");
+        let now = scene.pods().get_opt("events-0").await.ok()?;
+        (now.and_then(|p| p.uid()) != old_uid || old_uid.is_none()).then_some(())
+    })
+    .await?;
+    let released_at = Instant::now();
+    let pv = poll_until("volume released", Duration::from_secs(60), || async {
+        let pv = scene.pvs().get(&volume).await.ok()?;
+        (pv.status.as_ref()?.phase.as_deref() != Some("Bound")).then_some(pv)
+    })
+    .await?;
+    ensure!(
+        pv.annotations().get(CLEAN_ANNOTATION).map(String::as_str) != Some("true"),
+        "the killed pod marked its volume clean"
+    );
+    let drained = scene.wait_volume_drained(&volume, RECOVERY).await?;
+    let took = released_at.elapsed();
+    // The StatefulSet's new pod serves on a new claim meanwhile.
+    scene.wait_ready(1).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked, refused) = load.finish().await?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    ensure!(drained.job_seen, "no flush job for {volume}");
+    ensure!(drained.last_policy.as_deref() == Some("Delete"));
+    let rebound = scene.events("VolumeRebound").await;
+    ensure!(
+        rebound.iter().any(|n| n.contains(&volume)),
+        "no VolumeRebound event: {rebound:?}"
+    );
+    ensure!(
+        scene
+            .claims()
+            .get_opt(&format!("hf-recover-{volume}"))
+            .await?
+            .is_none(),
+        "recovery claim left behind"
+    );
+    scene.live_volumes_retained().await?;
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "4 claim deleted by hand",
+        acked.len(),
+        found,
+        dups,
+        refused,
+        &format!("released to drained+deleted {:.1}s", took.as_secs_f64()),
+    );
+    Ok(())
+}
+
+/// Waits until PV `volume` is `Retain` with events recorded by its pod.
+async fn wait_left_with_events(scene: &Scene, volume: &str) -> anyhow::Result<String> {
+    Ok(poll_until(
+        &format!("volume {volume} left Retain with events"),
+        Duration::from_secs(60),
+        || async {
+            let pv = scene.pvs().get(volume).await.ok()?;
+            let policy = pv.spec.as_ref()?.persistent_volume_reclaim_policy.clone()?;
+            let remaining = pv.annotations().get(REMAINING_ANNOTATION)?.clone();
+            (policy == "Retain" && remaining != "0").then_some(remaining)
+        },
+    )
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_scale_down_without_kafka_is_drained_when_kafka_returns() -> anyhow::Result<()> {
+    init_tracing();
+    let mut broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let mut scene = Scene::start("orph-down", &broker, 2).await?;
+    let volume = scene.volume_of("buffer-events-1").await?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.stop().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    scene.scale(1).await?;
+    let remaining = wait_left_with_events(&scene, &volume).await?;
+    poll_until("pod events-1 gone", Duration::from_secs(60), || async {
+        scene
+            .pods()
+            .get_opt("events-1")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    let orphaned_at = Instant::now();
+    // A flush Job starts and waits for Kafka.
+    let job_name = flush_job_name(&volume);
+    poll_until("flush job started", Duration::from_secs(60), || async {
+        scene.jobs().get_opt(&job_name).await.ok()?.map(|_| ())
+    })
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    // Scenario 6: the operator restarts in the middle of the recovery.
+    scene.operator.stop().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scene.operator = Operator::start(scene.h, &scene.ns, &scene.kubeconfig, "op-b")?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pv = scene.pvs().get(&volume).await?;
+    ensure!(
+        pv.spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+            == Some("Retain"),
+        "volume flipped while Kafka is down"
+    );
+    broker.restart().await?;
+    let drained = scene.wait_volume_drained(&volume, RECOVERY).await?;
+    let took = orphaned_at.elapsed();
+    let (acked, refused) = load.finish().await?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    ensure!(drained.last_policy.as_deref() == Some("Delete"));
+    scene.live_volumes_retained().await?;
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "2+6 scale-down without Kafka, operator restarted",
+        acked.len(),
+        found,
+        dups,
+        refused,
+        &format!(
+            "pod left {remaining} events; orphan to drained+deleted {:.1}s (incl. Kafka outage)",
+            took.as_secs_f64()
+        ),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_returning_to_its_claim_takes_over_from_the_flush_job() -> anyhow::Result<()> {
+    init_tracing();
+    let mut broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let scene = Scene::start("orph-return", &broker, 2).await?;
+    let volume = scene.volume_of("buffer-events-1").await?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.stop().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scene.scale(1).await?;
+    wait_left_with_events(&scene, &volume).await?;
+    let job_name = flush_job_name(&volume);
+    poll_until("flush job running", Duration::from_secs(90), || async {
+        let pods = scene
+            .pods()
+            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+            .await
+            .ok()?;
+        pods.items
+            .iter()
+            .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .then_some(())
+    })
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    // The pod comes back to its claim: the operator stops the Job.
+    scene.scale(2).await?;
+    poll_until("flush job deleted", Duration::from_secs(60), || async {
+        scene
+            .jobs()
+            .get_opt(&job_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    // One drainer at a time: no flush pod runs once the capture pod is ready.
+    scene.wait_ready(2).await?;
+    let flush_pods = scene
+        .pods()
+        .list(
+            &ListParams::default()
+                .labels(&format!("app.kubernetes.io/component={FLUSH_COMPONENT}")),
+        )
+        .await?;
+    ensure!(
+        flush_pods
+            .items
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_some()
+                || matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )),
+        "a flush pod still runs next to the returned capture pod"
+    );
+    broker.restart().await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (acked, refused) = load.finish().await?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    let pv = scene.pvs().get(&volume).await?;
+    ensure!(
+        pv.spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+            == Some("Retain"),
+        "the returned pod's volume is not Retain"
+    );
+    let stopped = scene.events("FlushJobStopped").await;
+    ensure!(!stopped.is_empty(), "no FlushJobStopped event");
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "7 pod returns while a job drains",
+        acked.len(),
+        found,
+        dups,
+        refused,
+        "job stopped, pod took over its buffer",
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_cluster_is_drained_then_cleaned_up() -> anyhow::Result<()> {
+    init_tracing();
+    let mut broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let scene = Scene::start("orph-delete", &broker, 2).await?;
+    let volumes = [
+        scene.volume_of("buffer-events-0").await?,
+        scene.volume_of("buffer-events-1").await?,
+    ];
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.stop().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deleted_at = Instant::now();
+    scene
+        .ccs()
+        .delete(&scene.name, &DeleteParams::default())
+        .await?;
+    for volume in &volumes {
+        wait_left_with_events(&scene, volume).await?;
+    }
+    // Held by its finalizer while the volumes hold events.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ensure!(
+        scene.ccs().get_opt(&scene.name).await?.is_some(),
+        "the cluster went while its volumes hold events"
+    );
+    broker.restart().await?;
+    for volume in &volumes {
+        let drained = scene.wait_volume_drained(volume, RECOVERY).await?;
+        ensure!(drained.last_policy.as_deref() == Some("Delete"));
+    }
+    poll_until("capturecluster gone", Duration::from_secs(120), || async {
+        scene
+            .ccs()
+            .get_opt(&scene.name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    let took = deleted_at.elapsed();
+    let (acked, refused) = load.finish().await?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    let claims = scene.claims().list(&ListParams::default()).await?;
+    ensure!(
+        claims.items.is_empty(),
+        "claims left: {}",
+        claims.items.len()
+    );
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "3 cluster deleted with full buffers",
+        acked.len(),
+        found,
+        dups,
+        refused,
+        &format!(
+            "delete to everything gone {:.1}s (incl. Kafka outage)",
+            took.as_secs_f64()
+        ),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_under_load_loses_nothing() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let scene = Scene::start("orph-roll", &broker, 2).await?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before: BTreeSet<String> = scene
+        .capture_pods()
+        .await
+        .iter()
+        .filter_map(|p| p.uid())
+        .collect();
+    scene
+        .ccs()
+        .patch(
+            &scene.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"kafka": {"properties": {"linger.ms": "900"}}}})),
+        )
+        .await?;
+    poll_until(
+        "every pod replaced and ready",
+        Duration::from_secs(180),
+        || async {
+            let pods = scene.capture_pods().await;
+            (pods.len() == 2
+                && pods
+                    .iter()
+                    .all(|p| pod_ready(p) && p.uid().is_some_and(|u| !before.contains(&u))))
+            .then_some(())
+        },
+    )
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (acked, refused) = load.finish().await?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    scene.live_volumes_retained().await?;
+    let jobs = scene.jobs().list(&ListParams::default()).await?;
+    ensure!(
+        jobs.items.is_empty(),
+        "a rolling update started flush jobs: {:?}",
+        jobs.items.iter().map(|j| j.name_any()).collect::<Vec<_>>()
+    );
+    report(
+        "5 rolling update",
+        acked.len(),
+        found,
+        dups,
+        refused,
+        "no orphan, no flush job",
+    );
+    Ok(())
+}
