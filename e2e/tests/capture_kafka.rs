@@ -787,10 +787,22 @@ async fn full_disk_answers_503_and_loses_no_acknowledged_event() -> Result<()> {
     );
     eprintln!("disk full after {} acked events", acked.len());
     kafka.restart().await?;
-    let records = kafka
-        .consume("events", acked.len(), Duration::from_secs(120))
-        .await?;
-    let (seen, _) = tally(&records);
+    // Wait until everything acknowledged is in Kafka (duplicates may come first).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = HashMap::new();
+    while Instant::now() < deadline {
+        let total = records_in(&kafka.bootstrap(), "events").await?;
+        if total >= acked.len() {
+            let records = kafka
+                .consume("events", total, Duration::from_secs(60))
+                .await?;
+            seen = tally(&records).0;
+            if acked.iter().all(|u| seen.contains_key(u)) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let lost = acked.iter().filter(|u| !seen.contains_key(*u)).count();
     assert_eq!(
         lost,

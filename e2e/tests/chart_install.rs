@@ -2,7 +2,9 @@
 //! user runs it: the operator Deployment's pods (run by the node agent)
 //! work under the chart's own ServiceAccount and ClusterRole; a
 //! CaptureCluster from values becomes capture pods whose events reach a real
-//! Kafka broker; `helm upgrade` with a changed value rolls the operator and
+//! Kafka broker; orphan recovery drains a volume left with events by a pod
+//! scaled away while Kafka was down; `helm upgrade` with a changed value
+//! rolls the operator and
 //! the new pod takes the Lease; `helm uninstall` leaves the CRD, the
 //! CaptureCluster, its retained volume and the buffer on it.
 //!
@@ -20,6 +22,7 @@ use holdfast_e2e::kafka::KafkaBroker;
 use holdfast_e2e::kube::{self as harness, Harness, poll_until, storage};
 use holdfast_operator::api::{CLUSTER_LABEL, CaptureCluster};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -55,7 +58,9 @@ fn operator_logs(h: &Harness, ns: &str) -> String {
             .to_string_lossy()
             .starts_with(&format!("{ns}_"))
         {
-            text.push_str(&std::fs::read_to_string(entry.path().join("operator.log")).unwrap_or_default());
+            text.push_str(
+                &std::fs::read_to_string(entry.path().join("operator.log")).unwrap_or_default(),
+            );
         }
     }
     text
@@ -73,25 +78,51 @@ fn running_and_ready(pod: &Pod) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_runs_capture_upgrade_rolls_and_uninstall_keeps_data() -> anyhow::Result<()> {
     init_tracing();
-    let broker = KafkaBroker::start().await?;
+    let mut broker = KafkaBroker::start().await?;
     broker.create_topic("events", 1, &[]).await?;
     let h = harness::shared().await;
     let client = h.client()?;
     let ns = h.namespace("chart").await?;
     let chart = chart();
     let chart = chart.to_str().context("chart path")?;
-    let bootstrap = format!("captureCluster.kafka.bootstrapServers={}", broker.bootstrap());
-    let storage_class = format!("captureCluster.storage.storageClassName={}", storage::STORAGE_CLASS);
+    let bootstrap = format!(
+        "captureCluster.kafka.bootstrapServers={}",
+        broker.bootstrap()
+    );
+    let storage_class = format!(
+        "captureCluster.storage.storageClassName={}",
+        storage::STORAGE_CLASS
+    );
     let values = [
-        "--set", "operator.leaderElection.leaseDurationSeconds=6",
-        "--set", "operator.leaderElection.leaseGraceSeconds=2",
-        "--set", "captureCluster.enabled=true",
-        "--set", &bootstrap,
-        "--set", "captureCluster.storage.size=64Mi",
-        "--set", &storage_class,
-        "--set", "captureCluster.shutdownGracePeriodSeconds=10",
+        "--set",
+        "operator.leaderElection.leaseDurationSeconds=6",
+        "--set",
+        "operator.leaderElection.leaseGraceSeconds=2",
+        "--set",
+        "captureCluster.enabled=true",
+        "--set",
+        &bootstrap,
+        "--set",
+        "captureCluster.storage.size=64Mi",
+        "--set",
+        &storage_class,
+        "--set",
+        "captureCluster.shutdownGracePeriodSeconds=10",
+        "--set",
+        "captureCluster.orphanRecovery.delaySeconds=1",
+        "--set-json",
+        r#"captureCluster.kafka.properties={"reconnect.backoff.max.ms":"1000"}"#,
     ];
-    let mut install = vec!["install", "holdfast", chart, "-n", &ns, "--wait", "--timeout", "3m"];
+    let mut install = vec![
+        "install",
+        "holdfast",
+        chart,
+        "-n",
+        &ns,
+        "--wait",
+        "--timeout",
+        "3m",
+    ];
     install.extend(values);
     let notes = helm(h, &install)
         .await
@@ -107,7 +138,13 @@ async fn helm_install_runs_capture_upgrade_rolls_and_uninstall_keeps_data() -> a
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let operators = ListParams::default().labels("app.kubernetes.io/component=operator");
     let leader = poll_until("the operator pod leads", TIMEOUT, || async {
-        let pod = pods.list(&operators).await.ok()?.items.into_iter().find(running_and_ready)?;
+        let pod = pods
+            .list(&operators)
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(running_and_ready)?;
         let lease = leases.get_opt("holdfast-operator").await.ok()??;
         (lease.spec?.holder_identity? == pod.name_any()).then(|| pod.name_any())
     })
@@ -116,26 +153,52 @@ async fn helm_install_runs_capture_upgrade_rolls_and_uninstall_keeps_data() -> a
 
     // The upgrade creates the CaptureCluster; the operator (under the
     // chart's RBAC) turns it into a capture pod that delivers to Kafka.
-    let mut upgrade = vec!["upgrade", "holdfast", chart, "-n", &ns, "--wait", "--timeout", "3m"];
+    let mut upgrade = vec![
+        "upgrade",
+        "holdfast",
+        chart,
+        "-n",
+        &ns,
+        "--wait",
+        "--timeout",
+        "3m",
+    ];
     upgrade.extend(values);
     let notes = helm(h, &upgrade).await?;
-    ensure!(notes.contains("/v1/events"), "notes do not show how to send an event:\n{notes}");
+    ensure!(
+        notes.contains("/v1/events"),
+        "notes do not show how to send an event:\n{notes}"
+    );
     let capture_pods = ListParams::default().labels(&format!("{CLUSTER_LABEL}=events"));
     let pod = poll_until("a ready capture pod", TIMEOUT, || async {
-        pods.list(&capture_pods).await.ok()?.items.into_iter().find(running_and_ready)
+        pods.list(&capture_pods)
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(running_and_ready)
     })
     .await
     .with_context(|| operator_logs(h, &ns))?;
-    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).context("pod ip")?;
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .context("pod ip")?;
     let uuids: Vec<String> = (0..10).map(|_| uuid::Uuid::now_v7().to_string()).collect();
-    let body: Vec<_> = uuids.iter().map(|u| json!({"uuid": u, "action": "signup"})).collect();
+    let body: Vec<_> = uuids
+        .iter()
+        .map(|u| json!({"uuid": u, "action": "signup"}))
+        .collect();
     let response = reqwest::Client::new()
         .post(format!("http://{ip}:8080/v1/events"))
         .json(&body)
         .send()
         .await?;
     ensure!(response.status() == 200, "post: {}", response.status());
-    let records = broker.consume("events", uuids.len(), Duration::from_secs(60)).await?;
+    let records = broker
+        .consume("events", uuids.len(), Duration::from_secs(60))
+        .await?;
     let delivered: BTreeSet<String> = records
         .iter()
         .filter_map(|r| r.header("holdfast-uuid"))
@@ -148,10 +211,94 @@ async fn helm_install_runs_capture_upgrade_rolls_and_uninstall_keeps_data() -> a
         uuids.len()
     );
     let logs = operator_logs(h, &ns);
-    ensure!(!logs.contains("forbidden"), "the chart's RBAC refused the operator:\n{logs}");
+    ensure!(
+        !logs.contains("forbidden"),
+        "the chart's RBAC refused the operator:\n{logs}"
+    );
+
+    // Orphan recovery under the chart's RBAC: without Kafka, the pod scaled
+    // away leaves its volume Retain with events; a flush Job (the chart's
+    // image, run by the node agent) drains it once Kafka is back, and the
+    // volume goes back to the storage system.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let volume = claims
+        .get("buffer-events-0")
+        .await?
+        .spec
+        .and_then(|s| s.volume_name)
+        .context("claim not bound")?;
+    broker.stop().await?;
+    let stranded: Vec<String> = (0..10).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let body: Vec<_> = stranded
+        .iter()
+        .map(|u| json!({"uuid": u, "action": "stranded"}))
+        .collect();
+    let response = reqwest::Client::new()
+        .post(format!("http://{ip}:8080/v1/events"))
+        .json(&body)
+        .send()
+        .await?;
+    ensure!(
+        response.status() == 200,
+        "post without Kafka: {}",
+        response.status()
+    );
+    let mut scaled_away = upgrade.clone();
+    scaled_away.extend(["--set", "captureCluster.replicas=0"]);
+    helm(h, &scaled_away).await?;
+    poll_until("the volume left Retain with events", TIMEOUT, || async {
+        let pv = pvs.get(&volume).await.ok()?;
+        let policy = pv.spec.as_ref()?.persistent_volume_reclaim_policy.clone()?;
+        let remaining = pv
+            .annotations()
+            .get("holdfast.dev/remaining-events")?
+            .clone();
+        (policy == "Retain" && remaining != "0").then_some(())
+    })
+    .await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job = holdfast_operator::orphans::job::flush_job_name(&volume);
+    poll_until("a flush job for the orphaned volume", TIMEOUT, || async {
+        jobs.get_opt(&job).await.ok()?.map(|_| ())
+    })
+    .await
+    .with_context(|| operator_logs(h, &ns))?;
+    broker.restart().await?;
+    poll_until(
+        "the orphaned volume drained and deleted",
+        Duration::from_secs(180),
+        || async { pvs.get_opt(&volume).await.ok()?.is_none().then_some(()) },
+    )
+    .await
+    .with_context(|| operator_logs(h, &ns))?;
+    let records = broker
+        .consume(
+            "events",
+            uuids.len() + stranded.len(),
+            Duration::from_secs(60),
+        )
+        .await?;
+    let delivered: BTreeSet<String> = records
+        .iter()
+        .filter_map(|r| r.header("holdfast-uuid"))
+        .map(|h| String::from_utf8_lossy(h).into_owned())
+        .collect();
+    ensure!(
+        stranded.iter().all(|u| delivered.contains(u)),
+        "{} of {} stranded events in Kafka",
+        stranded.iter().filter(|u| delivered.contains(*u)).count(),
+        stranded.len()
+    );
+    let logs = operator_logs(h, &ns);
+    ensure!(
+        !logs.contains("forbidden"),
+        "the chart's RBAC refused the operator:\n{logs}"
+    );
 
     // A changed value rolls the operator: a new pod takes over the Lease.
     let before = deployments.get("holdfast-operator").await?;
+    // (The capture pod comes back, with a new claim, in the same upgrade.)
     let mut changed = upgrade.clone();
     changed.extend(["--set", "operator.logLevel=debug"]);
     helm(h, &changed).await?;
@@ -162,43 +309,82 @@ async fn helm_install_runs_capture_upgrade_rolls_and_uninstall_keeps_data() -> a
     );
     let new_leader = poll_until("the rolled operator pod leads", TIMEOUT, || async {
         let all = pods.list(&operators).await.ok()?.items;
-        let live: Vec<&Pod> = all.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+        let live: Vec<&Pod> = all
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
         let pod = live.iter().find(|p| running_and_ready(p))?;
         let lease = leases.get_opt("holdfast-operator").await.ok()??;
-        (live.len() == 1 && pod.name_any() != leader && lease.spec?.holder_identity? == pod.name_any())
-            .then(|| pod.name_any())
+        (live.len() == 1
+            && pod.name_any() != leader
+            && lease.spec?.holder_identity? == pod.name_any())
+        .then(|| pod.name_any())
     })
     .await
     .with_context(|| operator_logs(h, &ns))?;
-    let env = pods.get(&new_leader).await?.spec.context("spec")?.containers[0]
+    let env = pods
+        .get(&new_leader)
+        .await?
+        .spec
+        .context("spec")?
+        .containers[0]
         .env
         .clone()
         .unwrap_or_default();
-    ensure!(env.iter().any(|e| e.name == "HOLDFAST_LOG" && e.value.as_deref() == Some("debug")));
+    ensure!(
+        env.iter()
+            .any(|e| e.name == "HOLDFAST_LOG" && e.value.as_deref() == Some("debug"))
+    );
 
     // Uninstall: the operator goes; the CRD, the CaptureCluster, the claim,
     // its Retain volume and the buffer file on it stay.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     let claim = claims.get("buffer-events-0").await?;
-    let volume = claim.spec.and_then(|s| s.volume_name).context("claim not bound")?;
+    let volume = claim
+        .spec
+        .and_then(|s| s.volume_name)
+        .context("claim not bound")?;
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     poll_until("the volume is Retain", TIMEOUT, || async {
         let pv = pvs.get(&volume).await.ok()?;
         (pv.spec?.persistent_volume_reclaim_policy.as_deref() == Some("Retain")).then_some(())
     })
     .await?;
-    helm(h, &["uninstall", "holdfast", "-n", &ns, "--wait", "--timeout", "2m"]).await?;
+    helm(
+        h,
+        &[
+            "uninstall",
+            "holdfast",
+            "-n",
+            &ns,
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+    )
+    .await?;
     ensure!(deployments.get_opt("holdfast-operator").await?.is_none());
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     ensure!(
-        crds.get_opt("captureclusters.holdfast.dev").await?.is_some(),
+        crds.get_opt("captureclusters.holdfast.dev")
+            .await?
+            .is_some(),
         "helm uninstall deleted the CRD"
     );
-    ensure!(ccs.get_opt("events").await?.is_some(), "helm uninstall deleted the CaptureCluster");
-    ensure!(claims.get_opt("buffer-events-0").await?.is_some(), "the claim is gone");
+    ensure!(
+        ccs.get_opt("events").await?.is_some(),
+        "helm uninstall deleted the CaptureCluster"
+    );
+    ensure!(
+        claims.get_opt("buffer-events-0").await?.is_some(),
+        "the claim is gone"
+    );
     let pv = pvs.get(&volume).await?;
     ensure!(
-        pv.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref()) == Some("Retain"),
+        pv.spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+            == Some("Retain"),
         "the volume is no longer Retain"
     );
     let path = storage::volume_path(&pv).context("volume path")?;

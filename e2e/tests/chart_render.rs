@@ -411,6 +411,20 @@ fn rules_of(doc: &Value) -> Value {
 
 #[test]
 fn the_charts_rbac_is_the_operators() -> anyhow::Result<()> {
+    // files/rbac/ is a verbatim copy of operator/rbac/ (sync: cp
+    // operator/rbac/*.yaml charts/holdfast/files/rbac/).
+    for entry in std::fs::read_dir(repo().join("operator/rbac"))? {
+        let path = entry?.path();
+        let copy = chart()
+            .join("files/rbac")
+            .join(path.file_name().context("file name")?);
+        ensure!(
+            std::fs::read_to_string(&copy).ok() == Some(std::fs::read_to_string(&path)?),
+            "{} differs from {}: run `cp operator/rbac/*.yaml charts/holdfast/files/rbac/`",
+            copy.display(),
+            path.display()
+        );
+    }
     let docs = template("holdfast", "holdfast-system", &[])?;
     let rbac = |file: &str| -> anyhow::Result<Value> {
         let text = std::fs::read_to_string(repo().join("operator/rbac").join(file))?;

@@ -401,7 +401,7 @@ impl Forwarder {
         {
             self.send_to_dlq(dlq, batch, &dead).await;
         }
-        self.settle(delivered, dead).await;
+        self.settle(delivered, dead).await?;
         for (topic, n) in by_topic {
             self.metrics
                 .delivered
@@ -413,24 +413,34 @@ impl Forwarder {
         Ok((retry, fatal))
     }
 
-    /// Records what Kafka took. Retried until it succeeds (or the forwarder is
-    /// stopped): sending the batch again instead would flood Kafka with
-    /// duplicates while the disk is full, and the events are safe either way.
-    async fn settle(&self, delivered: Vec<(i64, u64)>, dead: Vec<(i64, u64, String)>) {
+    /// Records what Kafka took, retrying a few times (releasing the disk
+    /// reserve) before giving up: the caller then backs off and sends the
+    /// batch again, so events reach Kafka even while the disk stays full, at
+    /// the price of duplicates (same `holdfast-uuid`).
+    async fn settle(
+        &self,
+        delivered: Vec<(i64, u64)>,
+        dead: Vec<(i64, u64, String)>,
+    ) -> Result<()> {
         let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
         loop {
+            attempt += 1;
             match self.writer.settle(delivered.clone(), dead.clone()).await {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::error!(error = %e, events = delivered.len() + dead.len(), "could not record delivered events; retrying");
+                    tracing::error!(error = %e, events = delivered.len() + dead.len(), attempt, "could not record delivered events");
                     if let Some(freed) = buffer::release_reserve(&self.dir) {
                         tracing::warn!(
                             bytes = freed,
                             "released the disk reserve so delivered events can be deleted"
                         );
                     }
+                    if attempt >= 3 {
+                        return Err(e.into());
+                    }
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay *= 2;
                 }
             }
         }
