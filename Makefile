@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean
+.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean crds
 
 all: build
 
@@ -28,7 +28,11 @@ test: build kafka e2e-bins
 
 ## unit: tests that need neither Kafka nor Kubernetes
 unit:
-	$(CARGO) test -p holdfast-capture
+	$(CARGO) test -p holdfast-capture -p holdfast-operator
+
+## crds: regenerate crds/ from the Rust types (a test fails when it is stale)
+crds:
+	$(CARGO) run -q -p holdfast-operator -- crd > crds/captureclusters.holdfast.dev.yaml
 
 ## e2e: only the end-to-end tests
 e2e: build kafka e2e-bins
