@@ -247,6 +247,8 @@ fn run(
     observer: Option<CommitObserver>,
 ) {
     let mut batch: Vec<Command> = Vec::with_capacity(256);
+    // The file may carry a clean mark from the last shutdown.
+    let mut marked_clean = true;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         let mut bytes = 0u64;
@@ -262,7 +264,7 @@ fn run(
             }
         }
         let n = batch.len();
-        commit(&mut conn, &mut batch, &state, &appended);
+        commit(&mut conn, &mut batch, &state, &appended, &mut marked_clean);
         if let Some(observe) = &observer {
             observe(n);
         }
@@ -279,7 +281,15 @@ enum Pending {
     Clean(oneshot::Sender<Result<bool, AppendError>>, bool),
 }
 
-fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, appended: &Notify) {
+/// `marked_clean`: whether `meta` may hold a clean mark (so the first append
+/// after it must remove it); spares every other commit that statement.
+fn commit(
+    conn: &mut Connection,
+    batch: &mut Vec<Command>,
+    state: &BufferState,
+    appended: &Notify,
+    marked_clean: &mut bool,
+) {
     let quota = state.quota.load(Ordering::Relaxed);
     let mut bytes = state.bytes.load(Ordering::Relaxed) as i128;
     let mut events = state.events.load(Ordering::Relaxed) as i128;
@@ -288,6 +298,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
     let mut any_append = false;
     let mut settled = false;
     let mut last_seq = 0;
+    let mut marked_clean_now = false;
     let mut pending = Vec::with_capacity(batch.len());
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
@@ -378,6 +389,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
                     Command::MarkClean { reply } => {
                         let empty = events == 0;
                         if empty {
+                            marked_clean_now = true;
                             tx.execute(
                                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('clean_at_ms', ?1)",
                                 [now_ms().to_string()],
@@ -387,7 +399,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
                     }
                 }
             }
-            if any_append {
+            if any_append && (*marked_clean || marked_clean_now) {
                 // Appending makes the volume dirty again.
                 tx.execute("DELETE FROM meta WHERE key = 'clean_at_ms'", [])?;
             }
@@ -396,6 +408,8 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, state: &BufferState, 
     })();
     match result {
         Ok(()) => {
+            // Conservative: true whenever a mark may exist.
+            *marked_clean = marked_clean_now || (*marked_clean && !any_append);
             state.disk_failed.store(false, Ordering::Relaxed);
             state.bytes.store(bytes.max(0) as u64, Ordering::Relaxed);
             state.events.store(events.max(0) as u64, Ordering::Relaxed);
