@@ -52,6 +52,10 @@ fn cluster(name: &str, bootstrap: &str, replicas: i32) -> anyhow::Result<Capture
             "streams": [{"name": "clicks", "topic": "clicks"}],
             "storage": {"size": "64Mi", "storageClassName": storage::STORAGE_CLASS},
             "shutdownGracePeriodSeconds": 10,
+            // These tests pin down what the operator does without orphan
+            // recovery (status, Events, the finalizer waiting); flush Jobs
+            // are e2e/tests/orphans.rs's.
+            "orphanRecovery": {"enabled": false},
         },
     }))?)
 }
@@ -444,8 +448,8 @@ async fn capture_cluster_runs_delivers_retains_scales_rolls_and_drains() -> anyh
             == Some("true"),
         "the last pod did not mark its volume clean"
     );
-    // Once that volume is clean too (what a flush Job will do), the
-    // finalizer goes, with the pods' ClusterRoleBinding.
+    // Once that volume is clean too (what a flush Job does when recovery is
+    // enabled), the finalizer goes, with the pods' ClusterRoleBinding.
     pvs.patch(
         &stuck,
         &PatchParams::default(),

@@ -40,7 +40,7 @@ use holdfast_e2e::kafka::KafkaBroker;
 use holdfast_e2e::kube::{self as harness, Harness, poll_until, storage};
 use holdfast_operator::api::{CLEAN_ANNOTATION, CLUSTER_LABEL, CaptureCluster};
 use holdfast_operator::orphans::job::flush_job_name;
-use holdfast_operator::orphans::{FLUSH_COMPONENT, REMAINING_ANNOTATION};
+use holdfast_operator::orphans::{FLUSH_COMPONENT, REMAINING_ANNOTATION, VOLUME_ANNOTATION};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -85,6 +85,14 @@ struct Scene {
     name: String,
     kubeconfig: std::path::PathBuf,
     operator: Operator,
+    history: History,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
 }
 
 impl Scene {
@@ -96,6 +104,7 @@ impl Scene {
         let kubeconfig = operator_identity(h, &ns).await?;
         let operator = Operator::start(h, &ns, &kubeconfig, "op-a")?;
         let name = "events".to_string();
+        let (history, watcher) = watch_volumes(client.clone());
         Api::<CaptureCluster>::namespaced(client.clone(), &ns)
             .create(
                 &PostParams::default(),
@@ -109,6 +118,8 @@ impl Scene {
             name,
             kubeconfig,
             operator,
+            history,
+            watcher,
         };
         scene.wait_ready(replicas as usize).await?;
         Ok(scene)
@@ -200,62 +211,24 @@ impl Scene {
         Ok(())
     }
 
-    /// Waits until PV `volume` is deleted, recording the last reclaim policy
-    /// and clean annotation seen, and the node of its flush Job's pod.
+    /// Waits until PV `volume` is deleted; returns its state in the delete
+    /// event (its final reclaim policy and clean annotation), whether its
+    /// flush Job was seen and the nodes the Job's pods ran on.
     async fn wait_volume_drained(
         &self,
         volume: &str,
         timeout: Duration,
     ) -> anyhow::Result<Drained> {
-        let seen: Arc<Mutex<Drained>> = Arc::default();
-        let job_name = flush_job_name(volume);
         poll_until(
             &format!("volume {volume} drained and deleted"),
             timeout,
             || async {
-                let mut s = seen.lock().unwrap().clone();
-                if let Ok(pods) = self
-                    .pods()
-                    .list(&ListParams::default().labels(&format!("job-name={job_name}")))
-                    .await
-                {
-                    for p in pods.items {
-                        if let Some(node) = p.spec.and_then(|s| s.node_name) {
-                            s.job_nodes.insert(node);
-                        }
-                    }
-                }
-                if self
-                    .jobs()
-                    .get_opt(&job_name)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some()
-                {
-                    s.job_seen = true;
-                }
-                let pv = self.pvs().get_opt(volume).await;
-                let done = match pv {
-                    Ok(None) => true,
-                    Ok(Some(pv)) => {
-                        s.last_policy = pv
-                            .spec
-                            .as_ref()
-                            .and_then(|x| x.persistent_volume_reclaim_policy.clone());
-                        s.last_clean = pv.annotations().get(CLEAN_ANNOTATION).cloned();
-                        false
-                    }
-                    Err(_) => false,
-                };
-                *seen.lock().unwrap() = s;
-                done.then_some(())
+                let history = self.history.lock().unwrap();
+                history.get(volume).filter(|d| d.deleted).cloned()
             },
         )
         .await
-        .with_context(|| self.operator.log_text())?;
-        let out = seen.lock().unwrap().clone();
-        Ok(out)
+        .with_context(|| self.operator.log_text())
     }
 
     /// The node a PV is pinned to (local volumes of the test storage).
@@ -313,12 +286,90 @@ impl Scene {
     }
 }
 
+/// What the PV watcher saw of one volume.
 #[derive(Debug, Clone, Default)]
 struct Drained {
+    /// Reclaim policy in the last state seen (the delete event's, once deleted).
     last_policy: Option<String>,
+    /// `holdfast.dev/clean` in that state.
     last_clean: Option<String>,
+    /// The volume was deleted.
+    deleted: bool,
+    /// A pod of its flush Job was seen.
     job_seen: bool,
+    /// Nodes its flush Job's pods ran on.
     job_nodes: BTreeSet<String>,
+}
+
+type History = Arc<Mutex<BTreeMap<String, Drained>>>;
+
+/// Records every PV's state from a watch, so the state a volume had when it
+/// was deleted is known however quickly it went.
+fn watch_volumes(client: Client) -> (History, tokio::task::JoinHandle<()>) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let history: History = Arc::default();
+    let h = history.clone();
+    let pv_client = client.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(
+            Api::<PersistentVolume>::all(pv_client),
+            watcher::Config::default()
+        ));
+        while let Some(event) = stream.next().await {
+            let (pv, deleted) = match event {
+                Ok(watcher::Event::Apply(pv) | watcher::Event::InitApply(pv)) => (pv, false),
+                Ok(watcher::Event::Delete(pv)) => (pv, true),
+                _ => continue,
+            };
+            let mut history = h.lock().unwrap();
+            let entry = history.entry(pv.name_any()).or_default();
+            entry.last_policy = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.persistent_volume_reclaim_policy.clone());
+            entry.last_clean = pv.annotations().get(CLEAN_ANNOTATION).cloned();
+            entry.deleted |= deleted;
+        }
+    });
+    let h = history.clone();
+    let pods_task = tokio::spawn(async move {
+        let pods = Api::<Pod>::all(client);
+        let config = watcher::Config::default()
+            .labels(&format!("app.kubernetes.io/component={FLUSH_COMPONENT}"));
+        let mut stream = std::pin::pin!(watcher(pods, config).applied_objects());
+        while let Some(Ok(pod)) = stream.next().await {
+            let Some(volume) = pod.annotations().get(VOLUME_ANNOTATION).cloned() else {
+                continue;
+            };
+            let mut history = h.lock().unwrap();
+            let entry = history.entry(volume).or_default();
+            entry.job_seen = true;
+            if let Some(node) = pod.spec.and_then(|s| s.node_name) {
+                entry.job_nodes.insert(node);
+            }
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = tokio::join!(task, pods_task);
+    });
+    (history, task)
+}
+
+/// A drained volume was deleted as `Delete` + `clean=true`, after a flush
+/// Job ran on it.
+fn ensure_drained(volume: &str, d: &Drained) -> anyhow::Result<()> {
+    ensure!(d.job_seen, "no flush job pod was seen for {volume}");
+    ensure!(
+        d.deleted
+            && d.last_policy.as_deref() == Some("Delete")
+            && d.last_clean.as_deref() == Some("true"),
+        "volume {volume} ended as {:?} clean={:?} deleted={}",
+        d.last_policy,
+        d.last_clean,
+        d.deleted
+    );
+    Ok(())
 }
 
 /// A client posting 5 events per request to the ready capture pods in turn,
@@ -455,14 +506,7 @@ async fn killed_then_scaled_away_pod_is_drained_by_a_flush_job_on_its_node() -> 
     let (acked, refused) = load.finish().await?;
     let (found, dups) = count_in_kafka(&broker, &acked).await?;
 
-    ensure!(drained.job_seen, "no flush job was seen for {volume}");
-    ensure!(
-        drained.last_policy.as_deref() == Some("Delete")
-            && drained.last_clean.as_deref() == Some("true"),
-        "volume {volume} was last seen {:?} clean={:?}",
-        drained.last_policy,
-        drained.last_clean
-    );
+    ensure_drained(&volume, &drained)?;
     ensure!(
         drained.job_nodes.iter().all(|n| n == &node) && !drained.job_nodes.is_empty(),
         "flush job of {volume} (pinned to {node}) ran on {:?}",
@@ -542,8 +586,7 @@ async fn claim_deleted_by_hand_is_recovered_through_its_released_volume() -> any
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, refused) = load.finish().await?;
     let (found, dups) = count_in_kafka(&broker, &acked).await?;
-    ensure!(drained.job_seen, "no flush job for {volume}");
-    ensure!(drained.last_policy.as_deref() == Some("Delete"));
+    ensure_drained(&volume, &drained)?;
     let rebound = scene.events("VolumeRebound").await;
     ensure!(
         rebound.iter().any(|n| n.contains(&volume)),
@@ -634,7 +677,7 @@ async fn graceful_scale_down_without_kafka_is_drained_when_kafka_returns() -> an
     let took = orphaned_at.elapsed();
     let (acked, refused) = load.finish().await?;
     let (found, dups) = count_in_kafka(&broker, &acked).await?;
-    ensure!(drained.last_policy.as_deref() == Some("Delete"));
+    ensure_drained(&volume, &drained)?;
     scene.live_volumes_retained().await?;
     scene.operator.ensure_never_forbidden()?;
     report(
@@ -768,7 +811,7 @@ async fn deleted_cluster_is_drained_then_cleaned_up() -> anyhow::Result<()> {
     broker.restart().await?;
     for volume in &volumes {
         let drained = scene.wait_volume_drained(volume, RECOVERY).await?;
-        ensure!(drained.last_policy.as_deref() == Some("Delete"));
+        ensure_drained(volume, &drained)?;
     }
     poll_until("capturecluster gone", Duration::from_secs(120), || async {
         scene
@@ -858,6 +901,119 @@ async fn rolling_update_under_load_loses_nothing() -> anyhow::Result<()> {
         dups,
         refused,
         "no orphan, no flush job",
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_of_a_vanished_cluster_stays_retained_and_is_reported() -> anyhow::Result<()> {
+    init_tracing();
+    let mut broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let scene = Scene::start("orph-gone", &broker, 1).await?;
+    let volume = scene.volume_of("buffer-events-0").await?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.stop().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scene
+        .ccs()
+        .delete(&scene.name, &DeleteParams::default())
+        .await?;
+    wait_left_with_events(&scene, &volume).await?;
+    let (acked, _) = load.finish().await?;
+    // Someone removes the finalizer by hand: the cluster (and with it the
+    // Kafka settings) is gone while its volume holds events.
+    scene
+        .ccs()
+        .patch(
+            &scene.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await?;
+    poll_until("capturecluster gone", Duration::from_secs(60), || async {
+        scene
+            .ccs()
+            .get_opt(&scene.name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    poll_until(
+        "unrecoverable volume reported",
+        Duration::from_secs(60),
+        || async {
+            let n = scene
+                .operator
+                .metric("holdfast_operator_unrecoverable_volumes")
+                .await?;
+            (n >= 1.0).then_some(())
+        },
+    )
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(scene.client.clone(), "default");
+    poll_until(
+        "VolumeUnrecoverable event",
+        Duration::from_secs(30),
+        || async {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("VolumeUnrecoverable")
+                        && e.note.as_deref().is_some_and(|n| n.contains(&volume))
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    // Several passes later it is still there, Retain, with its events.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let pv = scene.pvs().get(&volume).await?;
+    ensure!(
+        pv.spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+            == Some("Retain"),
+        "an undrainable volume is not Retain"
+    );
+    // No flush pod holds the buffer any more (the Jobs went with the cluster).
+    poll_until("flush pods gone", Duration::from_secs(60), || async {
+        scene
+            .pods()
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await?;
+    let dir = storage::volume_path(&pv).context("volume path")?;
+    let stats = holdfast_e2e::capture::inspect(&dir)?;
+    let held = stats["events"].as_u64().unwrap_or(0);
+    ensure!(held > 0, "the volume holds no events: {stats}");
+    // A human can still drain it.
+    broker.restart().await?;
+    let (status, stderr) = holdfast_e2e::capture::flush(&dir, &broker.bootstrap(), 120)?;
+    ensure!(status.success(), "manual flush failed: {stderr}");
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "cluster gone (unrecoverable)",
+        acked.len(),
+        found,
+        dups,
+        0,
+        &format!("volume kept Retain with {held} events, reported; drained by hand afterwards"),
     );
     Ok(())
 }

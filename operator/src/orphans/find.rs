@@ -379,33 +379,44 @@ pub fn failures(volume: &PersistentVolume) -> (u32, Option<jiff::Timestamp>) {
 pub fn decide(orphan: &Orphan, s: &Situation<'_>) -> Step {
     if let Some(job) = s.job {
         return match job_state(job) {
+            // Nothing to flip until the PV is visible again.
+            JobState::Succeeded if s.volume.is_none() => Step::Wait("volume not visible yet"),
             JobState::Succeeded => Step::Finish,
             JobState::Failed => Step::RecordFailure,
             JobState::Active => Step::Wait("flush job running"),
         };
     }
-    if orphan.clean {
-        return Step::Release;
-    }
     let Some(cluster) = s.cluster else {
+        if orphan.clean {
+            // Left behind by a cluster that is gone: nothing to keep.
+            return Step::Release;
+        }
         return Step::Report(format!(
             "its CaptureCluster {}/{} is gone, so nothing knows where to deliver its events; it stays Retain",
             orphan.namespace, orphan.cluster
         ));
     };
     if !cluster.spec.orphan_recovery.enabled {
+        if orphan.clean {
+            return Step::Wait("orphan recovery disabled");
+        }
         return Step::Report(format!(
             "orphan recovery is disabled (spec.orphanRecovery.enabled=false) on {}; it stays Retain",
             orphan.cluster
         ));
     }
-    let Some(volume) = s.volume else {
-        return Step::Wait("volume not visible yet");
-    };
+    // The delay applies to releasing clean claims too: a quick scale down
+    // and up again keeps its claims.
     let delay = Duration::from_secs(cluster.spec.orphan_recovery.delay_seconds.into());
     if s.orphaned_for < delay {
         return Step::Wait("recovery delay");
     }
+    if orphan.clean {
+        return Step::Release;
+    }
+    let Some(volume) = s.volume else {
+        return Step::Wait("volume not visible yet");
+    };
     let (failed, failed_at) = failures(volume);
     if failed > 0
         && let Some(at) = failed_at

@@ -330,6 +330,11 @@ fn a_job_result_decides_finish_or_failure() {
     assert_eq!(d(&running), Step::Wait("flush job running"));
     assert_eq!(d(&done), Step::Finish);
     assert_eq!(d(&failed), Step::RecordFailure);
+    // A success is acted on only with the PV in hand (it must be flipped).
+    assert_eq!(
+        decide(&o, &situation(Some(&c), None, Some(&done))),
+        Step::Wait("volume not visible yet")
+    );
 }
 
 #[test]
@@ -356,9 +361,20 @@ fn failures_back_off_before_the_next_job() {
 }
 
 #[test]
-fn a_clean_orphan_is_released_even_without_its_cluster() {
+fn a_clean_orphan_is_released_after_the_delay_even_without_its_cluster() {
     let o = orphan(OrphanKind::ClaimWithoutPod, true);
     assert_eq!(decide(&o, &situation(None, None, None)), Step::Release);
+    let c = cluster("events", 1, json!({"delaySeconds": 30}));
+    assert_eq!(decide(&o, &situation(Some(&c), None, None)), Step::Release);
+    let mut early = situation(Some(&c), None, None);
+    early.orphaned_for = Duration::from_secs(5);
+    assert_eq!(decide(&o, &early), Step::Wait("recovery delay"));
+    // Recovery disabled: the operator leaves the claims alone.
+    let off = cluster("events", 1, json!({"enabled": false}));
+    assert_eq!(
+        decide(&o, &situation(Some(&off), None, None)),
+        Step::Wait("orphan recovery disabled")
+    );
 }
 
 #[test]
