@@ -10,7 +10,8 @@
 # debootstrap when no registry is reachable). BUILDER_IMAGE is the same
 # Debian release (scripts/image.sh adds the build host's CA certificates to
 # it, for a TLS-intercepting proxy, and to it only), so the binaries run
-# against exactly the libraries they were linked with.
+# against exactly the libraries they were linked with (the runtime stage is
+# FROM scratch with those libraries copied in).
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 ARG BUILDER_IMAGE=docker.io/library/debian:bookworm-slim
 
@@ -45,23 +46,39 @@ RUN cargo build --locked --profile "${CARGO_PROFILE}" \
  && cp "target/${CARGO_PROFILE}/holdfast-capture" "target/${CARGO_PROFILE}/holdfast-operator" /out/ \
  && strip /out/holdfast-capture /out/holdfast-operator
 
-# ---- runtime: the two binaries, TLS roots, libssl and zlib; nothing else
-FROM ${BASE_IMAGE}
+# ---- the runtime root file system: the two binaries, exactly the shared
+# libraries they load (glibc, libssl, zlib, libgcc), Debian's CA bundle (not
+# the build host's extra CAs), a passwd entry for uid 65532, and the
+# directories the pods mount over. No shell, no package manager.
+RUN rm -f /usr/local/share/ca-certificates/* \
+ && update-ca-certificates --fresh >/dev/null \
+ && mkdir -p /rootfs/usr/local/bin /rootfs/etc/ssl/certs /rootfs/usr/lib/ssl \
+      /rootfs/tmp /rootfs/var/tmp /rootfs/var/lib/holdfast \
+ && cp /out/holdfast-capture /out/holdfast-operator /rootfs/usr/local/bin/ \
+ && for lib in $(ldd /out/holdfast-capture /out/holdfast-operator \
+        | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// && $1 !~ /:$/ { print $1 }' | sort -u); do \
+      cp --parents -L "$lib" /rootfs/; \
+    done \
+ && cp /etc/ssl/certs/ca-certificates.crt /rootfs/etc/ssl/certs/ \
+ && ln -s /etc/ssl/certs /rootfs/usr/lib/ssl/certs \
+ && ln -s /etc/ssl/certs/ca-certificates.crt /rootfs/usr/lib/ssl/cert.pem \
+ && echo 'holdfast:x:65532:65532:holdfast:/nonexistent:/usr/sbin/nologin' >/rootfs/etc/passwd \
+ && echo 'holdfast:x:65532:' >/rootfs/etc/group \
+ && chown 65532:65532 /rootfs/var/lib/holdfast \
+ && chmod 1777 /rootfs/tmp /rootfs/var/tmp
+
+# ---- runtime: that root file system and nothing else
+FROM scratch
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="holdfast" \
       org.opencontainers.image.description="Holdfast: HTTP event capture with a durable on-disk buffer, forwarded to Kafka; and its Kubernetes operator" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
- && groupadd --gid 65532 holdfast \
- && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin holdfast \
- && mkdir -p /var/lib/holdfast \
- && chown 65532:65532 /var/lib/holdfast
-COPY --from=builder /out/holdfast-capture /out/holdfast-operator /usr/local/bin/
+COPY --from=builder /rootfs/ /
+# COPY makes files root's: the buffer directory must be the user's.
+COPY --from=builder --chown=65532:65532 /rootfs/var/lib/holdfast /var/lib/holdfast
+ENV PATH=/usr/local/bin \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 # Non-root by default; the chart and the operator also set runAsNonRoot and a
 # read-only root file system (the buffer is a volume at /var/lib/holdfast,
 # scratch space an emptyDir at /var/tmp).

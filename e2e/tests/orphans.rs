@@ -20,7 +20,14 @@
 //! - `deleted_cluster_is_drained_then_cleaned_up`: a CaptureCluster deleted
 //!   while Kafka is down keeps its finalizer until flush Jobs drained every
 //!   volume, then everything goes.
-//! - `rolling_update_under_load_loses_nothing`.
+//! - `rolling_update_under_load_loses_nothing`: no orphan, no flush Job.
+//! - `volume_of_a_vanished_cluster_stays_retained_and_is_reported`: the
+//!   finalizer removed by hand while a volume holds events; the volume stays
+//!   `Retain` with its events, is reported (metric, Event), and can still be
+//!   flushed by hand.
+//! - `failed_flush_jobs_back_off_and_retry_until_kafka_returns`: with a 10 s
+//!   flush timeout and Kafka down, Jobs fail, are counted on the PV and
+//!   retried with backoff until Kafka returns.
 //!
 //! The operator runs as a child process under `operator/rbac/clusterrole.yaml`.
 //! Figures (acked, found, duplicates, time from orphan to drained) are
@@ -97,12 +104,22 @@ impl Drop for Scene {
 
 impl Scene {
     async fn start(prefix: &str, broker: &KafkaBroker, replicas: i32) -> anyhow::Result<Self> {
+        Self::start_with(prefix, broker, replicas, &[]).await
+    }
+
+    /// [`Scene::start`] with operator flags as environment.
+    async fn start_with(
+        prefix: &str,
+        broker: &KafkaBroker,
+        replicas: i32,
+        operator_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let h = harness::shared().await;
         let client = h.client()?;
         install_cluster_wide(&client).await?;
         let ns = h.namespace(prefix).await?;
         let kubeconfig = operator_identity(h, &ns).await?;
-        let operator = Operator::start(h, &ns, &kubeconfig, "op-a")?;
+        let operator = Operator::start_with_env(h, &ns, &kubeconfig, "op-a", operator_env)?;
         let name = "events".to_string();
         let (history, watcher) = watch_volumes(client.clone());
         Api::<CaptureCluster>::namespaced(client.clone(), &ns)
@@ -1014,6 +1031,76 @@ async fn volume_of_a_vanished_cluster_stays_retained_and_is_reported() -> anyhow
         dups,
         0,
         &format!("volume kept Retain with {held} events, reported; drained by hand afterwards"),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_flush_jobs_back_off_and_retry_until_kafka_returns() -> anyhow::Result<()> {
+    init_tracing();
+    let mut broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    // A flush gives up after 10 s without Kafka: its Job fails.
+    let scene = Scene::start_with(
+        "orph-fail",
+        &broker,
+        2,
+        &[("HOLDFAST_FLUSH_TIMEOUT_SECS", "10")],
+    )
+    .await?;
+    let volume = scene.volume_of("buffer-events-1").await?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.stop().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scene.scale(1).await?;
+    wait_left_with_events(&scene, &volume).await?;
+    let orphaned_at = Instant::now();
+    let failures = poll_until(
+        "a failed flush job recorded on the volume",
+        Duration::from_secs(120),
+        || async {
+            let pv = scene.pvs().get(&volume).await.ok()?;
+            let n: u32 = pv
+                .annotations()
+                .get(holdfast_operator::orphans::FAILURES_ANNOTATION)?
+                .parse()
+                .ok()?;
+            let policy = pv.spec?.persistent_volume_reclaim_policy?;
+            (n >= 1 && policy == "Retain").then_some(n)
+        },
+    )
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    let failed = scene.events("FlushJobFailed").await;
+    ensure!(
+        failed.iter().any(|n| n.contains(&volume)),
+        "no FlushJobFailed event: {failed:?}"
+    );
+    let failed_metric = scene
+        .operator
+        .metric("holdfast_operator_flush_jobs_total{result=\"failed\"}")
+        .await
+        .unwrap_or(0.0);
+    ensure!(failed_metric >= 1.0, "failed jobs metric {failed_metric}");
+    broker.restart().await?;
+    let drained = scene.wait_volume_drained(&volume, RECOVERY).await?;
+    ensure_drained(&volume, &drained)?;
+    let took = orphaned_at.elapsed();
+    let (acked, refused) = load.finish().await?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    scene.live_volumes_retained().await?;
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "failed flush job retried",
+        acked.len(),
+        found,
+        dups,
+        refused,
+        &format!(
+            "{failures} failed job(s) before Kafka returned; orphan to drained+deleted {:.1}s",
+            took.as_secs_f64()
+        ),
     );
     Ok(())
 }

@@ -197,6 +197,17 @@ impl Operator {
     /// Starts an operator in `ns` under the identity of `kubeconfig`, with a
     /// short Lease (6 s, renewed 2 s before expiry) so failover is quick.
     pub fn start(h: &Harness, ns: &str, kubeconfig: &Path, identity: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(h, ns, kubeconfig, identity, &[])
+    }
+
+    /// [`Operator::start`] with more environment (flags as `HOLDFAST_*`).
+    pub fn start_with_env(
+        h: &Harness,
+        ns: &str,
+        kubeconfig: &Path,
+        identity: &str,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let port = holdfast_e2e::kube::control_plane::free_ports::<1>()[0];
         let metrics_addr = format!("127.0.0.1:{port}");
         let log = h.dir().join(format!("operator-{ns}-{identity}.log"));
@@ -215,7 +226,8 @@ impl Operator {
                     .env("HOLDFAST_OPERATOR_LISTEN", &metrics_addr)
                     .env("HOLDFAST_LEASE_DURATION_SECS", "6")
                     .env("HOLDFAST_LEASE_GRACE_SECS", "2")
-                    .env("HOLDFAST_LOG", "info,holdfast_operator=debug");
+                    .env("HOLDFAST_LOG", "info,holdfast_operator=debug")
+                    .envs(extra_env.iter().copied());
             },
             &log,
         )?;
