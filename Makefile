@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean crds
+.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean crds chart image
 
 all: build
 
@@ -33,6 +33,17 @@ unit:
 ## crds: regenerate crds/ from the Rust types (a test fails when it is stale)
 crds:
 	$(CARGO) run -q -p holdfast-operator -- crd > crds/captureclusters.holdfast.dev.yaml
+	cp crds/*.yaml charts/holdfast/files/crds/
+	cp operator/rbac/*.yaml charts/holdfast/files/rbac/
+
+## chart: lint and render the Helm chart (schema, CRD and RBAC copies, image name)
+chart: e2e-bins
+	"$$(bash e2e/bins.sh)/helm" lint --strict charts/holdfast
+	$(CARGO) test -p holdfast-e2e --test chart_render
+
+## image: build and run-check holdfast/holdfast:<appVersion> with buildah (root; installs buildah and debootstrap)
+image:
+	bash scripts/image.sh
 
 ## e2e: only the end-to-end tests
 e2e: build kafka e2e-bins
