@@ -425,11 +425,14 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-/// The capture StatefulSet with `replicas` pods (the spec's, or 0 while the
-/// cluster is being deleted).
-pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet {
-    let spec = &cluster.spec;
-    let names = Names::of(cluster);
+/// The volumes and mounts a capture process needs besides its buffer claim:
+/// scratch space, the Kafka TLS Secret and (for `serve`) the auth Secret. The
+/// buffer mount is included; the buffer volume itself comes from the claim
+/// (template for the StatefulSet, the orphaned claim for a flush Job).
+pub fn capture_volumes(
+    spec: &crate::api::CaptureClusterSpec,
+    with_auth: bool,
+) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = vec![Volume {
         name: "tmp".into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -464,7 +467,7 @@ pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet
             ..Default::default()
         });
     }
-    if let Some(auth) = &spec.auth_secret {
+    if let Some(auth) = spec.auth_secret.as_ref().filter(|_| with_auth) {
         volumes.push(Volume {
             name: "auth".into(),
             secret: Some(SecretVolumeSource {
@@ -481,6 +484,15 @@ pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet
             ..Default::default()
         });
     }
+    (volumes, mounts)
+}
+
+/// The capture StatefulSet with `replicas` pods (the spec's, or 0 while the
+/// cluster is being deleted).
+pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet {
+    let spec = &cluster.spec;
+    let names = Names::of(cluster);
+    let (volumes, mounts) = capture_volumes(spec, true);
     let container = Container {
         name: CAPTURE_CONTAINER.into(),
         image: Some(spec.image.clone()),

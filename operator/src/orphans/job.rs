@@ -15,16 +15,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, NodeAffinity,
-    PersistentVolume, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Volume, VolumeMount,
+    Affinity, Capabilities, Container, EnvVar, EnvVarSource, NodeAffinity, PersistentVolume,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretKeySelector, SecurityContext, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{
-    BUFFER_MOUNT_PATH, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster, MANAGED_BY_LABEL, NAME_LABEL,
+    BUFFER_MOUNT_PATH, BUFFER_VOLUME, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
+    MANAGED_BY_LABEL, NAME_LABEL,
 };
 use crate::cluster::build::{self, CAPTURE_UID};
 
@@ -181,50 +181,16 @@ pub fn build_flush_job(input: &FlushJobInput<'_>) -> Job {
         (VOLUME_ANNOTATION.to_string(), volume_name.clone()),
         (CLAIM_ANNOTATION.to_string(), claim.to_string()),
     ]);
-    let mut volumes = vec![
-        Volume {
-            name: "buffer".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim.to_string(),
-                read_only: Some(false),
-            }),
-            ..Default::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
-    ];
-    let mut mounts = vec![
-        VolumeMount {
-            name: "buffer".into(),
-            mount_path: BUFFER_MOUNT_PATH.into(),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "tmp".into(),
-            mount_path: TMP_MOUNT.into(),
-            ..Default::default()
-        },
-    ];
-    if let Some(tls) = &spec.kafka.tls {
-        volumes.push(Volume {
-            name: "kafka-tls".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(tls.secret_name.clone()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "kafka-tls".into(),
-            mount_path: TLS_MOUNT.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-    }
+    let (shared_volumes, mounts) = build::capture_volumes(spec, false);
+    let mut volumes = vec![Volume {
+        name: BUFFER_VOLUME.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_string(),
+            read_only: Some(false),
+        }),
+        ..Default::default()
+    }];
+    volumes.extend(shared_volumes);
     let container = Container {
         name: FLUSH_CONTAINER.into(),
         image: Some(spec.image.clone()),
