@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EnvVar, EnvVarSource, NodeAffinity, PersistentVolume,
+    Affinity, Capabilities, Container, EnvVar, NodeAffinity, PersistentVolume,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    SeccompProfile, SecurityContext, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -83,21 +83,6 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.into(),
-                key: key.into(),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// The environment of `holdfast-capture flush` (its flags' `HOLDFAST_*`
 /// variables). SASL credentials come first: the properties refer to them as
 /// `$(HOLDFAST_KAFKA_SASL_*)`.
@@ -105,12 +90,12 @@ pub fn flush_env(cluster: &CaptureCluster, flush_timeout_secs: u64) -> Vec<EnvVa
     let spec = &cluster.spec;
     let mut vars = Vec::new();
     if let Some(sasl) = &spec.kafka.sasl {
-        vars.push(secret_env(
+        vars.push(build::secret_env(
             "HOLDFAST_KAFKA_SASL_USERNAME",
             &sasl.secret_name,
             &sasl.username_key,
         ));
-        vars.push(secret_env(
+        vars.push(build::secret_env(
             "HOLDFAST_KAFKA_SASL_PASSWORD",
             &sasl.secret_name,
             &sasl.password_key,
