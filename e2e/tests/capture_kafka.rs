@@ -664,6 +664,8 @@ async fn direct_stream_answers_after_kafka_ack_and_503_without_kafka() -> Result
     )
     .await?;
     let client = reqwest::Client::new();
+    // An idle pod still reports whether Kafka answers.
+    wait_for_metric(&client, &cap.url(), "holdfast_kafka_up 1").await?;
     let url = format!("{}/v1/events/m", cap.url());
     let id = uuid::Uuid::now_v7().to_string();
     let r = post(
@@ -692,7 +694,29 @@ async fn direct_stream_answers_after_kafka_ack_and_503_without_kafka() -> Result
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await?;
     assert_eq!(body["error"], "kafka_unavailable");
+    wait_for_metric(&client, &cap.url(), "holdfast_kafka_up 0").await?;
     Ok(())
+}
+
+/// Polls `/metrics` until it holds `line`.
+async fn wait_for_metric(client: &reqwest::Client, url: &str, line: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if text.lines().any(|l| l == line) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "metrics never showed {line:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

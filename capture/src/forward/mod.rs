@@ -30,6 +30,9 @@ use crate::buffer::{self, NewEvent, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
 use crate::metrics::{Metrics, ReasonLabel, TopicLabel};
 
+/// How often an idle forwarder checks that Kafka answers.
+const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Header carrying the event's stable id.
 pub const UUID_HEADER: &str = "holdfast-uuid";
 /// Header carrying the capture time (ms since the Unix epoch).
@@ -268,6 +271,7 @@ impl Forwarder {
             .with_jitter()
             .without_max_times();
         let mut backoff = backoff_builder.build();
+        let mut last_probe: Option<tokio::time::Instant> = None;
         loop {
             if *stop.borrow() {
                 return Ok(());
@@ -277,6 +281,21 @@ impl Forwarder {
                 Ok(batch) if batch.is_empty() => {
                     if until == RunUntil::Empty {
                         return Ok(());
+                    }
+                    // Idle: ask Kafka for metadata now and then, so `kafka_up`
+                    // tells the truth about a pod that has nothing to send.
+                    if last_probe.is_none_or(|t| t.elapsed() >= KAFKA_PROBE_INTERVAL) {
+                        last_probe = Some(tokio::time::Instant::now());
+                        let producer = self.producer.clone();
+                        let up = tokio::task::spawn_blocking(move || {
+                            producer
+                                .client()
+                                .fetch_metadata(None, Duration::from_secs(5))
+                                .is_ok()
+                        })
+                        .await
+                        .unwrap_or(false);
+                        self.metrics.kafka_up.set(i64::from(up));
                     }
                     tokio::select! {
                         _ = self.writer.appended.notified() => {}
