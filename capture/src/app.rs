@@ -76,6 +76,12 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         Some(commit_observer(&metrics)),
     )?;
     metrics.attach_buffer(writer.state.clone());
+    // Damaged files moved aside at open are salvaged while the pod serves.
+    let salvage = buffer::salvage::spawn_background(
+        cfg.data_dir.clone(),
+        writer.clone(),
+        Some(metrics.salvage.observer()),
+    );
     let volume_id = {
         let conn = buffer::open_reader(&cfg.data_dir)?;
         buffer::meta(&conn, "volume_id")?.unwrap_or_default()
@@ -144,6 +150,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
 
     shutdown_signal().await;
     health.shutting_down.store(true, Ordering::SeqCst);
+    // A file salvage has not finished stays in quarantine (volume not clean).
+    salvage.abort();
+    let _ = salvage.await;
     let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
     // Requests that passed the shutdown check finish before the drain is judged.
     while health.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
@@ -160,7 +169,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             abort.abort();
         }
     }
-    let clean = remaining == 0 && writer.mark_clean_if_empty().await.unwrap_or(false);
+    let clean = remaining == 0
+        && buffer::quarantine::unsalvaged_quarantine(&cfg.data_dir).is_ok_and(|n| n == 0)
+        && writer.mark_clean_if_empty().await.unwrap_or(false);
     let remaining = writer.state.events.load(Ordering::Relaxed);
     volume.after_drain(if clean { 0 } else { remaining }).await;
     if clean {
@@ -188,7 +199,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
 /// Drains `args.buffer.data_dir` into Kafka; `Ok` only once it is empty.
 pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
     let dir = &args.buffer.data_dir;
-    if !dir.join(buffer::DB_FILE).exists() {
+    if !dir.join(buffer::DB_FILE).exists() && buffer::salvage::figures(dir).0 == 0 {
         tracing::info!(data_dir = %dir.display(), "no buffer in directory; nothing to flush");
         return Ok(Stats {
             volume_id: String::new(),
@@ -199,12 +210,17 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
             last_seq: 0,
             schema_version: 0,
             clean: true,
+            quarantined_files: 0,
+            salvaged_events: 0,
+            unreadable_events: 0,
         });
     }
     let _lock = DirLock::acquire(dir)?;
     let metrics = Arc::new(Metrics::new());
     let (writer_thread, writer) =
         GroupCommitWriter::start(dir, args.buffer.durability, u64::MAX, None)?;
+    // Damaged files moved aside at open go back into the buffer first.
+    buffer::salvage::salvage_quarantine(dir, &writer, None).await?;
     let before = writer.state.events.load(Ordering::Relaxed);
     tracing::info!(data_dir = %dir.display(), events = before, "flushing buffer");
     let producer = forward::create_producer(&kafka, metrics.clone())?;
@@ -260,7 +276,7 @@ pub fn inspect(args: &InspectArgs) -> Result<Stats> {
 /// Renders figures as text.
 pub fn render_stats(s: &Stats) -> String {
     format!(
-        "volume_id: {}\nevents: {}\nbytes: {}\noldest_event_age_seconds: {:.3}\ndead_letters: {}\nlast_seq: {}\nschema_version: {}\nclean: {}\n",
+        "volume_id: {}\nevents: {}\nbytes: {}\noldest_event_age_seconds: {:.3}\ndead_letters: {}\nlast_seq: {}\nschema_version: {}\nclean: {}\nquarantined_files: {}\nsalvaged_events: {}\nunreadable_events: {}\n",
         s.volume_id,
         s.events,
         s.bytes,
@@ -268,6 +284,9 @@ pub fn render_stats(s: &Stats) -> String {
         s.dead_letters,
         s.last_seq,
         s.schema_version,
-        s.clean
+        s.clean,
+        s.quarantined_files,
+        s.salvaged_events,
+        s.unreadable_events
     )
 }

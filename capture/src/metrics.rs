@@ -55,6 +55,8 @@ pub struct Metrics {
     pub kafka_up: Gauge,
     /// Failed forward attempts (retried).
     pub forward_retries: Counter,
+    /// Quarantined (damaged) buffer files and their salvage.
+    pub salvage: SalvageMetrics,
     state: std::sync::OnceLock<Arc<BufferState>>,
     buffer_events: Gauge,
     buffer_bytes: Gauge,
@@ -111,6 +113,7 @@ impl Metrics {
             "Forward batches retried after a Kafka error",
             forward_retries.clone(),
         );
+        let salvage = SalvageMetrics::register(&mut registry);
         let buffer_events = Gauge::default();
         registry.register(
             "buffer_events",
@@ -141,6 +144,7 @@ impl Metrics {
             commit_batch,
             kafka_up,
             forward_retries,
+            salvage,
             state: std::sync::OnceLock::new(),
             buffer_events,
             buffer_bytes,
@@ -181,5 +185,50 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Quarantined (damaged) buffer files and what their salvage recovered.
+#[derive(Debug, Clone, Default)]
+pub struct SalvageMetrics {
+    /// Quarantined buffer files not salvaged yet (the volume is not clean).
+    pub quarantined_files: Gauge,
+    /// Events read out of quarantined files back into the buffer.
+    pub salvaged: Counter,
+    /// Rows of quarantined files that could not be read.
+    pub unreadable: Counter,
+}
+
+impl SalvageMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "buffer_quarantined_files",
+            "Damaged buffer files moved aside and not salvaged yet",
+            m.quarantined_files.clone(),
+        );
+        registry.register(
+            "buffer_salvaged_events",
+            "Events salvaged from quarantined buffer files",
+            m.salvaged.clone(),
+        );
+        registry.register(
+            "buffer_unreadable_events",
+            "Rows of quarantined buffer files that could not be read",
+            m.unreadable.clone(),
+        );
+        m
+    }
+
+    /// Observer for [`crate::buffer::salvage`]: keeps these figures current.
+    pub fn observer(&self) -> crate::buffer::salvage::SalvageObserver {
+        let m = self.clone();
+        Box::new(move |waiting, report| {
+            m.quarantined_files.set(waiting as i64);
+            if let Some(r) = report {
+                m.salvaged.inc_by(r.events + r.dead_letters);
+                m.unreadable.inc_by(r.unreadable);
+            }
+        })
     }
 }

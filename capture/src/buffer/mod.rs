@@ -27,6 +27,8 @@
 //!        captured_at_ms, reason TEXT, failed_at_ms INTEGER, dlq_delivered INTEGER)
 //! ```
 
+pub mod quarantine;
+pub mod salvage;
 pub mod writer;
 
 use std::fs::File;
@@ -164,6 +166,12 @@ pub struct Stats {
     pub schema_version: i64,
     /// Last clean shutdown recorded (`clean_at_ms`), if the buffer was left empty.
     pub clean: bool,
+    /// Quarantined (damaged) buffer files not salvaged yet: not clean while any.
+    pub quarantined_files: u64,
+    /// Events salvaged from quarantined files (over the volume's salvage reports).
+    pub salvaged_events: u64,
+    /// Rows of quarantined files that could not be read (same reports).
+    pub unreadable_events: u64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -363,6 +371,11 @@ pub fn stats(conn: &Connection) -> Result<Stats> {
     let (events, bytes) = totals(conn)?;
     let oldest = oldest_captured_at(conn)?;
     let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    let (quarantined_files, salvaged_events, unreadable_events) = conn
+        .path()
+        .and_then(|p| Path::new(p).parent())
+        .map(salvage::figures)
+        .unwrap_or_default();
     Ok(Stats {
         volume_id: meta(conn, "volume_id")?.unwrap_or_default(),
         events,
@@ -375,7 +388,10 @@ pub fn stats(conn: &Connection) -> Result<Stats> {
         schema_version: meta(conn, "schema_version")?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
-        clean: events == 0 && meta(conn, "clean_at_ms")?.is_some(),
+        clean: events == 0 && quarantined_files == 0 && meta(conn, "clean_at_ms")?.is_some(),
+        quarantined_files,
+        salvaged_events,
+        unreadable_events,
     })
 }
 

@@ -484,3 +484,17 @@ async fn append_all(db: &Path, writer: &WriterHandle, events: Vec<NewEvent>) -> 
 
 #[cfg(test)]
 mod tests;
+
+/// Figures for `inspect`: `(quarantined files not salvaged, events salvaged,
+/// rows unreadable)`, the last two summed over the salvage reports kept on
+/// the volume. A folder that cannot be read counts as one unsalvaged file,
+/// so it never passes for clean.
+pub fn figures(dir: &Path) -> (u64, u64, u64) {
+    let waiting = quarantine::unsalvaged_quarantine(dir).map_or(1, |n| n as u64);
+    let reports = reports(dir).unwrap_or_default();
+    (
+        waiting,
+        reports.iter().map(|r| r.events + r.dead_letters).sum(),
+        reports.iter().map(|r| r.unreadable).sum(),
+    )
+}

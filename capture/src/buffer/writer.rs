@@ -149,6 +149,7 @@ impl GroupCommitWriter {
         quota: u64,
         observer: Option<CommitObserver>,
     ) -> Result<(Self, WriterHandle)> {
+        super::quarantine::quarantine_if_damaged(dir)?;
         let conn = super::open_writer(dir, durability)?;
         let (events, bytes) = super::totals(&conn)?;
         let state = Arc::new(BufferState::default());
