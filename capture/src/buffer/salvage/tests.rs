@@ -301,3 +301,29 @@ async fn a_quarantine_interrupted_by_a_crash_keeps_its_wal() {
     let wal = format!("{}-wal", files[0].display());
     assert_eq!(std::fs::read(wal).unwrap(), b"wal");
 }
+
+#[tokio::test]
+async fn a_sound_buffer_left_by_a_crash_with_its_wal_is_not_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    build(dir.path(), 200, 0).await;
+    for keep_shm in [true, false] {
+        let crashed = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        c.execute("DELETE FROM events WHERE seq <= 10", []).unwrap();
+        let mut files = vec![DB_FILE, "buffer.db-wal"];
+        if keep_shm {
+            files.push("buffer.db-shm");
+        }
+        for f in files {
+            std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
+        }
+        drop(c);
+        assert_eq!(quarantine::check(crashed.path()).unwrap(), Verdict::Sound);
+        let (w, h) =
+            GroupCommitWriter::start(crashed.path(), Durability::Fsync, u64::MAX, None).unwrap();
+        assert_eq!(unsalvaged_quarantine(crashed.path()).unwrap(), 0);
+        assert!(h.state.events.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        stop(w, h).await;
+    }
+}
