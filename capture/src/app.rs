@@ -133,18 +133,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             source,
         })?;
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
-    // Small responses on keep-alive connections: never wait on Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, http::router(state.clone()))
-        .with_graceful_shutdown(async {
-            let _ = close_rx.await;
-        })
-        .into_future();
-    let server = tokio::spawn(server);
+    let server = tokio::spawn(http::server::serve(listener, state.clone(), async {
+        let _ = close_rx.await;
+    }));
     health.started.store(true, Ordering::Relaxed);
     tracing::info!(listen = %cfg.listen, streams = cfg.streams.len(), "serving");
 

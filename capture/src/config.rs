@@ -30,6 +30,15 @@ pub enum Error {
     /// The auth token file could not be read or holds no token.
     #[error("--auth-tokens-file {path}: {reason}")]
     AuthTokens { path: String, reason: String },
+    /// `--max-inflight-bytes` is below what one valid request may hold.
+    #[error(
+        "--max-inflight-bytes {value} is below the {needed} bytes one request may hold with --max-body-bytes, --max-decompressed-bytes and --max-events-per-request ({copies} copies of its events); raise it or lower those"
+    )]
+    InflightBudget {
+        value: u64,
+        needed: u64,
+        copies: usize,
+    },
     /// A numeric limit is out of range.
     #[error("{flag} must be {expected}, got {value}")]
     Range {
@@ -193,6 +202,34 @@ pub struct ServeArgs {
     /// File of accepted bearer tokens, one per line (a mounted Secret). Unset: no auth.
     #[arg(long, env = "HOLDFAST_AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<PathBuf>,
+    /// How often the token file is re-read, so a rotated Secret applies without a restart (seconds).
+    #[arg(long, env = "HOLDFAST_AUTH_RELOAD_SECS", default_value_t = 5)]
+    pub auth_reload_secs: u64,
+    /// Most events in one request; more is a 413.
+    #[arg(
+        long,
+        env = "HOLDFAST_MAX_EVENTS_PER_REQUEST",
+        default_value_t = 10_000
+    )]
+    pub max_events_per_request: u64,
+    /// Memory all requests in flight may hold together (bodies, inflated
+    /// bodies, parsed events); past it new requests get 503 (bytes).
+    #[arg(long, env = "HOLDFAST_MAX_INFLIGHT_BYTES", default_value_t = 96 << 20)]
+    pub max_inflight_bytes: u64,
+    /// Largest request head (request line and headers); more is a 431 (bytes).
+    #[arg(long, env = "HOLDFAST_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
+    pub max_header_bytes: u64,
+    /// A connection that has not sent a whole request head within this long
+    /// (also: an idle keep-alive connection) is closed (seconds).
+    #[arg(long, env = "HOLDFAST_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// A request whose body has not fully arrived within this long gets 408
+    /// and its connection is closed (seconds).
+    #[arg(long, env = "HOLDFAST_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_read_timeout_secs: u64,
+    /// Most open client connections; past it a new connection gets 503 and is closed.
+    #[arg(long, env = "HOLDFAST_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: u64,
     /// What a durable stream does when the disk fails.
     #[arg(long, env = "HOLDFAST_ON_DISK_FAILURE", value_enum, default_value_t = OnDiskFailure::Reject)]
     pub on_disk_failure: OnDiskFailure,
@@ -310,8 +347,22 @@ pub struct ServeConfig {
     pub max_decompressed_bytes: usize,
     /// Event limit.
     pub max_event_bytes: usize,
-    /// Accepted bearer tokens; empty means no auth.
-    pub auth_tokens: Vec<String>,
+    /// Accepted bearer tokens (reloaded from their file); none means no auth.
+    pub auth: crate::http::auth::AuthTokens,
+    /// How often the token file is re-read.
+    pub auth_reload: Duration,
+    /// Most events per request.
+    pub max_events_per_request: usize,
+    /// The shared budget of bytes held by requests in flight.
+    pub inflight: crate::http::limits::InflightBudget,
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// Deadline for a request head (and keep-alive idle time).
+    pub header_read_timeout: Duration,
+    /// Deadline for a request body.
+    pub body_read_timeout: Duration,
+    /// Most open client connections.
+    pub max_connections: usize,
     /// Disk failure policy.
     pub on_disk_failure: OnDiskFailure,
     /// Drain deadline on SIGTERM.
@@ -385,15 +436,25 @@ impl ServeArgs {
                 });
             }
         };
-        let auth_tokens = match &self.auth_tokens_file {
-            None => Vec::new(),
-            Some(path) => read_tokens(path)?,
+        let auth = match &self.auth_tokens_file {
+            None => crate::http::auth::AuthTokens::disabled(),
+            Some(path) => crate::http::auth::AuthTokens::from_file(path).map_err(|reason| {
+                Error::AuthTokens {
+                    path: path.display().to_string(),
+                    reason,
+                }
+            })?,
         };
         for (flag, value) in [
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-decompressed-bytes", self.max_decompressed_bytes),
             ("--max-event-bytes", self.max_event_bytes),
             ("--buffer-quota-bytes", self.buffer_quota_bytes),
+            ("--auth-reload-secs", self.auth_reload_secs),
+            ("--max-events-per-request", self.max_events_per_request),
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--body-read-timeout-secs", self.body_read_timeout_secs),
+            ("--max-connections", self.max_connections),
         ] {
             if value == 0 {
                 return Err(Error::Range {
@@ -402,6 +463,34 @@ impl ServeArgs {
                     value,
                 });
             }
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(Error::Range {
+                flag: "--max-header-bytes",
+                expected: "at least 1024",
+                value: self.max_header_bytes,
+            });
+        }
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let copies = if self.on_disk_failure == OnDiskFailure::Direct
+            || streams.values().any(|s| s.mode == StreamMode::Direct)
+        {
+            2
+        } else {
+            1
+        };
+        let needed = crate::http::limits::required_bytes(
+            size(self.max_body_bytes),
+            size(self.max_decompressed_bytes),
+            size(self.max_events_per_request),
+            copies,
+        );
+        if size(self.max_inflight_bytes) < needed {
+            return Err(Error::InflightBudget {
+                value: self.max_inflight_bytes,
+                needed: needed as u64,
+                copies,
+            });
         }
         Ok(ServeConfig {
             listen: self.listen,
@@ -417,7 +506,14 @@ impl ServeArgs {
             max_decompressed_bytes: usize::try_from(self.max_decompressed_bytes)
                 .unwrap_or(usize::MAX),
             max_event_bytes: usize::try_from(self.max_event_bytes).unwrap_or(usize::MAX),
-            auth_tokens,
+            auth,
+            auth_reload: Duration::from_secs(self.auth_reload_secs),
+            max_events_per_request: size(self.max_events_per_request),
+            inflight: crate::http::limits::InflightBudget::new(size(self.max_inflight_bytes)),
+            max_header_bytes: size(self.max_header_bytes),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
+            max_connections: size(self.max_connections),
             on_disk_failure: self.on_disk_failure,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             retry_after_secs: self.retry_after_secs,
@@ -428,24 +524,6 @@ impl ServeArgs {
                 .map(|c| (self.namespace.clone(), c)),
         })
     }
-}
-
-fn read_tokens(path: &std::path::Path) -> Result<Vec<String>> {
-    let err = |reason: String| Error::AuthTokens {
-        path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let tokens: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    if tokens.is_empty() {
-        return Err(err("no token in file".to_owned()));
-    }
-    Ok(tokens)
 }
 
 #[cfg(test)]

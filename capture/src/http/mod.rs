@@ -5,7 +5,11 @@
 //! A 4xx says exactly what was wrong (and which event); a 5xx says nothing
 //! internal, the detail goes to the log.
 
+pub mod auth;
+pub mod gzip;
 pub mod ingest;
+pub mod limits;
+pub mod server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,13 +22,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use crate::buffer::{AppendError, NewEvent, WriterHandle};
 use crate::config::{OnDiskFailure, ServeConfig, StreamMode};
 use crate::forward::{self, ErrorClass, KafkaProducer};
 use crate::metrics::{Metrics, StreamLabel};
 use ingest::{ParseOptions, Rejection};
+use limits::{BodyError, Exhausted};
 
 /// Lifecycle flags read by `/readyz` and the handlers.
 #[derive(Debug, Default)]
@@ -35,6 +39,8 @@ pub struct Health {
     pub shutting_down: AtomicBool,
     /// Requests being handled (shutdown waits for them before draining).
     pub in_flight: AtomicUsize,
+    /// Why the volume is not guarded yet (`Retain` not read back); `None` once it is.
+    pub volume_unguarded: std::sync::Mutex<Option<String>>,
 }
 
 /// Counts a request as in flight until dropped.
@@ -95,6 +101,12 @@ impl ApiError {
     }
 }
 
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        ApiError::Rejected(r)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
@@ -103,7 +115,17 @@ impl IntoResponse for ApiError {
                 if let Some(i) = r.index {
                     body["index"] = json!(i);
                 }
-                (r.status, axum::Json(body)).into_response()
+                // The rest of such a body is not worth reading: close instead of keeping alive.
+                let close = matches!(
+                    r.reason,
+                    "body_too_large" | "body_timeout" | "body_read_failed"
+                );
+                let mut resp = (r.status, axum::Json(body)).into_response();
+                if close {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
             }
             ApiError::Unavailable {
                 reason,
@@ -151,20 +173,43 @@ pub fn router(state: AppState) -> Router {
 async fn readyz(State(s): State<AppState>) -> Response {
     match unready_reason(&s) {
         None => (StatusCode::OK, "ready").into_response(),
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        Some(reason) => {
+            let detail = s
+                .health
+                .volume_unguarded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            match detail {
+                Some(detail) if reason == "volume not retained" => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{reason}: {detail}"),
+                )
+                    .into_response(),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+            }
+        }
     }
 }
 
 /// Why the pod should not get traffic, if it should not.
 pub fn unready_reason(s: &AppState) -> Option<&'static str> {
     let buf = &s.writer.state;
-    if !s.health.started.load(Ordering::Relaxed) {
+    let unguarded = s
+        .health
+        .volume_unguarded
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some();
+    if unguarded {
+        Some("volume not retained")
+    } else if !s.health.started.load(Ordering::Relaxed) {
         Some("starting")
     } else if s.health.shutting_down.load(Ordering::Relaxed) {
         Some("shutting down")
     } else if buf.over_quota.load(Ordering::Relaxed) {
         Some("buffer over quota")
-    } else if buf.disk_failed.load(Ordering::Relaxed)
+    } else if (buf.disk_failed.load(Ordering::Relaxed))
         && s.cfg.on_disk_failure == OnDiskFailure::Reject
     {
         Some("disk failure")
@@ -220,25 +265,6 @@ async fn respond(s: &AppState, stream: &str, headers: &HeaderMap, body: Body) ->
     }
 }
 
-fn authorized(tokens: &[String], headers: &HeaderMap) -> bool {
-    if tokens.is_empty() {
-        return true;
-    }
-    let Some(presented) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    // Compare against every token without stopping early, in constant time per token.
-    let mut ok = subtle::Choice::from(0u8);
-    for t in tokens {
-        ok |= t.as_bytes().ct_eq(presented.trim().as_bytes());
-    }
-    ok.into()
-}
-
 async fn accept(
     s: &AppState,
     stream_name: &str,
@@ -255,7 +281,14 @@ async fn accept(
     if s.health.shutting_down.load(Ordering::SeqCst) {
         return Err(unavailable("shutting_down"));
     }
-    if !authorized(&cfg.auth_tokens, headers) {
+    // Nothing is acknowledged before the volume is known to be `Retain`.
+    if !s.health.started.load(Ordering::SeqCst) {
+        return Err(unavailable("starting"));
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !cfg.auth.authorize(presented).await {
         return Err(ApiError::Unauthorized);
     }
     let stream = cfg
@@ -268,28 +301,13 @@ async fn accept(
             .and_then(|v| v.to_str().ok()),
     )
     .map_err(ApiError::Rejected)?;
-    let raw = axum::body::to_bytes(body, cfg.max_body_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::Rejected(Rejection {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                reason: "body_too_large",
-                message: format!("body exceeds {} bytes", cfg.max_body_bytes),
-                index: None,
-            })
-        })?;
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_ascii_lowercase());
-    let decoded;
-    let body: &[u8] = match encoding.as_deref() {
-        None | Some("identity") => &raw,
-        Some("gzip") | Some("x-gzip") => {
-            decoded =
-                ingest::gunzip(&raw, cfg.max_decompressed_bytes).map_err(ApiError::Rejected)?;
-            &decoded
-        }
+    let gzip = match encoding.as_deref() {
+        None | Some("identity") => false,
+        Some("gzip") | Some("x-gzip") => true,
         Some(other) => {
             return Err(ApiError::Rejected(Rejection {
                 status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -299,17 +317,62 @@ async fn accept(
             }));
         }
     };
-    let events = ingest::parse(
+    // Everything this request holds from here on is charged to the budget first.
+    let mut charge = cfg.inflight.charge();
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let raw = limits::read_body(
         body,
+        content_length,
+        cfg.max_body_bytes,
+        cfg.body_read_timeout,
+        &mut charge,
+    )
+    .await
+    .map_err(|e| match e {
+        BodyError::Rejected(r) => ApiError::Rejected(r),
+        BodyError::Busy => unavailable("server_busy"),
+    })?;
+    let budget = |e: Exhausted| {
+        e.rejection()
+            .map_or(unavailable("server_busy"), ApiError::Rejected)
+    };
+    let body = if gzip {
+        let raw_held = charge.held();
+        let inflated = gzip::gunzip_bounded(&raw, cfg.max_decompressed_bytes, |n| {
+            charge.grow(n).map_err(budget)
+        })?;
+        drop(raw);
+        charge.release(raw_held);
+        bytes::Bytes::from(inflated)
+    } else {
+        raw
+    };
+    // A direct stream's events are copied again into librdkafka, and the disk
+    // fallback keeps a clone: charge those copies too.
+    let copies =
+        if stream.mode == StreamMode::Direct || cfg.on_disk_failure == OnDiskFailure::Direct {
+            2
+        } else {
+            1
+        };
+    let body_held = charge.held();
+    let events = ingest::parse_bounded(
+        &body,
         format,
         &ParseOptions {
             topic: &stream.topic,
             max_event_bytes: cfg.max_event_bytes,
+            max_events: cfg.max_events_per_request,
             key_pointer: cfg.key_pointer.as_deref(),
             now_ms: crate::buffer::now_ms(),
         },
-    )
-    .map_err(ApiError::Rejected)?;
+        |n| charge.grow(n.saturating_mul(copies)).map_err(budget),
+    )?;
+    drop(body);
+    charge.release(body_held);
     let n = events.len();
     match stream.mode {
         StreamMode::Direct => direct(s, &events).await?,

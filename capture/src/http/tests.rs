@@ -1,6 +1,4 @@
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::Duration;
 
 use axum::http::Request;
 use http_body_util::BodyExt;
@@ -8,7 +6,8 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::buffer::GroupCommitWriter;
-use crate::config::{Durability, KafkaConfig, Stream};
+use crate::config::Durability;
+use clap::Parser;
 
 struct Fixture {
     state: AppState,
@@ -16,54 +15,69 @@ struct Fixture {
     _writer: GroupCommitWriter,
 }
 
+/// The `serve` flags every fixture starts from; `extra` flags are appended.
+fn serve_config(dir: &std::path::Path, quota: u64, extra: &[&str]) -> ServeConfig {
+    let quota = quota.to_string();
+    let mut argv = vec![
+        "holdfast-capture",
+        "serve",
+        "--kafka-bootstrap",
+        "127.0.0.1:1",
+        "--kafka-message-timeout-ms",
+        "1000",
+        "--forward-batch-events",
+        "100",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--disk-reserve-bytes",
+        "0",
+        "--stream",
+        "default=events:durable",
+        "--stream",
+        "clicks=web.clicks:durable",
+        "--buffer-quota-bytes",
+        &quota,
+        "--max-body-bytes",
+        "4096",
+        "--max-decompressed-bytes",
+        "8192",
+        "--max-event-bytes",
+        "512",
+        "--retry-after-secs",
+        "3",
+        "--drain-timeout-secs",
+        "1",
+    ];
+    // A flag in `extra` replaces the base one (clap refuses a repeated flag).
+    let mut i = 2;
+    while i < argv.len() {
+        if argv[i] != "--stream" && extra.contains(&argv[i]) {
+            argv.drain(i..i + 2);
+        } else {
+            i += 2;
+        }
+    }
+    argv.extend_from_slice(extra);
+    let cli = crate::config::Cli::try_parse_from(argv).unwrap();
+    let crate::config::Command::Serve(args) = cli.command else {
+        panic!("not serve")
+    };
+    args.validate().unwrap()
+}
+
 fn fixture(tokens: &[&str], quota: u64) -> Fixture {
+    fixture_with(tokens, quota, &[])
+}
+
+fn fixture_with(tokens: &[&str], quota: u64, extra: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let (writer_thread, writer) =
         GroupCommitWriter::start(dir.path(), Durability::Fsync, quota, None).unwrap();
     metrics.attach_buffer(writer.state.clone());
-    let kafka = KafkaConfig {
-        bootstrap: "127.0.0.1:1".into(),
-        properties: BTreeMap::new(),
-        dead_letter_topic: None,
-        batch_events: 100,
-        message_timeout: Duration::from_secs(1),
-    };
-    let mut streams = BTreeMap::new();
-    streams.insert(
-        "default".to_owned(),
-        Stream {
-            topic: "events".into(),
-            mode: StreamMode::Durable,
-        },
-    );
-    streams.insert(
-        "clicks".to_owned(),
-        Stream {
-            topic: "web.clicks".into(),
-            mode: StreamMode::Durable,
-        },
-    );
-    let cfg = ServeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        durability: Durability::Fsync,
-        disk_reserve_bytes: 0,
-        kafka: kafka.clone(),
-        streams,
-        default_stream: "default".into(),
-        key_pointer: None,
-        quota_bytes: quota,
-        max_body_bytes: 4096,
-        max_decompressed_bytes: 8192,
-        max_event_bytes: 512,
-        auth_tokens: tokens.iter().map(|t| t.to_string()).collect(),
-        on_disk_failure: OnDiskFailure::Reject,
-        drain_timeout: Duration::from_secs(1),
-        retry_after_secs: 3,
-        volume_claim: None,
-    };
-    let producer = forward::create_producer(&kafka, metrics.clone()).unwrap();
+    let mut cfg = serve_config(dir.path(), quota, extra);
+    cfg.auth = auth::AuthTokens::fixed(tokens);
+    let producer = forward::create_producer(&cfg.kafka, metrics.clone()).unwrap();
     let health = Arc::new(Health::default());
     health.started.store(true, Ordering::Relaxed);
     Fixture {
@@ -304,7 +318,11 @@ async fn serves_on_a_real_port() {
     let f = fixture(&[], u64::MAX);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, router(f.state.clone())).into_future());
+    tokio::spawn(server::serve(
+        listener,
+        f.state.clone(),
+        std::future::pending(),
+    ));
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = r#"{"a":1}"#;
@@ -323,4 +341,218 @@ async fn serves_on_a_real_port() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.ends_with(r#"{"accepted":1}"#), "{out}");
     assert_eq!(buffered(&f), 1);
+}
+
+fn gzip_post(path: &str, content_type: &str, body: Vec<u8>) -> Request<Body> {
+    let mut req = post(path, content_type, body);
+    req.headers_mut()
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    req
+}
+
+#[tokio::test]
+async fn multi_member_gzip_stores_every_members_events() {
+    let f = fixture(&[], u64::MAX);
+    let mut body = gzip(b"{\"m\":1}\n{\"m\":1}\n");
+    body.extend(gzip(b"{\"m\":2}\n"));
+    body.extend(gzip(b"{\"m\":3}\n{\"m\":3}\n"));
+    let (s, _, json) = send(&f, gzip_post("/v1/events", "application/x-ndjson", body)).await;
+    assert_eq!((s, json), (StatusCode::OK, json!({"accepted": 5})));
+    assert_eq!(buffered(&f), 5);
+}
+
+#[tokio::test]
+async fn trailing_bytes_after_gzip_are_a_400_and_write_nothing() {
+    let f = fixture(&[], u64::MAX);
+    let mut body = gzip(b"{\"m\":1}\n");
+    body.extend(b"{\"m\":2}\n");
+    let (s, _, json) = send(&f, gzip_post("/v1/events", "application/x-ndjson", body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{json}");
+    assert_eq!(json["error"], "bad_gzip");
+    assert_eq!(buffered(&f), 0);
+}
+
+#[tokio::test]
+async fn a_gzip_bomb_of_tiny_events_is_refused_at_the_event_cap() {
+    // The 17.5 KB body that used to inflate to 6,000,000 events and 1.6 GiB.
+    let f = fixture_with(
+        &[],
+        u64::MAX,
+        &[
+            "--max-body-bytes",
+            "5242880",
+            "--max-decompressed-bytes",
+            "20971520",
+        ],
+    );
+    let bomb = {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let chunk = "{}\n".repeat(100_000);
+        for _ in 0..60 {
+            enc.write_all(chunk.as_bytes()).unwrap();
+        }
+        enc.finish().unwrap()
+    };
+    assert!(bomb.len() < 40_000, "{}", bomb.len());
+    let (s, _, json) = send(&f, gzip_post("/v1/events", "application/x-ndjson", bomb)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
+    assert_eq!(json["error"], "too_many_events");
+    assert!(
+        json["message"].as_str().unwrap().contains("10000"),
+        "the message names the cap: {json}"
+    );
+    assert_eq!(buffered(&f), 0);
+    assert_eq!(
+        f.state.cfg.inflight.available(),
+        f.state.cfg.inflight.total(),
+        "every charge returned"
+    );
+}
+
+#[tokio::test]
+async fn more_events_than_the_cap_is_a_413_naming_it() {
+    let f = fixture_with(&[], u64::MAX, &["--max-events-per-request", "3"]);
+    let (s, _, json) = send(&f, post("/v1/events", "application/json", "[{},{},{},{}]")).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(json["error"], "too_many_events");
+    assert!(
+        json["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than 3 events")
+    );
+    let (s, _, _) = send(&f, post("/v1/events", "application/json", "[{},{},{}]")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(buffered(&f), 3);
+}
+
+#[tokio::test]
+async fn deeply_nested_json_is_a_400_naming_the_event() {
+    let f = fixture_with(
+        &[],
+        u64::MAX,
+        &["--max-event-bytes", "4096", "--max-body-bytes", "8192"],
+    );
+    let deep = format!("{{\"a\":{}{}}}", "[".repeat(1000), "]".repeat(1000));
+    let body = format!("{{\"ok\":1}}\n{deep}\n");
+    let (s, _, json) = send(&f, post("/v1/events", "application/x-ndjson", body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{json}");
+    assert_eq!(json["error"], "too_deeply_nested");
+    assert_eq!(json["index"], 1);
+    assert_eq!(buffered(&f), 0);
+}
+
+#[tokio::test]
+async fn an_exhausted_inflight_budget_is_a_503_with_retry_after_not_a_queue() {
+    let f = fixture(&[], u64::MAX);
+    let budget = &f.state.cfg.inflight;
+    let mut hog = budget.charge();
+    hog.grow(budget.total() - 1024).unwrap();
+    let (s, h, json) = send(&f, post("/v1/events", "application/json", "x".repeat(2000))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(json["error"], "server_busy");
+    assert_eq!(h[header::RETRY_AFTER], "3");
+    drop(hog);
+    let (s, _, _) = send(&f, post("/v1/events", "application/json", r#"{"a":1}"#)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(budget.available(), budget.total(), "every charge returned");
+}
+
+#[tokio::test]
+async fn a_token_file_rotated_on_disk_is_honoured_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("..v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(v1.join("tokens"), "first-token\n").unwrap();
+    std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tokens", dir.path().join("tokens")).unwrap();
+    let file = dir.path().join("tokens");
+    let mut f = fixture(&[], u64::MAX);
+    let mut cfg = f.state.cfg.as_ref().clone();
+    cfg.auth = auth::AuthTokens::from_file(&file).unwrap();
+    f.state.cfg = Arc::new(cfg);
+    let with = |token: Option<&str>| {
+        let mut req = post("/v1/events", "application/json", r#"{"a":1}"#);
+        if let Some(t) = token {
+            req.headers_mut().insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+        }
+        req
+    };
+    assert_eq!(send(&f, with(None)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(&f, with(Some("wrong"))).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(send(&f, with(Some("first-token"))).await.0, StatusCode::OK);
+    // Kubelet's atomic update: new directory, `..data` swapped by rename.
+    let v2 = dir.path().join("..v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v2.join("tokens"), "second-token\n").unwrap();
+    std::os::unix::fs::symlink("..v2", dir.path().join("..data_tmp")).unwrap();
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while send(&f, with(Some("second-token"))).await.0 != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotated token not accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        send(&f, with(Some("first-token"))).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(buffered(&f), 2);
+}
+
+#[test]
+fn every_abuse_limit_is_validated_naming_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "holdfast-capture",
+            "serve",
+            "--kafka-bootstrap",
+            "k:1",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ];
+        argv.extend_from_slice(extra);
+        let cli = crate::config::Cli::try_parse_from(argv).unwrap();
+        let crate::config::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        args.validate().map(|_| ()).map_err(|e| e.to_string())
+    };
+    parse(&[]).unwrap();
+    for flag in [
+        "--max-events-per-request",
+        "--header-read-timeout-secs",
+        "--body-read-timeout-secs",
+        "--max-connections",
+        "--auth-reload-secs",
+        "--max-header-bytes",
+        "--max-inflight-bytes",
+    ] {
+        let err = parse(&[flag, "0"]).unwrap_err();
+        assert!(err.starts_with(flag), "{flag}: {err}");
+    }
+    let err = parse(&["--max-inflight-bytes", "40000000"]).unwrap_err();
+    assert!(err.contains("--max-decompressed-bytes"), "{err}");
+    // A direct stream copies events again: the same budget is then too small.
+    parse(&["--max-inflight-bytes", "50000000"]).unwrap();
+    let err = parse(&[
+        "--max-inflight-bytes",
+        "50000000",
+        "--stream",
+        "default=events:direct",
+    ])
+    .unwrap_err();
+    assert!(err.contains("2 copies"), "{err}");
+    let missing = dir.path().join("no-such-file");
+    let err = parse(&["--auth-tokens-file", missing.to_str().unwrap()]).unwrap_err();
+    assert!(err.starts_with("--auth-tokens-file"), "{err}");
 }
