@@ -107,6 +107,11 @@ pub fn check(dir: &Path) -> Result<Verdict> {
             "file size {len} is not a multiple of the page size {page} (truncated)"
         )));
     }
+    // SQLite stops reading a WAL at the first bad frame and drops every
+    // commit after it without a word; quick_check would pass.
+    if let Some(why) = super::salvage::pages::wal_damage(&wal).map_err(data_dir_error(&wal))? {
+        return Ok(Verdict::Damaged(why));
+    }
     match quick_check(&db) {
         Ok(problems) if problems.is_empty() => Ok(Verdict::Sound),
         Ok(problems) => Ok(Verdict::Damaged(format!(

@@ -83,11 +83,30 @@ fn wal_checksum(big_endian: bool, data: &[u8], s: (u32, u32)) -> (u32, u32) {
     (s0, s1)
 }
 
-/// Committed frames of a WAL: `(page size, page -> data offset, pages in the
-/// database after the last commit)`. Stops at the first frame whose salt or
-/// running checksum is wrong, and keeps only frames up to the last commit
-/// before it, exactly what SQLite would replay.
-fn read_wal(wal: &File, want_page_size: Option<usize>) -> Option<(usize, HashMap<u32, u64>, u32)> {
+/// What a WAL holds.
+#[derive(Debug, Default)]
+struct WalScan {
+    page_size: usize,
+    /// Latest committed frame of each page: offset of its data.
+    committed: HashMap<u32, u64>,
+    /// Pages in the database after the last commit.
+    db_pages: u32,
+    /// Frames of this WAL generation (same salt) after the first frame whose
+    /// running checksum fails, up to the last commit among them.
+    tail: Vec<(u32, u64)>,
+    /// Commit frames in that tail, and the database size at the last one.
+    tail_commits: u32,
+    tail_db_pages: u32,
+}
+
+/// Reads a WAL as SQLite does: frames count while their salt matches the
+/// header and the running checksum holds, up to the last commit. Unlike
+/// SQLite it goes on past a checksum failure to find frames of the same
+/// generation written after it: a torn write at a crash leaves at most the
+/// one transaction being written there (the previous commit was synced
+/// before it began), so two or more commits after the failure mean a damaged
+/// log whose later commits SQLite would silently drop.
+fn read_wal(wal: &File, want_page_size: Option<usize>) -> Option<WalScan> {
     let mut head = [0u8; WAL_HEADER];
     wal.read_exact_at(&mut head, 0).ok()?;
     let magic = be32(&head, 0);
@@ -104,33 +123,69 @@ fn read_wal(wal: &File, want_page_size: Option<usize>) -> Option<(usize, HashMap
         return None;
     }
     let salt = &head[16..24];
-    let mut committed = HashMap::new();
+    let mut scan = WalScan {
+        page_size,
+        ..WalScan::default()
+    };
     let mut pending: Vec<(u32, u64)> = Vec::new();
-    let mut db_pages = 0;
+    let mut broken = false;
     let mut frame = vec![0u8; FRAME_HEADER + page_size];
     let mut offset = WAL_HEADER as u64;
     while wal.read_exact_at(&mut frame, offset).is_ok() {
-        if &frame[8..16] != salt {
-            break;
-        }
-        sum = wal_checksum(big_endian, &frame[..8], sum);
-        sum = wal_checksum(big_endian, &frame[FRAME_HEADER..], sum);
-        if sum != (be32(&frame, 16), be32(&frame, 20)) {
-            break;
-        }
-        let page = be32(&frame, 0);
-        if page == 0 {
-            break;
-        }
-        pending.push((page, offset + FRAME_HEADER as u64));
-        let commit_size = be32(&frame, 4);
-        if commit_size != 0 {
-            committed.extend(pending.drain(..));
-            db_pages = commit_size;
-        }
+        let data = offset + FRAME_HEADER as u64;
         offset += frame.len() as u64;
+        let page = be32(&frame, 0);
+        let same_salt = &frame[8..16] == salt;
+        let commit_size = be32(&frame, 4);
+        if !broken {
+            if same_salt && page != 0 {
+                sum = wal_checksum(big_endian, &frame[..8], sum);
+                sum = wal_checksum(big_endian, &frame[FRAME_HEADER..], sum);
+                if sum == (be32(&frame, 16), be32(&frame, 20)) {
+                    pending.push((page, data));
+                    if commit_size != 0 {
+                        scan.committed.extend(pending.drain(..));
+                        scan.db_pages = commit_size;
+                    }
+                    continue;
+                }
+            }
+            // End of what SQLite reads. Frames of older generations (another
+            // salt) follow a healthy log. The frames of the transaction being
+            // written stay pending: if it commits later, they are tail.
+            broken = true;
+        }
+        if !same_salt {
+            continue;
+        }
+        if page != 0 {
+            pending.push((page, data));
+        }
+        if commit_size != 0 {
+            scan.tail.append(&mut pending);
+            scan.tail_commits += 1;
+            scan.tail_db_pages = commit_size;
+        }
     }
-    Some((page_size, committed, db_pages))
+    Some(scan)
+}
+
+/// Why the WAL next to a database is damaged, if it is: two or more commits
+/// written after a frame whose checksum fails (see [`read_wal`]).
+pub(crate) fn wal_damage(wal: &Path) -> std::io::Result<Option<String>> {
+    let file = match File::open(wal) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(read_wal(&file, None)
+        .filter(|scan| scan.tail_commits >= 2)
+        .map(|scan| {
+            format!(
+                "write-ahead log damaged: {} commits follow a frame that fails its checksum",
+                scan.tail_commits
+            )
+        }))
 }
 
 impl Pages {
@@ -160,12 +215,19 @@ impl Pages {
             .and_then(|w| read_wal(w, geometry.map(|(size, _)| size)));
         let (page_size, reserved) = match (geometry, &wal_read) {
             (Some(g), _) => g,
-            (None, Some((size, _, _))) => (*size, 0),
+            (None, Some(scan)) => (scan.page_size, 0),
             (None, None) => (DEFAULT_PAGE_SIZE, 0),
         };
-        let (wal_frames, wal_pages) = wal_read
-            .map(|(_, frames, pages)| (frames, pages))
-            .unwrap_or_default();
+        let (wal_frames, wal_pages) = match wal_read {
+            // A damaged log: its later commits are the newest images there
+            // are (a frame that is garbage shows as a damaged page).
+            Some(mut scan) if scan.tail_commits >= 2 => {
+                scan.committed.extend(scan.tail);
+                (scan.committed, scan.tail_db_pages)
+            }
+            Some(scan) => (scan.committed, scan.db_pages),
+            None => Default::default(),
+        };
         let file_pages = u32::try_from(db_len / page_size as u64).unwrap_or(u32::MAX);
         let max_frame_page = wal_frames.keys().copied().max().unwrap_or(0);
         let mut pages = Self {
@@ -266,10 +328,11 @@ mod tests {
         conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);")
             .unwrap();
         let wal = File::open(dir.path().join("t.db-wal")).unwrap();
-        let (size, frames, pages) = read_wal(&wal, Some(4096)).expect("wal reads");
-        assert_eq!(size, 4096);
-        assert!(frames.contains_key(&2), "{frames:?}");
-        assert_eq!(pages, 2);
+        let scan = read_wal(&wal, Some(4096)).expect("wal reads");
+        assert_eq!(scan.page_size, 4096);
+        assert!(scan.committed.contains_key(&2), "{scan:?}");
+        assert_eq!(scan.db_pages, 2);
+        assert_eq!(scan.tail_commits, 0);
         drop(conn);
     }
 }
