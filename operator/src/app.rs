@@ -13,10 +13,11 @@ use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::cluster::{self, Context};
+use crate::cluster;
 use crate::config::RunArgs;
 use crate::leader::{Leadership, LeaseConfig};
 use crate::metrics::{self, Metrics};
+use crate::runtime::Context;
 use crate::{orphans, volumes};
 
 /// Why `run` stopped with an error.

@@ -3,6 +3,12 @@
 //!
 //! - [`api`]: the resource's types, and the labels and annotations shared
 //!   with the capture pods, declared once.
+//! - [`runtime`]: what every controller shares (context, errors, backoff,
+//!   Events, server-side apply, the leadership gate checked before writes);
+//!   [`podspec`]: the capture process for StatefulSet and flush Job alike;
+//!   [`flush`]: names and states of flush Jobs; [`classify`]: the one pure
+//!   definition of an orphan. The controllers depend on these, never on
+//!   each other.
 //! - [`cluster`]: one CaptureCluster → ServiceAccount, Role, RoleBinding,
 //!   Services, PodDisruptionBudget, StatefulSet (pure `build_*` functions and
 //!   a thin server-side-apply layer); finalizer and status.
@@ -17,11 +23,15 @@
 
 pub mod api;
 pub mod app;
+pub mod classify;
 pub mod cluster;
 pub mod config;
+pub mod flush;
 pub mod leader;
 pub mod metrics;
 pub mod orphans;
+pub mod podspec;
+pub mod runtime;
 pub mod volumes;
 
 use kube::CustomResourceExt;

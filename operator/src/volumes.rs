@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::api::{
     CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, CaptureCluster, FIELD_MANAGER, NAMESPACE_LABEL,
 };
-use crate::cluster::{Context, Error, Result, backoff};
+use crate::runtime::{Context, Error, Result, backoff};
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "volume";

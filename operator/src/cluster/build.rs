@@ -16,11 +16,8 @@ use k8s_openapi::api::apps::v1::{
     StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    Container, ContainerPort, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{
@@ -34,16 +31,11 @@ use crate::api::{
     BUFFER_MOUNT_PATH, BUFFER_VOLUME, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster, HTTP_PORT,
     MANAGED_BY_LABEL, NAME_LABEL, NAMESPACE_LABEL, drain_timeout_secs,
 };
+use crate::podspec::{self, AUTH_MOUNT, TMP_MOUNT, env, field_env};
+pub use crate::podspec::{CAPTURE_UID, kafka_properties};
 
-/// The user id capture pods run as (not root).
-pub const CAPTURE_UID: i64 = 65532;
 /// Name of the capture container.
 pub const CAPTURE_CONTAINER: &str = "capture";
-const TLS_MOUNT: &str = "/etc/holdfast/kafka-tls";
-const AUTH_MOUNT: &str = "/etc/holdfast/auth";
-/// Scratch space (the root file system is read-only); SQLite looks in
-/// `/var/tmp` for temporary files.
-const TMP_MOUNT: &str = "/var/tmp";
 
 /// Names of a cluster's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,90 +239,6 @@ pub fn build_pod_disruption_budget(cluster: &CaptureCluster) -> PodDisruptionBud
     }
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
-fn field_env(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// An environment variable read from a Secret key (required).
-pub fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.into(),
-                key: key.into(),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// The librdkafka properties of the pods: TLS and SASL settings derived from
-/// the spec first, then the spec's own properties (which win). SASL
-/// credentials are `$(VAR)` references to environment from the Secret, so
-/// they never appear in the pod spec.
-pub fn kafka_properties(cluster: &CaptureCluster) -> BTreeMap<String, String> {
-    let kafka = &cluster.spec.kafka;
-    let mut props = BTreeMap::new();
-    let protocol = match (kafka.tls.is_some(), kafka.sasl.is_some()) {
-        (true, true) => Some("SASL_SSL"),
-        (true, false) => Some("SSL"),
-        (false, true) => Some("SASL_PLAINTEXT"),
-        (false, false) => None,
-    };
-    if let Some(protocol) = protocol {
-        props.insert("security.protocol".to_string(), protocol.to_string());
-    }
-    if let Some(tls) = &kafka.tls {
-        props.insert(
-            "ssl.ca.location".into(),
-            format!("{TLS_MOUNT}/{}", tls.ca_key),
-        );
-        if let (Some(cert), Some(key)) = (&tls.cert_key, &tls.key_key) {
-            props.insert(
-                "ssl.certificate.location".into(),
-                format!("{TLS_MOUNT}/{cert}"),
-            );
-            props.insert("ssl.key.location".into(), format!("{TLS_MOUNT}/{key}"));
-        }
-    }
-    if let Some(sasl) = &kafka.sasl {
-        props.insert("sasl.mechanism".into(), sasl.mechanism.as_str().into());
-        props.insert(
-            "sasl.username".into(),
-            "$(HOLDFAST_KAFKA_SASL_USERNAME)".into(),
-        );
-        props.insert(
-            "sasl.password".into(),
-            "$(HOLDFAST_KAFKA_SASL_PASSWORD)".into(),
-        );
-    }
-    for (k, v) in &kafka.properties {
-        props.insert(k.clone(), v.clone());
-    }
-    props
-}
-
 /// The capture container's environment (every flag of `holdfast-capture
 /// serve` has an `HOLDFAST_*` variable). `POD_IP` comes first so the listen
 /// address can refer to it: the pod listens on its own address, which is
@@ -374,29 +282,8 @@ pub fn capture_env(cluster: &CaptureCluster) -> Vec<EnvVar> {
         env("HOLDFAST_LOG_FORMAT", "json"),
         env("TMPDIR", TMP_MOUNT),
     ];
-    if let Some(sasl) = &spec.kafka.sasl {
-        vars.push(secret_env(
-            "HOLDFAST_KAFKA_SASL_USERNAME",
-            &sasl.secret_name,
-            &sasl.username_key,
-        ));
-        vars.push(secret_env(
-            "HOLDFAST_KAFKA_SASL_PASSWORD",
-            &sasl.secret_name,
-            &sasl.password_key,
-        ));
-    }
-    let props = kafka_properties(cluster);
-    if !props.is_empty() {
-        vars.push(env(
-            "HOLDFAST_KAFKA_PROPERTIES",
-            props
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ));
-    }
+    vars.extend(podspec::sasl_env(cluster));
+    vars.extend(podspec::properties_env(cluster));
     if let Some(topic) = &spec.kafka.dead_letter_topic {
         vars.push(env("HOLDFAST_DEAD_LETTER_TOPIC", topic.clone()));
     }
@@ -412,88 +299,12 @@ pub fn capture_env(cluster: &CaptureCluster) -> Vec<EnvVar> {
     vars
 }
 
-fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
-    Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String("http".into()),
-            ..Default::default()
-        }),
-        period_seconds: Some(period),
-        timeout_seconds: Some(2),
-        failure_threshold: Some(failures),
-        ..Default::default()
-    }
-}
-
-/// The volumes and mounts a capture process needs besides its buffer claim:
-/// scratch space, the Kafka TLS Secret and (for `serve`) the auth Secret. The
-/// buffer mount is included; the buffer volume itself comes from the claim
-/// (template for the StatefulSet, the orphaned claim for a flush Job).
-pub fn capture_volumes(
-    spec: &crate::api::CaptureClusterSpec,
-    with_auth: bool,
-) -> (Vec<Volume>, Vec<VolumeMount>) {
-    let mut volumes = vec![Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    }];
-    let mut mounts = vec![
-        VolumeMount {
-            name: BUFFER_VOLUME.into(),
-            mount_path: BUFFER_MOUNT_PATH.into(),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "tmp".into(),
-            mount_path: TMP_MOUNT.into(),
-            ..Default::default()
-        },
-    ];
-    if let Some(tls) = &spec.kafka.tls {
-        volumes.push(Volume {
-            name: "kafka-tls".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(tls.secret_name.clone()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "kafka-tls".into(),
-            mount_path: TLS_MOUNT.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-    }
-    if let Some(auth) = spec.auth_secret.as_ref().filter(|_| with_auth) {
-        volumes.push(Volume {
-            name: "auth".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(auth.name.clone()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "auth".into(),
-            mount_path: AUTH_MOUNT.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-    }
-    (volumes, mounts)
-}
-
 /// The capture StatefulSet with `replicas` pods (the spec's, or 0 while the
 /// cluster is being deleted).
 pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet {
     let spec = &cluster.spec;
     let names = Names::of(cluster);
-    let (volumes, mounts) = capture_volumes(spec, true);
+    let (volumes, mounts) = podspec::capture_volumes(spec, true);
     let container = Container {
         name: CAPTURE_CONTAINER.into(),
         image: Some(spec.image.clone()),
@@ -506,20 +317,11 @@ pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        readiness_probe: Some(http_probe("/readyz", 2, 2)),
-        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        readiness_probe: Some(podspec::http_probe("/readyz", 2, 2)),
+        liveness_probe: Some(podspec::http_probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
         volume_mounts: Some(mounts),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(podspec::container_security_context()),
         ..Default::default()
     };
     let claim = PersistentVolumeClaim {
@@ -577,17 +379,7 @@ pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet
                     service_account_name: Some(names.capture),
                     automount_service_account_token: Some(true),
                     termination_grace_period_seconds: Some(spec.shutdown_grace_period_seconds),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(CAPTURE_UID),
-                        run_as_group: Some(CAPTURE_UID),
-                        fs_group: Some(CAPTURE_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(podspec::pod_security_context()),
                     containers: vec![container],
                     volumes: Some(volumes),
                     node_selector: spec.node_selector.clone(),

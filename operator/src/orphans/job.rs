@@ -5,7 +5,7 @@
 //! The Job runs `holdfast-capture flush` in the cluster's image, with the
 //! cluster's Kafka settings (bootstrap servers, properties, TLS Secret
 //! volume, SASL `secretKeyRef` environment: the same derivation as the
-//! StatefulSet's, [`build::kafka_properties`]), mounts the claim at the
+//! StatefulSet's, [`podspec::kafka_properties`]), mounts the claim at the
 //! buffer path, and is pinned to the PV's node when the PV has node
 //! affinity (local volumes). It runs as the same non-root user with a
 //! read-only root file system, without an API token: it needs none (the
@@ -15,52 +15,26 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EnvVar, NodeAffinity, PersistentVolume,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecurityContext, Volume,
+    Container, EnvVar, PersistentVolume, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{
-    BUFFER_MOUNT_PATH, BUFFER_VOLUME, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
-    MANAGED_BY_LABEL, NAME_LABEL,
+use crate::api::{BUFFER_MOUNT_PATH, BUFFER_VOLUME, CaptureCluster};
+use crate::podspec::{self, TMP_MOUNT, env};
+pub use crate::podspec::{CAPTURE_UID, TLS_MOUNT, volume_affinity};
+
+use crate::flush::{CLAIM_ANNOTATION, VOLUME_ANNOTATION};
+pub use crate::flush::{
+    JobState, flush_job_name, flush_labels, job_duration, job_failure, job_state,
 };
-use crate::cluster::build::{self, CAPTURE_UID};
 
-use super::{CLAIM_ANNOTATION, FLUSH_COMPONENT, VOLUME_ANNOTATION, bounded_name};
-
-/// Where the Kafka TLS Secret is mounted; the paths in
-/// [`build::kafka_properties`] point here (a unit test keeps them in step).
-pub const TLS_MOUNT: &str = "/etc/holdfast/kafka-tls";
-/// Scratch space (the root file system is read-only).
-const TMP_MOUNT: &str = "/var/tmp";
 /// Name of the flush container.
 pub const FLUSH_CONTAINER: &str = "flush";
 /// Pod-level retries inside one Job before it counts as failed (the
 /// operator then backs off and starts a new Job).
 pub const JOB_BACKOFF_LIMIT: i32 = 1;
-
-/// The flush Job's name for PV `volume`: `hf-flush-<volume>`, shortened
-/// with a hash when too long (a Job name must fit a label value).
-pub fn flush_job_name(volume: &str) -> String {
-    bounded_name("hf-flush-", volume)
-}
-
-/// Labels of flush Jobs and their pods (and recovery claims): not the
-/// capture selector, so no Service, PodDisruptionBudget or StatefulSet
-/// selects them.
-pub fn flush_labels(cluster: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (NAME_LABEL.to_string(), "holdfast".to_string()),
-        (COMPONENT_LABEL.to_string(), FLUSH_COMPONENT.to_string()),
-        (CLUSTER_LABEL.to_string(), cluster.to_string()),
-        (
-            MANAGED_BY_LABEL.to_string(),
-            "holdfast-operator".to_string(),
-        ),
-    ])
-}
 
 /// What a flush Job needs to know.
 #[derive(Debug, Clone)]
@@ -75,32 +49,12 @@ pub struct FlushJobInput<'a> {
     pub flush_timeout_secs: u64,
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
 /// The environment of `holdfast-capture flush` (its flags' `HOLDFAST_*`
 /// variables). SASL credentials come first: the properties refer to them as
 /// `$(HOLDFAST_KAFKA_SASL_*)`.
 pub fn flush_env(cluster: &CaptureCluster, flush_timeout_secs: u64) -> Vec<EnvVar> {
     let spec = &cluster.spec;
-    let mut vars = Vec::new();
-    if let Some(sasl) = &spec.kafka.sasl {
-        vars.push(build::secret_env(
-            "HOLDFAST_KAFKA_SASL_USERNAME",
-            &sasl.secret_name,
-            &sasl.username_key,
-        ));
-        vars.push(build::secret_env(
-            "HOLDFAST_KAFKA_SASL_PASSWORD",
-            &sasl.secret_name,
-            &sasl.password_key,
-        ));
-    }
+    let mut vars = podspec::sasl_env(cluster);
     vars.extend([
         env("HOLDFAST_DATA_DIR", BUFFER_MOUNT_PATH),
         env("HOLDFAST_DURABILITY", spec.durability.as_str()),
@@ -115,39 +69,11 @@ pub fn flush_env(cluster: &CaptureCluster, flush_timeout_secs: u64) -> Vec<EnvVa
         env("HOLDFAST_LOG_FORMAT", "json"),
         env("TMPDIR", TMP_MOUNT),
     ]);
-    let props = build::kafka_properties(cluster);
-    if !props.is_empty() {
-        vars.push(env(
-            "HOLDFAST_KAFKA_PROPERTIES",
-            props
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ));
-    }
+    vars.extend(podspec::properties_env(cluster));
     if let Some(topic) = &spec.kafka.dead_letter_topic {
         vars.push(env("HOLDFAST_DEAD_LETTER_TOPIC", topic.clone()));
     }
     vars
-}
-
-/// The PV's node affinity as a pod affinity (local volumes live on one node).
-pub fn volume_affinity(volume: &PersistentVolume) -> Option<Affinity> {
-    let required = volume
-        .spec
-        .as_ref()?
-        .node_affinity
-        .as_ref()?
-        .required
-        .clone()?;
-    Some(Affinity {
-        node_affinity: Some(NodeAffinity {
-            required_during_scheduling_ignored_during_execution: Some(required),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
 }
 
 /// The flush Job for one orphaned volume.
@@ -166,7 +92,7 @@ pub fn build_flush_job(input: &FlushJobInput<'_>) -> Job {
         (VOLUME_ANNOTATION.to_string(), volume_name.clone()),
         (CLAIM_ANNOTATION.to_string(), claim.to_string()),
     ]);
-    let (shared_volumes, mounts) = build::capture_volumes(spec, false);
+    let (shared_volumes, mounts) = podspec::capture_volumes(spec, false);
     let mut volumes = vec![Volume {
         name: BUFFER_VOLUME.into(),
         persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -184,16 +110,7 @@ pub fn build_flush_job(input: &FlushJobInput<'_>) -> Job {
         env: Some(flush_env(cluster, flush_timeout_secs)),
         resources: spec.resources.clone(),
         volume_mounts: Some(mounts),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(podspec::container_security_context()),
         ..Default::default()
     };
     // The flush gives up after its timeout; the deadline only catches a pod
@@ -225,17 +142,7 @@ pub fn build_flush_job(input: &FlushJobInput<'_>) -> Job {
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(CAPTURE_UID),
-                        run_as_group: Some(CAPTURE_UID),
-                        fs_group: Some(CAPTURE_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(podspec::pod_security_context()),
                     containers: vec![container],
                     volumes: Some(volumes),
                     affinity: volume_affinity(volume),
@@ -249,73 +156,11 @@ pub fn build_flush_job(input: &FlushJobInput<'_>) -> Job {
     }
 }
 
-/// Where a flush Job stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    /// Still running (or waiting to).
-    Active,
-    /// The buffer was seen empty: the volume may be released.
-    Succeeded,
-    /// Gave up (flush timeout, pod failures, deadline).
-    Failed,
-}
-
-/// The state of a flush Job from its status.
-pub fn job_state(job: &Job) -> JobState {
-    let Some(status) = job.status.as_ref() else {
-        return JobState::Active;
-    };
-    let condition = |type_: &str| {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == type_ && c.status == "True")
-    };
-    if status.succeeded.unwrap_or(0) > 0 || condition("Complete") {
-        JobState::Succeeded
-    } else if condition("Failed") {
-        JobState::Failed
-    } else {
-        JobState::Active
-    }
-}
-
-/// How long a finished Job ran, from its status.
-pub fn job_duration(job: &Job) -> Option<std::time::Duration> {
-    let status = job.status.as_ref()?;
-    let start = status.start_time.as_ref()?.0;
-    let end = status.completion_time.as_ref().map(|t| t.0).or_else(|| {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.status == "True" && (c.type_ == "Failed" || c.type_ == "Complete"))
-            .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
-    })?;
-    let span = end.duration_since(start);
-    std::time::Duration::try_from(span).ok()
-}
-
-/// Why a failed Job failed (its `Failed` condition), for Events.
-pub fn job_failure(job: &Job) -> String {
-    job.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Failed"))
-        .map(|c| {
-            format!(
-                "{}: {}",
-                c.reason.as_deref().unwrap_or("Failed"),
-                c.message.as_deref().unwrap_or("")
-            )
-        })
-        .unwrap_or_else(|| "failed".into())
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::api::{CLUSTER_LABEL, COMPONENT_LABEL};
+    use crate::flush::FLUSH_COMPONENT;
     use k8s_openapi::api::core::v1::{
         NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeSpec,
         VolumeNodeAffinity,

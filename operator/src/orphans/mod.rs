@@ -37,175 +37,42 @@
 //! Events on the CaptureCluster: `FlushJobStarted`, `VolumeDrained`,
 //! `FlushJobFailed`, `FlushJobStopped`, `VolumeRebound`, `ClaimRemoved`; on
 //! the PV: `VolumeUnrecoverable`. Status `activeFlushJobs` is counted by the
-//! cluster controller from the Jobs ([`count_active_flush_jobs`]).
+//! cluster controller from the Jobs ([`crate::flush::job_state`]).
 
-pub mod find;
 pub mod job;
 pub mod rebind;
+
+pub use crate::classify as find;
+pub use crate::flush::{
+    CLAIM_ANNOTATION, FAILED_AT_ANNOTATION, FAILURES_ANNOTATION, FLUSH_COMPONENT,
+    REMAINING_ANNOTATION, VOLUME_ANNOTATION, bounded_name,
+};
+
+pub mod metrics;
+mod steps;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::events::{Event, EventType};
-use kube::{Client, Resource, ResourceExt};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Registry, Unit};
-use serde_json::json;
+use kube::api::{Api, ListParams};
+use kube::runtime::events::EventType;
+use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::api::{
-    CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster, NAMESPACE_LABEL,
-};
-use crate::cluster::{Context, Error, Result, backoff};
+use crate::api::{CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster, NAMESPACE_LABEL};
+use crate::runtime::{Context, Error, Result, api_err, scoped};
 
 use find::{Inventory, Orphan, Situation, Step};
-use job::{FlushJobInput, JobState};
+pub use metrics::{OrphanMetrics, ResultLabel};
+use steps::Target;
 
 /// Name of this loop in metrics and logs.
 pub const CONTROLLER: &str = "orphans";
-/// Value of [`COMPONENT_LABEL`] on flush Jobs, their pods and recovery claims.
-pub const FLUSH_COMPONENT: &str = "flush";
-/// Annotation on a flush Job and a recovery claim: the PV it is for.
-pub const VOLUME_ANNOTATION: &str = "holdfast.dev/volume";
-/// Annotation on a flush Job: the claim it mounts.
-pub const CLAIM_ANNOTATION: &str = "holdfast.dev/flush-claim";
-/// Annotation on a PV: flush Jobs that failed on it in a row.
-pub const FAILURES_ANNOTATION: &str = "holdfast.dev/flush-failures";
-/// Annotation on a PV: when its last flush Job failed (RFC 3339).
-pub const FAILED_AT_ANNOTATION: &str = "holdfast.dev/flush-failed-at";
-/// Annotation on a PV (set by the capture pod): events its last shutdown left.
-pub const REMAINING_ANNOTATION: &str = "holdfast.dev/remaining-events";
-
 /// Field manager of the loop's merge patches.
-const FIELD_MANAGER: &str = "holdfast-operator-orphans";
-
-/// `prefix` + `name` as a DNS label of at most 63 characters: dots become
-/// dashes, and a name too long is cut and suffixed with a hash of the whole,
-/// so distinct volumes keep distinct names.
-pub fn bounded_name(prefix: &str, name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let full = format!("{prefix}{clean}");
-    if full.len() <= 63 {
-        return full;
-    }
-    // FNV-1a: stable across releases (unlike std's hasher).
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let suffix = format!("-{:08x}", hash as u32);
-    let keep = 63 - suffix.len();
-    let head = full[..keep].trim_end_matches('-');
-    format!("{head}{suffix}")
-}
-
-/// Label: what a flush Job counter counts.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
-    /// `started`, `succeeded`, `failed`, `stopped`.
-    pub result: String,
-}
-
-/// Metrics of orphan recovery (registered under `holdfast_operator_`).
-#[derive(Debug)]
-pub struct OrphanMetrics {
-    /// Volumes that hold events and that no pod will drain.
-    pub orphaned_volumes: Gauge,
-    /// Orphaned volumes that cannot be drained (cluster gone, recovery off).
-    pub unrecoverable_volumes: Gauge,
-    /// Flush Jobs running now.
-    pub active_flush_jobs: Gauge,
-    /// Flush Jobs by what happened to them.
-    pub flush_jobs: Family<ResultLabel, Counter>,
-    /// How long flush Jobs ran (start to end).
-    pub flush_job_duration: Histogram,
-    /// Time from first seeing a volume orphaned to its release.
-    pub orphan_recovery_duration: Histogram,
-    /// Volumes handed back to the storage system (flipped or released).
-    pub volumes_released: Counter,
-}
-
-fn seconds_histogram() -> Histogram {
-    Histogram::new([1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0])
-}
-
-impl OrphanMetrics {
-    /// Registers the metrics in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            orphaned_volumes: Gauge::default(),
-            unrecoverable_volumes: Gauge::default(),
-            active_flush_jobs: Gauge::default(),
-            flush_jobs: Family::default(),
-            flush_job_duration: seconds_histogram(),
-            orphan_recovery_duration: seconds_histogram(),
-            volumes_released: Counter::default(),
-        };
-        registry.register(
-            "orphaned_volumes",
-            "Volumes holding events that no pod will drain",
-            m.orphaned_volumes.clone(),
-        );
-        registry.register(
-            "unrecoverable_volumes",
-            "Orphaned volumes that cannot be drained (their CaptureCluster is gone or disabled recovery); they stay Retain",
-            m.unrecoverable_volumes.clone(),
-        );
-        registry.register(
-            "flush_jobs_active",
-            "Flush Jobs running now",
-            m.active_flush_jobs.clone(),
-        );
-        registry.register(
-            "flush_jobs",
-            "Flush Jobs by result (started, succeeded, failed, stopped)",
-            m.flush_jobs.clone(),
-        );
-        registry.register_with_unit(
-            "flush_job_duration",
-            "How long a flush Job ran",
-            Unit::Seconds,
-            m.flush_job_duration.clone(),
-        );
-        registry.register_with_unit(
-            "orphan_recovery_duration",
-            "Time from first seeing a volume orphaned to handing it back drained",
-            Unit::Seconds,
-            m.orphan_recovery_duration.clone(),
-        );
-        registry.register(
-            "volumes_released",
-            "Drained volumes handed back to the storage system",
-            m.volumes_released.clone(),
-        );
-        m
-    }
-
-    fn job(&self, result: &str) {
-        self.flush_jobs
-            .get_or_create(&ResultLabel {
-                result: result.to_string(),
-            })
-            .inc();
-    }
-}
+pub(crate) const FIELD_MANAGER: &str = "holdfast-operator-orphans";
 
 /// Settings of the loop.
 #[derive(Debug, Clone)]
@@ -237,21 +104,6 @@ struct Memory {
     first_seen: HashMap<String, Instant>,
     /// Unrecoverable volumes already reported.
     reported: BTreeSet<String>,
-}
-
-fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
-    let what = what.into();
-    move |source| Error::Api { what, source }
-}
-
-fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 /// Runs the loop until `shutdown` resolves (a pass in progress finishes).
@@ -318,23 +170,6 @@ pub async fn inventory(client: &Client, namespace: Option<&str>) -> Result<Inven
     })
 }
 
-/// Flush Jobs of cluster `name` in `ns` that are still running (the
-/// CaptureCluster's `status.activeFlushJobs`).
-pub async fn count_active_flush_jobs(client: &Client, ns: &str, name: &str) -> Result<i32> {
-    let jobs = Api::<Job>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!(
-            "{COMPONENT_LABEL}={FLUSH_COMPONENT},{CLUSTER_LABEL}={name}"
-        )))
-        .await
-        .map_err(api_err(format!("list flush jobs of {ns}/{name}")))?;
-    let active = jobs
-        .items
-        .iter()
-        .filter(|j| job::job_state(j) == JobState::Active)
-        .count();
-    Ok(i32::try_from(active).unwrap_or(i32::MAX))
-}
-
 async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()> {
     let inv = inventory(&ctx.client, config.namespace.as_deref()).await?;
     let findings = find::find(&inv);
@@ -345,7 +180,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
     };
 
     for stop in &findings.stop {
-        let result = delete_job(&ctx.client, &stop.namespace, &stop.job).await;
+        let result = steps::delete_job(ctx, &stop.namespace, &stop.job).await;
         match result {
             Ok(()) => {
                 ctx.metrics.orphans.job("stopped");
@@ -410,21 +245,23 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
                 debug!(volume = ?orphan.volume, claim = %orphan.claim, kind = orphan.kind.as_str(), why, "orphan waits");
                 Ok(())
             }
-            Step::Release => release(ctx, &target).await,
-            Step::Rebind => rebind_volume(ctx, &target).await,
+            Step::Release => steps::release(ctx, &target).await,
+            Step::Rebind => steps::rebind_volume(ctx, &target).await,
             Step::StartJob => {
-                let started = start_job(ctx, config, &target).await;
+                let started = steps::start_job(ctx, config, &target).await;
                 if started.is_ok() {
                     *active.entry(slot).or_insert(0) += 1;
                 }
                 started
             }
-            Step::Finish => finish(ctx, &target, now_instant.duration_since(first_seen)).await,
-            Step::RecordFailure => record_failure(ctx, &target, now).await,
+            Step::Finish => {
+                steps::finish(ctx, &target, now_instant.duration_since(first_seen)).await
+            }
+            Step::RecordFailure => steps::record_failure(ctx, &target, now).await,
             Step::Report(why) => {
                 unrecoverable += 1;
                 if memory.reported.insert(orphan.key()) {
-                    report(ctx, &target, why).await;
+                    steps::report(ctx, &target, why).await;
                 }
                 Ok(())
             }
@@ -455,426 +292,6 @@ fn failed(ctx: &Context, what: &str, e: &Error) {
     } else {
         warn!(target = %what, reason = e.reason(), error = %e, "orphan step failed; retrying next pass");
     }
-}
-
-/// One orphan and what the pass knows about it.
-struct Target<'a> {
-    orphan: &'a Orphan,
-    cluster: Option<&'a CaptureCluster>,
-    volume: Option<&'a PersistentVolume>,
-    job: Option<&'a Job>,
-    inv: &'a Inventory,
-}
-
-impl Target<'_> {
-    fn volume_name(&self) -> &str {
-        self.orphan.volume.as_deref().unwrap_or("(none)")
-    }
-
-    fn claim_uid(&self) -> Option<String> {
-        self.inv
-            .claims
-            .iter()
-            .find(|c| {
-                c.namespace().as_deref() == Some(self.orphan.namespace.as_str())
-                    && c.name_any() == self.orphan.claim
-            })
-            .and_then(|c| c.uid())
-    }
-
-    async fn publish(
-        &self,
-        ctx: &Context,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        if let Some(cluster) = self.cluster {
-            ctx.publish(cluster, type_, reason, action, note).await;
-        }
-    }
-}
-
-fn merge_params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    }
-}
-
-async fn delete_job(client: &Client, ns: &str, name: &str) -> Result<()> {
-    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
-    match jobs.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(api_err(format!("delete job {ns}/{name}"))(e)),
-    }
-}
-
-/// Deletes the orphan's claim (guarded by its uid, so a claim recreated
-/// under the same name by a returning StatefulSet pod is not touched).
-async fn delete_claim(client: &Client, target: &Target<'_>) -> Result<bool> {
-    let o = target.orphan;
-    if !o.claim_exists {
-        return Ok(false);
-    }
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &o.namespace);
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: target.claim_uid(),
-            resource_version: None,
-        }),
-        ..Default::default()
-    };
-    match claims.delete(&o.claim, &params).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
-        Err(e) => Err(api_err(format!("delete claim {}/{}", o.namespace, o.claim))(e)),
-    }
-}
-
-/// A capture pod uses `claim` right now (a fresh look, just before a
-/// volume is handed back).
-async fn claim_in_use(client: &Client, ns: &str, claim: &str) -> Result<bool> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(CLUSTER_LABEL))
-        .await
-        .map_err(api_err(format!("list pods of {ns}")))?;
-    Ok(pods.items.iter().any(|p| {
-        p.labels().get(COMPONENT_LABEL).map(String::as_str) != Some(FLUSH_COMPONENT)
-            && p.spec.iter().any(|s| {
-                s.volumes
-                    .iter()
-                    .flatten()
-                    .filter_map(|v| v.persistent_volume_claim.as_ref())
-                    .any(|c| c.claim_name == claim)
-            })
-    }))
-}
-
-/// A clean claim (its pod drained it) or one that never got a volume: the
-/// PV goes back to the storage system with the claim.
-async fn release(ctx: &Context, target: &Target<'_>) -> Result<()> {
-    let o = target.orphan;
-    if claim_in_use(&ctx.client, &o.namespace, &o.claim).await? {
-        return Ok(());
-    }
-    if let Some(pv) = target.volume {
-        let policy = pv
-            .spec
-            .as_ref()
-            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
-        if policy != Some("Delete") {
-            Api::<PersistentVolume>::all(ctx.client.clone())
-                .patch(
-                    &pv.name_any(),
-                    &merge_params(),
-                    &Patch::Merge(json!({
-                        "metadata": {"resourceVersion": pv.resource_version()},
-                        "spec": {"persistentVolumeReclaimPolicy": "Delete"},
-                    })),
-                )
-                .await
-                .map_err(api_err(format!("set volume {} to Delete", pv.name_any())))?;
-        }
-    }
-    let deleted = delete_claim(&ctx.client, target).await?;
-    ctx.metrics.orphans.volumes_released.inc();
-    info!(volume = target.volume_name(), claim = %o.claim, namespace = %o.namespace, "clean volume released");
-    if deleted {
-        target
-            .publish(
-                ctx,
-                EventType::Normal,
-                "ClaimRemoved",
-                "ReleaseVolume",
-                format!(
-                    "claim {} (volume {}) holds no events and no pod uses it: removed, the volume goes back to the storage system",
-                    o.claim,
-                    target.volume_name()
-                ),
-            )
-            .await;
-    }
-    Ok(())
-}
-
-/// Pre-binds a Released PV to the recovery claim and creates the claim.
-async fn rebind_volume(ctx: &Context, target: &Target<'_>) -> Result<()> {
-    let (Some(cluster), Some(pv)) = (target.cluster, target.volume) else {
-        return Ok(());
-    };
-    let o = target.orphan;
-    if !rebind::pre_bound_to(pv, &o.namespace, &o.claim) {
-        Api::<PersistentVolume>::all(ctx.client.clone())
-            .patch(
-                &pv.name_any(),
-                &merge_params(),
-                &Patch::Merge(rebind::build_claim_ref_patch(pv, &o.namespace, &o.claim)),
-            )
-            .await
-            .map_err(api_err(format!("pre-bind volume {}", pv.name_any())))?;
-    }
-    if !o.claim_exists {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &o.namespace);
-        match claims
-            .create(
-                &PostParams::default(),
-                &rebind::build_recovery_claim(cluster, pv),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => {
-                return Err(api_err(format!("create claim {}/{}", o.namespace, o.claim))(e));
-            }
-        }
-    }
-    info!(volume = %pv.name_any(), claim = %o.claim, namespace = %o.namespace, "released volume rebound for its flush job");
-    target
-        .publish(
-            ctx,
-            EventType::Normal,
-            "VolumeRebound",
-            "RebindVolume",
-            format!(
-                "volume {} lost its claim while holding events: bound to claim {} for a flush Job",
-                pv.name_any(),
-                o.claim
-            ),
-        )
-        .await;
-    Ok(())
-}
-
-async fn start_job(ctx: &Context, config: &Config, target: &Target<'_>) -> Result<()> {
-    let (Some(cluster), Some(pv)) = (target.cluster, target.volume) else {
-        return Ok(());
-    };
-    let o = target.orphan;
-    // A pod may have come back since the list.
-    if claim_in_use(&ctx.client, &o.namespace, &o.claim).await? {
-        return Ok(());
-    }
-    let job = job::build_flush_job(&FlushJobInput {
-        cluster,
-        volume: pv,
-        claim: &o.claim,
-        flush_timeout_secs: config.flush_timeout_secs,
-    });
-    let name = job.name_any();
-    match Api::<Job>::namespaced(ctx.client.clone(), &o.namespace)
-        .create(&PostParams::default(), &job)
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(()),
-        Err(e) => return Err(api_err(format!("create job {}/{name}", o.namespace))(e)),
-    }
-    ctx.metrics.orphans.job("started");
-    let remaining = pv
-        .annotations()
-        .get(REMAINING_ANNOTATION)
-        .map(|n| format!(" ({n} events left by its last pod)"))
-        .unwrap_or_default();
-    info!(volume = %pv.name_any(), claim = %o.claim, namespace = %o.namespace, job = %name, kind = o.kind.as_str(), "flush job started");
-    target
-        .publish(
-            ctx,
-            EventType::Normal,
-            "FlushJobStarted",
-            "Flush",
-            format!(
-                "volume {} ({}, claim {}) may hold events{remaining}: flush Job {name} started",
-                pv.name_any(),
-                o.kind.as_str(),
-                o.claim
-            ),
-        )
-        .await;
-    Ok(())
-}
-
-/// The node the Job's pod ran on, for the Event.
-fn job_node(inv: &Inventory, ns: &str, job: &str) -> Option<String> {
-    inv.pods
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns))
-        .filter(|p| {
-            p.labels().get("job-name").map(String::as_str) == Some(job)
-                || p.labels()
-                    .get("batch.kubernetes.io/job-name")
-                    .map(String::as_str)
-                    == Some(job)
-        })
-        .find_map(|p| p.spec.as_ref()?.node_name.clone())
-}
-
-/// The Job saw the buffer empty: hand the volume back.
-async fn finish(ctx: &Context, target: &Target<'_>, orphaned_for: Duration) -> Result<()> {
-    let (Some(pv), Some(job)) = (target.volume, target.job) else {
-        // No PV left to flip: just clear the Job.
-        if let Some(job) = target.job {
-            delete_job(&ctx.client, &target.orphan.namespace, &job.name_any()).await?;
-        }
-        return Ok(());
-    };
-    let o = target.orphan;
-    if claim_in_use(&ctx.client, &o.namespace, &o.claim).await? {
-        // A pod came back after the Job: it owns the volume now.
-        return Ok(());
-    }
-    let (failures, _) = find::failures(pv);
-    Api::<PersistentVolume>::all(ctx.client.clone())
-        .patch(
-            &pv.name_any(),
-            &merge_params(),
-            &Patch::Merge(json!({
-                "metadata": {
-                    "resourceVersion": pv.resource_version(),
-                    "annotations": {
-                        CLEAN_ANNOTATION: "true",
-                        REMAINING_ANNOTATION: "0",
-                        FAILURES_ANNOTATION: null,
-                        FAILED_AT_ANNOTATION: null,
-                    },
-                },
-                "spec": {"persistentVolumeReclaimPolicy": "Delete"},
-            })),
-        )
-        .await
-        .map_err(api_err(format!(
-            "set drained volume {} to Delete",
-            pv.name_any()
-        )))?;
-    delete_claim(&ctx.client, target).await?;
-    let job_name = job.name_any();
-    let node = job_node(target.inv, &o.namespace, &job_name);
-    delete_job(&ctx.client, &o.namespace, &job_name).await?;
-    let m = &ctx.metrics.orphans;
-    m.job("succeeded");
-    m.volumes_released.inc();
-    let ran = job::job_duration(job);
-    if let Some(ran) = ran {
-        m.flush_job_duration.observe(ran.as_secs_f64());
-    }
-    m.orphan_recovery_duration
-        .observe(orphaned_for.as_secs_f64());
-    info!(
-        volume = %pv.name_any(),
-        claim = %o.claim,
-        namespace = %o.namespace,
-        job = %job_name,
-        node = node.as_deref().unwrap_or(""),
-        job_secs = ran.map(|d| d.as_secs()),
-        orphaned_secs = orphaned_for.as_secs(),
-        failures_before = failures,
-        "volume drained by its flush job: set to Delete, claim removed"
-    );
-    target
-        .publish(
-            ctx,
-            EventType::Normal,
-            "VolumeDrained",
-            "Flush",
-            format!(
-                "flush Job {job_name}{} drained volume {} in {}s ({}s after it was found orphaned): set to Delete, claim {} removed",
-                node.map(|n| format!(" on node {n}")).unwrap_or_default(),
-                pv.name_any(),
-                ran.map_or(0, |d| d.as_secs()),
-                orphaned_for.as_secs(),
-                o.claim
-            ),
-        )
-        .await;
-    Ok(())
-}
-
-async fn record_failure(ctx: &Context, target: &Target<'_>, now: jiff::Timestamp) -> Result<()> {
-    let Some(job) = target.job else {
-        return Ok(());
-    };
-    let o = target.orphan;
-    let failures = target.volume.map_or(0, |pv| find::failures(pv).0) + 1;
-    if let Some(pv) = target.volume {
-        Api::<PersistentVolume>::all(ctx.client.clone())
-            .patch(
-                &pv.name_any(),
-                &merge_params(),
-                &Patch::Merge(json!({"metadata": {"annotations": {
-                    FAILURES_ANNOTATION: failures.to_string(),
-                    FAILED_AT_ANNOTATION: now.to_string(),
-                }}})),
-            )
-            .await
-            .map_err(api_err(format!(
-                "record failure on volume {}",
-                pv.name_any()
-            )))?;
-    }
-    let job_name = job.name_any();
-    delete_job(&ctx.client, &o.namespace, &job_name).await?;
-    let m = &ctx.metrics.orphans;
-    m.job("failed");
-    if let Some(ran) = job::job_duration(job) {
-        m.flush_job_duration.observe(ran.as_secs_f64());
-    }
-    let why = job::job_failure(job);
-    let retry = backoff(failures);
-    warn!(volume = target.volume_name(), namespace = %o.namespace, job = %job_name, failures, retry_in_secs = retry.as_secs(), why = %why, "flush job failed; the volume stays Retain");
-    target
-        .publish(
-            ctx,
-            EventType::Warning,
-            "FlushJobFailed",
-            "Flush",
-            format!(
-                "flush Job {job_name} for volume {} failed ({why}); failure {failures} in a row, next try in {}s; the volume stays Retain",
-                target.volume_name(),
-                retry.as_secs()
-            ),
-        )
-        .await;
-    Ok(())
-}
-
-/// An orphan that cannot be drained: a Warning Event on its PV (its
-/// CaptureCluster may be gone) and on the cluster when it exists.
-async fn report(ctx: &Context, target: &Target<'_>, why: &str) {
-    let o = target.orphan;
-    let note = format!(
-        "volume {} (claim {}/{}) may hold events and cannot be drained: {why}",
-        target.volume_name(),
-        o.namespace,
-        o.claim
-    );
-    warn!(volume = target.volume_name(), claim = %o.claim, namespace = %o.namespace, why, "orphaned volume cannot be drained");
-    if let Some(pv) = target.volume {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "VolumeUnrecoverable".into(),
-            note: Some(note.clone()),
-            action: "Inspect".into(),
-            secondary: None,
-        };
-        let mut reference = pv.object_ref(&());
-        // Events of cluster-scoped objects live in `default`.
-        reference.namespace = None;
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(volume = %pv.name_any(), error = %e, "cannot post event");
-        }
-    }
-    target
-        .publish(
-            ctx,
-            EventType::Warning,
-            "VolumeUnrecoverable",
-            "Inspect",
-            note,
-        )
-        .await;
 }
 
 #[cfg(test)]

@@ -18,14 +18,8 @@ use serde_json::{Value, json};
 
 use crate::api::CaptureCluster;
 
-use super::job::flush_labels;
-use super::{VOLUME_ANNOTATION, bounded_name};
-
-/// The recovery claim's name for PV `volume`: `hf-recover-<volume>`,
-/// shortened with a hash when too long.
-pub fn recovery_claim_name(volume: &str) -> String {
-    bounded_name("hf-recover-", volume)
-}
+use crate::flush::{VOLUME_ANNOTATION, flush_labels};
+pub use crate::flush::{pre_bound_to, recovery_claim_name};
 
 /// The merge patch that pre-binds `volume` to claim `namespace/claim`: the
 /// old claim's uid and resourceVersion are cleared, and the PV's own
@@ -43,17 +37,6 @@ pub fn build_claim_ref_patch(volume: &PersistentVolume, namespace: &str, claim: 
             "resourceVersion": null,
         }},
     })
-}
-
-/// Whether `volume`'s claimRef already names `namespace/claim`.
-pub fn pre_bound_to(volume: &PersistentVolume, namespace: &str, claim: &str) -> bool {
-    volume
-        .spec
-        .as_ref()
-        .and_then(|s| s.claim_ref.as_ref())
-        .is_some_and(|r| {
-            r.namespace.as_deref() == Some(namespace) && r.name.as_deref() == Some(claim)
-        })
 }
 
 /// The claim that takes over a Released PV for its flush Job, owned by the

@@ -1,4 +1,5 @@
-//! Pure classification: from lists of CaptureClusters, claims, PVs, pods and
+//! The one definition of an orphan, for status and recovery alike. Pure
+//! classification: from lists of CaptureClusters, claims, PVs, pods and
 //! flush Jobs to the orphaned volumes and what to do about each.
 //!
 //! A volume is an orphan when no pod will drain it:
@@ -25,11 +26,11 @@ use crate::api::{
     BUFFER_VOLUME, CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
     NAMESPACE_LABEL,
 };
-use crate::cluster::backoff;
-
-use super::job::{JobState, flush_job_name, job_state};
-use super::rebind::{pre_bound_to, recovery_claim_name};
-use super::{CLAIM_ANNOTATION, FAILED_AT_ANNOTATION, FAILURES_ANNOTATION, FLUSH_COMPONENT};
+use crate::flush::{
+    CLAIM_ANNOTATION, FAILED_AT_ANNOTATION, FAILURES_ANNOTATION, FLUSH_COMPONENT, JobState,
+    flush_job_name, job_state, pre_bound_to, recovery_claim_name,
+};
+use crate::runtime::backoff;
 
 /// Everything one pass looks at (already limited to the watched namespace).
 #[derive(Debug, Clone, Default)]

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::api::CLAIM_LABEL;
-use crate::orphans::job::flush_labels;
+use crate::flush::flush_labels;
 
 fn cluster(name: &str, replicas: i32, recovery: Value) -> CaptureCluster {
     let mut c: CaptureCluster = serde_json::from_value(json!({

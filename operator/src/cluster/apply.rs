@@ -1,0 +1,309 @@
+//! Applying a valid spec: every object [`super::build`] makes, server-side
+//! applied in order, then status (readiness, orphans by the one
+//! definition in [`crate::classify`], active flush Jobs) and Events. An
+//! invalid spec ([`refuse`]) applies nothing.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::{
+    BUFFER_VOLUME, CONDITION_DRAINING, CONDITION_READY, CONDITION_SPEC_VALID, CaptureCluster,
+    CaptureClusterStatus, InvalidSpec, quantity_bytes,
+};
+use crate::runtime::{Context, Result, api_err, apply_cluster_object, apply_object, key};
+
+use super::build::{self, Names};
+use super::conditions::{self, Wanted};
+use super::status::{count_active_flush_jobs, patch_status, volume_report};
+
+/// Fields of the volumeClaimTemplate that cannot change once the
+/// StatefulSet exists, compared with the spec.
+fn immutable_storage_change(
+    cluster: &CaptureCluster,
+    existing: &StatefulSet,
+) -> Option<InvalidSpec> {
+    let template = existing
+        .spec
+        .as_ref()?
+        .volume_claim_templates
+        .as_ref()?
+        .iter()
+        .find(|t| t.metadata.name.as_deref() == Some(BUFFER_VOLUME))?;
+    let spec = template.spec.as_ref()?;
+    let size = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"));
+    if let Some(size) = size
+        && quantity_bytes(size) != cluster.spec.storage_bytes()
+    {
+        return Some(InvalidSpec {
+            field: "spec.storage.size".into(),
+            reason: format!(
+                "cannot change after creation (claims were made with {}); create a new CaptureCluster to resize",
+                size.0
+            ),
+        });
+    }
+    if cluster.spec.storage.storage_class_name.is_some()
+        && spec.storage_class_name != cluster.spec.storage.storage_class_name
+    {
+        return Some(InvalidSpec {
+            field: "spec.storage.storageClassName".into(),
+            reason: format!(
+                "cannot change after creation (claims use {})",
+                spec.storage_class_name
+                    .as_deref()
+                    .unwrap_or("the default class")
+            ),
+        });
+    }
+    None
+}
+
+pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> Result<Action> {
+    let name = cluster.name_any();
+    let names = Names::of(cluster);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = statefulsets
+        .get_opt(&names.statefulset)
+        .await
+        .map_err(api_err(format!(
+            "get statefulset {ns}/{}",
+            names.statefulset
+        )))?;
+    let refusal = cluster.spec.validate(&name).err().or_else(|| {
+        existing
+            .as_ref()
+            .and_then(|sts| immutable_storage_change(cluster, sts))
+    });
+    if let Some(invalid) = refusal {
+        return refuse(cluster, ns, ctx, invalid).await;
+    }
+    apply_object(ctx, ns, &build::build_service_account(cluster)).await?;
+    apply_object(ctx, ns, &build::build_role(cluster)).await?;
+    apply_object(ctx, ns, &build::build_role_binding(cluster)).await?;
+    apply_cluster_object(
+        ctx,
+        &build::build_cluster_role_binding(cluster, &ctx.capture_cluster_role),
+    )
+    .await?;
+    apply_object(ctx, ns, &build::build_headless_service(cluster)).await?;
+    apply_object(ctx, ns, &build::build_client_service(cluster)).await?;
+    apply_object(ctx, ns, &build::build_pod_disruption_budget(cluster)).await?;
+    let sts = apply_object(
+        ctx,
+        ns,
+        &build::build_statefulset(cluster, cluster.spec.replicas),
+    )
+    .await?;
+    let ready = sts
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let report = volume_report(cluster, ns, ctx).await?;
+    let orphaned = i32::try_from(report.orphaned.len()).unwrap_or(i32::MAX);
+    let status = cluster.status.clone().unwrap_or_default();
+    if orphaned != status.orphaned_volumes {
+        // Until orphan recovery drains them, say which volumes wait.
+        let list = report
+            .orphaned
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if orphaned > 0 {
+            warn!(cluster = %key(cluster), volumes = %list, "volumes without a pod may hold events");
+            ctx.publish(
+                cluster,
+                EventType::Warning,
+                "OrphanedVolumes",
+                "Inspect",
+                format!("{orphaned} volume(s) without a pod may hold events: {list}"),
+            )
+            .await;
+        }
+    }
+    let generation = cluster.meta().generation;
+    if status.observed_generation != generation
+        || !conditions::is(&status.conditions, CONDITION_SPEC_VALID, true)
+    {
+        ctx.publish(
+            cluster,
+            EventType::Normal,
+            "Applied",
+            "Apply",
+            format!(
+                "applied generation {} ({} replicas)",
+                generation.unwrap_or_default(),
+                cluster.spec.replicas
+            ),
+        )
+        .await;
+        info!(cluster = %key(cluster), generation, replicas = cluster.spec.replicas, "applied");
+    }
+    let desired = cluster.spec.replicas;
+    let all_ready = ready >= desired
+        && sts
+            .status
+            .as_ref()
+            .and_then(|s| s.updated_replicas)
+            .unwrap_or(0)
+            >= desired;
+    let now = jiff::Timestamp::now();
+    let mut conds = conditions::set(
+        &status.conditions,
+        Wanted {
+            type_: CONDITION_SPEC_VALID,
+            status: true,
+            reason: "Valid",
+            message: "spec accepted".into(),
+        },
+        generation,
+        now,
+    );
+    conds = conditions::set(
+        &conds,
+        Wanted {
+            type_: CONDITION_READY,
+            status: all_ready,
+            reason: if all_ready {
+                "AllReplicasReady"
+            } else {
+                "Progressing"
+            },
+            message: format!("{ready}/{desired} capture pods ready"),
+        },
+        generation,
+        now,
+    );
+    conds = conditions::remove(&conds, CONDITION_DRAINING);
+    patch_status(
+        cluster,
+        ns,
+        ctx,
+        CaptureClusterStatus {
+            observed_generation: generation,
+            ready_replicas: ready,
+            conditions: conds,
+            orphaned_volumes: orphaned,
+            active_flush_jobs: count_active_flush_jobs(&ctx.client, ns, &name).await?,
+        },
+    )
+    .await?;
+    // Owned objects wake us on change; the periodic pass catches drift in
+    // what we do not watch (Roles, RoleBindings).
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Records an invalid spec without applying anything.
+pub(super) async fn refuse(
+    cluster: &CaptureCluster,
+    ns: &str,
+    ctx: &Context,
+    invalid: InvalidSpec,
+) -> Result<Action> {
+    ctx.metrics.invalid_specs.inc();
+    let status = cluster.status.clone().unwrap_or_default();
+    let generation = cluster.meta().generation;
+    let message = invalid.to_string();
+    let already =
+        status.conditions.iter().any(|c| {
+            c.type_ == CONDITION_SPEC_VALID && c.status == "False" && c.message == message
+        }) && status.observed_generation == generation;
+    if !already {
+        warn!(cluster = %key(cluster), field = %invalid.field, reason = %invalid.reason, "invalid spec, nothing applied");
+        ctx.publish(
+            cluster,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            format!("{message}; nothing was applied"),
+        )
+        .await;
+    }
+    let now = jiff::Timestamp::now();
+    let mut conds = conditions::set(
+        &status.conditions,
+        Wanted {
+            type_: CONDITION_SPEC_VALID,
+            status: false,
+            reason: "InvalidSpec",
+            message: message.clone(),
+        },
+        generation,
+        now,
+    );
+    conds = conditions::set(
+        &conds,
+        Wanted {
+            type_: CONDITION_READY,
+            status: false,
+            reason: "InvalidSpec",
+            message: format!("spec refused, nothing applied: {message}"),
+        },
+        generation,
+        now,
+    );
+    patch_status(
+        cluster,
+        ns,
+        ctx,
+        CaptureClusterStatus {
+            observed_generation: generation,
+            conditions: conds,
+            ..status
+        },
+    )
+    .await?;
+    // A new spec wakes us; nothing to retry until then.
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cluster(size: &str, class: Option<&str>) -> CaptureCluster {
+        let spec = serde_json::from_value(json!({
+            "image": "holdfast/capture:dev",
+            "kafka": {"bootstrapServers": "kafka:9092"},
+            "storage": {"size": size, "storageClassName": class},
+        }))
+        .unwrap();
+        let mut c = CaptureCluster::new("events", spec);
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.uid = Some("u".into());
+        c
+    }
+
+    #[test]
+    fn storage_cannot_change_once_the_claims_exist() {
+        let existing = build::build_statefulset(&cluster("1Gi", Some("fast")), 1);
+        assert_eq!(
+            immutable_storage_change(&cluster("1024Mi", Some("fast")), &existing),
+            None
+        );
+        assert_eq!(
+            immutable_storage_change(&cluster("2Gi", Some("fast")), &existing)
+                .unwrap()
+                .field,
+            "spec.storage.size"
+        );
+        assert_eq!(
+            immutable_storage_change(&cluster("1Gi", Some("slow")), &existing)
+                .unwrap()
+                .field,
+            "spec.storage.storageClassName"
+        );
+    }
+}

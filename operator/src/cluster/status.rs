@@ -1,0 +1,231 @@
+//! What the cluster controller reports: the status patch (server-side
+//! apply on the status subresource), the volumes that may hold events, and
+//! the flush Jobs running for the cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::api::{
+    BUFFER_VOLUME, CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
+    CaptureClusterStatus, FIELD_MANAGER, NAMESPACE_LABEL,
+};
+use crate::flush::{FLUSH_COMPONENT, JobState, job_state};
+use crate::runtime::{Context, Result, api_err, key};
+
+pub(super) async fn patch_status(
+    cluster: &CaptureCluster,
+    ns: &str,
+    ctx: &Context,
+    status: CaptureClusterStatus,
+) -> Result<()> {
+    if cluster.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    ctx.may_write(|| format!("status of {}", key(cluster)))?;
+    let api: Api<CaptureCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = json!({
+        "apiVersion": "holdfast.dev/v1alpha1",
+        "kind": "CaptureCluster",
+        "status": status,
+    });
+    api.patch_status(
+        &cluster.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(api_err(format!("status of {}", key(cluster))))?;
+    Ok(())
+}
+
+/// A PV of the cluster that may still hold events.
+pub(super) fn holds_events(pv: &PersistentVolume) -> bool {
+    pv.annotations().get(CLEAN_ANNOTATION).map(String::as_str) != Some("true")
+}
+
+/// Flush Jobs of cluster `name` in `ns` that are still running (the
+/// CaptureCluster's `status.activeFlushJobs`).
+pub async fn count_active_flush_jobs(client: &Client, ns: &str, name: &str) -> Result<i32> {
+    let jobs = Api::<Job>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!(
+            "{COMPONENT_LABEL}={FLUSH_COMPONENT},{CLUSTER_LABEL}={name}"
+        )))
+        .await
+        .map_err(api_err(format!("list flush jobs of {ns}/{name}")))?;
+    let active = jobs
+        .items
+        .iter()
+        .filter(|j| job_state(j) == JobState::Active)
+        .count();
+    Ok(i32::try_from(active).unwrap_or(i32::MAX))
+}
+
+/// Where a cluster's volumes stand.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VolumeReport {
+    /// PVs of the cluster not marked clean (may hold events).
+    pub dirty: BTreeSet<String>,
+    /// Dirty PVs that no pod uses: their claim's pod is gone (scaled away,
+    /// cluster deleted) or their claim is gone (Released PV).
+    pub orphaned: BTreeSet<String>,
+}
+
+/// Classifies a cluster's volumes from its claims, the names of its pods,
+/// the PVs bound to the claims (by name) and the PVs labelled for it. Pure.
+pub fn classify_volumes(
+    claims: &[PersistentVolumeClaim],
+    pods: &BTreeSet<String>,
+    bound: &BTreeMap<String, PersistentVolume>,
+    labelled: &[PersistentVolume],
+) -> VolumeReport {
+    let mut report = VolumeReport::default();
+    let mut seen = BTreeSet::new();
+    for claim in claims {
+        let Some(volume) = claim.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+            continue;
+        };
+        seen.insert(volume.clone());
+        let Some(pv) = bound.get(&volume) else {
+            continue;
+        };
+        if !holds_events(pv) {
+            continue;
+        }
+        report.dirty.insert(volume.clone());
+        // StatefulSet claims are `<template>-<pod>`.
+        let pod = claim
+            .name_any()
+            .strip_prefix(&format!("{BUFFER_VOLUME}-"))
+            .map(str::to_string);
+        if pod.is_none_or(|p| !pods.contains(&p)) {
+            report.orphaned.insert(volume);
+        }
+    }
+    for pv in labelled {
+        let volume = pv.name_any();
+        if !seen.contains(&volume) && pv.labels().contains_key(CLAIM_LABEL) && holds_events(pv) {
+            report.dirty.insert(volume.clone());
+            report.orphaned.insert(volume);
+        }
+    }
+    report
+}
+
+/// Lists what [`classify_volumes`] needs and classifies.
+pub(super) async fn volume_report(
+    cluster: &CaptureCluster,
+    ns: &str,
+    ctx: &Context,
+) -> Result<VolumeReport> {
+    let name = cluster.name_any();
+    let selector = format!("{CLUSTER_LABEL}={name}");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let claims = claims
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(api_err(format!("list claims of {}", key(cluster))))?
+        .items;
+    let pods: BTreeSet<String> = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(api_err(format!("list pods of {}", key(cluster))))?
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    let mut bound = BTreeMap::new();
+    for volume in claims
+        .iter()
+        .filter_map(|c| c.spec.as_ref().and_then(|s| s.volume_name.clone()))
+    {
+        if let Some(pv) = pvs
+            .get_opt(&volume)
+            .await
+            .map_err(api_err(format!("get volume {volume}")))?
+        {
+            bound.insert(volume, pv);
+        }
+    }
+    let labelled = pvs
+        .list(
+            &ListParams::default()
+                .labels(&format!("{CLUSTER_LABEL}={name},{NAMESPACE_LABEL}={ns}")),
+        )
+        .await
+        .map_err(api_err(format!("list volumes of {}", key(cluster))))?
+        .items;
+    Ok(classify_volumes(&claims, &pods, &bound, &labelled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(name: &str, volume: Option<&str>) -> PersistentVolumeClaim {
+        let mut c = PersistentVolumeClaim::default();
+        c.metadata.name = Some(name.into());
+        c.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
+            volume_name: volume.map(String::from),
+            ..Default::default()
+        });
+        c
+    }
+
+    fn pv(name: &str, clean: bool, claim: Option<&str>) -> PersistentVolume {
+        let mut pv = PersistentVolume::default();
+        pv.metadata.name = Some(name.into());
+        if clean {
+            pv.metadata.annotations =
+                Some([(CLEAN_ANNOTATION.to_string(), "true".to_string())].into());
+        }
+        if let Some(claim) = claim {
+            pv.metadata.labels = Some([(CLAIM_LABEL.to_string(), claim.to_string())].into());
+        }
+        pv
+    }
+
+    #[test]
+    fn volumes_without_a_pod_that_are_not_clean_are_orphans() {
+        let claims = [
+            claim("buffer-events-0", Some("pv0")),
+            claim("buffer-events-1", Some("pv1")),
+            claim("buffer-events-2", Some("pv2")),
+            claim("buffer-events-3", None),
+        ];
+        let pods = BTreeSet::from(["events-0".to_string()]);
+        let bound = [
+            ("pv0".to_string(), pv("pv0", false, None)),
+            ("pv1".to_string(), pv("pv1", false, None)),
+            ("pv2".to_string(), pv("pv2", true, None)),
+        ]
+        .into();
+        // pv9's claim is gone (Released); pv8 is clean.
+        let labelled = [
+            pv("pv9", false, Some("buffer-events-9")),
+            pv("pv8", true, Some("buffer-events-8")),
+            pv("pv0", false, Some("buffer-events-0")),
+        ];
+        let report = classify_volumes(&claims, &pods, &bound, &labelled);
+        let names = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>();
+        assert_eq!(names(&report.dirty), ["pv0", "pv1", "pv9"]);
+        assert_eq!(names(&report.orphaned), ["pv1", "pv9"]);
+    }
+
+    #[test]
+    fn a_volume_is_clean_only_when_annotated() {
+        let mut pv = PersistentVolume::default();
+        assert!(holds_events(&pv));
+        pv.metadata.annotations =
+            Some([(CLEAN_ANNOTATION.to_string(), "false".to_string())].into());
+        assert!(holds_events(&pv));
+        pv.metadata.annotations = Some([(CLEAN_ANNOTATION.to_string(), "true".to_string())].into());
+        assert!(!holds_events(&pv));
+    }
+}
