@@ -146,3 +146,7 @@ async fn refuse(mut tcp: TcpStream, response: &[u8]) {
     };
     let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -9,8 +9,8 @@ use crate::buffer::GroupCommitWriter;
 use crate::config::Durability;
 use clap::Parser;
 
-struct Fixture {
-    state: AppState,
+pub(super) struct Fixture {
+    pub(super) state: AppState,
     _dir: tempfile::TempDir,
     _writer: GroupCommitWriter,
 }
@@ -69,7 +69,7 @@ fn fixture(tokens: &[&str], quota: u64) -> Fixture {
     fixture_with(tokens, quota, &[])
 }
 
-fn fixture_with(tokens: &[&str], quota: u64, extra: &[&str]) -> Fixture {
+pub(super) fn fixture_with(tokens: &[&str], quota: u64, extra: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let (writer_thread, writer) =
@@ -111,7 +111,7 @@ async fn send(f: &Fixture, req: Request<Body>) -> (StatusCode, HeaderMap, serde_
     (status, headers, json)
 }
 
-fn buffered(f: &Fixture) -> u64 {
+pub(super) fn buffered(f: &Fixture) -> u64 {
     f.state.writer.state.events.load(Ordering::Relaxed)
 }
 
