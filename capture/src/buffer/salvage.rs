@@ -437,8 +437,8 @@ pub fn reports(dir: &Path) -> io::Result<Vec<SalvageReport>> {
 }
 
 /// Appends one batch, waiting while the buffer is over its quota and
-/// retrying a failed disk a while; a batch larger than the whole quota goes
-/// one event at a time.
+/// retrying a failed disk a while; a batch larger than the whole quota is
+/// split in halves until the halves fit.
 async fn append_all(db: &Path, writer: &WriterHandle, events: Vec<NewEvent>) -> Result<()> {
     let quota = writer
         .state
@@ -454,10 +454,10 @@ async fn append_all(db: &Path, writer: &WriterHandle, events: Vec<NewEvent>) -> 
                 )),
             });
         }
-        for e in events {
-            Box::pin(append_all(db, writer, vec![e])).await?;
-        }
-        return Ok(());
+        let mut first = events;
+        let second = first.split_off(first.len() / 2);
+        Box::pin(append_all(db, writer, first)).await?;
+        return Box::pin(append_all(db, writer, second)).await;
     }
     let mut failures = 0u32;
     loop {

@@ -386,3 +386,48 @@ async fn commits_after_a_damaged_wal_frame_are_not_dropped() {
         assert!(salvaged.contains(&ev(i).uuid), "last commit dropped");
     }
 }
+
+#[tokio::test]
+async fn salvage_into_a_small_quota_waits_for_the_forwarder() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = build(dir.path(), 600, 0).await;
+    let leaves = pages_of(dir.path(), "leaf");
+    let (page, cells) = leaves[leaves.len() / 2];
+    overwrite(&dir.path().join(DB_FILE), (page - 1) * PAGE, PAGE as usize);
+    // Room for about 150 small events: salvage must wait for settlements.
+    let quota = ev(0).size() * 150;
+    let (w, h) = GroupCommitWriter::start(dir.path(), Durability::Fsync, quota, None).unwrap();
+    let salvage = {
+        let (dir, h) = (dir.path().to_owned(), h.clone());
+        tokio::spawn(async move { salvage_quarantine(&dir, &h, None).await })
+    };
+    // A stand-in forwarder: take what is buffered, settle it, until salvage ends.
+    let reader = open_reader(dir.path()).unwrap();
+    let mut seen = HashSet::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !salvage.is_finished() || !read_batch(&reader, 0, 1).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "salvage stalled");
+        let batch = read_batch(&reader, 0, 50).unwrap();
+        if batch.is_empty() {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(50), h.appended.notified())
+                    .await;
+            continue;
+        }
+        seen.extend(batch.iter().map(|s| s.event.uuid.clone()));
+        h.settle(
+            batch.iter().map(|s| (s.seq, s.event.size())).collect(),
+            vec![],
+        )
+        .await
+        .unwrap();
+    }
+    let reports = salvage.await.unwrap().unwrap();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].unreadable, cells);
+    assert_eq!(seen.len() as u64, 600 - cells);
+    assert!(seen.is_subset(&live));
+    assert_eq!(unsalvaged_quarantine(dir.path()).unwrap(), 0);
+    drop(reader);
+    stop(w, h).await;
+}
