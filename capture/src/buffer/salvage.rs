@@ -18,6 +18,8 @@
 //!
 //! A crash during salvage leaves the file in quarantine; the next salvage
 //! appends its rows again, so a crash can duplicate (same uuid), never lose.
+//! When page 1 itself is lost, the freelist is unknown too, and rows already
+//! delivered may come back from freed pages: duplicates again, never a loss.
 //!
 //! Unreadable rows are counted from the b-tree: a lost page's key range is
 //! bounded by its parent's keys (and the top by `sqlite_sequence`), and the
