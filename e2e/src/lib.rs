@@ -7,3 +7,4 @@ pub mod agent;
 pub mod capture;
 pub mod kafka;
 pub mod kube;
+pub mod lazyfs;
