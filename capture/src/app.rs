@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::buffer::{self, DirLock, GroupCommitWriter, Stats};
+use crate::buffer::{self, DirLock, GroupCommitWriter, Stats, WriterOptions};
 use crate::config::{FlushArgs, InspectArgs, KafkaConfig, ServeConfig};
-use crate::forward::{self, Forwarder, RunUntil};
+use crate::forward::{self, Forwarder, RunUntil, SharedProducer};
 use crate::http::{self, AppState, Health};
 use crate::metrics::Metrics;
 use crate::volume::VolumeGuard;
@@ -39,6 +39,15 @@ pub enum Error {
     /// Serving failed.
     #[error("http server: {0}")]
     Serve(std::io::Error),
+    /// `flush` delivered every event but dead letters are still kept.
+    #[error("{count} dead letters remain in {dir}; {}", if *dlq { "the dead-letter topic did not take them yet" } else { "export or replay them with `holdfast-capture dead-letters`, or set --dead-letter-topic" })]
+    DeadLettersRemain { count: u64, dir: String, dlq: bool },
+    /// A quarantined (damaged) buffer file was not salvaged yet.
+    #[error("{count} quarantined buffer files in {dir} are not salvaged yet")]
+    Quarantined { count: usize, dir: String },
+    /// Sealing the buffer failed (disk error).
+    #[error("sealing the buffer failed: {0}")]
+    Seal(buffer::AppendError),
     /// `flush` gave up with events left.
     #[error("{remaining} events remain in {dir} after {secs}s; kafka did not take them")]
     NotDrained {
@@ -62,6 +71,48 @@ async fn shutdown_signal() {
     }
 }
 
+/// Guards the volume, retrying with backoff until `Retain` reads back;
+/// `/readyz` shows why meanwhile.
+async fn guard_volume(volume: &VolumeGuard, volume_id: &str, health: &Health) {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match volume.before_ready(volume_id).await {
+            Ok(()) => {
+                *health
+                    .volume_unguarded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                return;
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, retry_ms = delay.as_millis() as u64, "volume not guarded; staying unready");
+                *health
+                    .volume_unguarded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+/// Quarantined buffer files not salvaged yet (they keep the volume dirty).
+fn quarantined_files(dir: &std::path::Path) -> usize {
+    match buffer::quarantine::unsalvaged_quarantine(dir) {
+        Ok(n) => n,
+        Err(e) => {
+            // Unknown counts as dirty: never flip a volume we could not check.
+            tracing::error!(error = %e, "could not list quarantined buffer files");
+            1
+        }
+    }
+}
+
+fn metrics_dead_copied(metrics: &Metrics) -> u64 {
+    metrics.dead_letters_copied.get()
+}
+
 /// Runs the capture pod until SIGTERM/SIGINT.
 pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let _lock = DirLock::acquire(&cfg.data_dir)?;
@@ -69,10 +120,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         tracing::warn!(error = %e, bytes = cfg.disk_reserve_bytes, "could not set the disk reserve aside");
     }
     let metrics = Arc::new(Metrics::new());
-    let (writer_thread, writer) = GroupCommitWriter::start(
+    let (writer_thread, writer) = GroupCommitWriter::start_with(
         &cfg.data_dir,
-        cfg.durability,
-        cfg.quota_bytes,
+        WriterOptions {
+            durability: cfg.durability,
+            quota: cfg.quota_bytes,
+            commit_timeout: cfg.commit_timeout,
+        },
         Some(commit_observer(&metrics)),
     )?;
     metrics.attach_buffer(writer.state.clone());
@@ -98,8 +152,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             "buffer open"
         );
     }
-    let direct_producer = forward::create_producer(&cfg.kafka, metrics.clone())?;
-    let forward_producer = forward::create_producer(&cfg.kafka, metrics.clone())?;
+    let direct_producer = SharedProducer::new(&cfg.kafka, metrics.clone())?;
+    let forward_producer = SharedProducer::new(&cfg.kafka, metrics.clone())?;
     let health = Arc::new(Health::default());
     let cfg = Arc::new(cfg);
     let state = AppState {
@@ -124,7 +178,6 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         Some((namespace, claim)) => VolumeGuard::kubernetes(namespace.clone(), claim.clone()).await,
         None => VolumeGuard::local(),
     };
-    volume.before_ready(&volume_id).await;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -136,10 +189,19 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let server = tokio::spawn(http::server::serve(listener, state.clone(), async {
         let _ = close_rx.await;
     }));
-    health.started.store(true, Ordering::Relaxed);
-    tracing::info!(listen = %cfg.listen, streams = cfg.streams.len(), "serving");
-
-    shutdown_signal().await;
+    tracing::info!(listen = %cfg.listen, streams = cfg.streams.len(), "listening");
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    // Ready (and accepting events) only once the volume reads back `Retain`.
+    let guarded = tokio::select! {
+        _ = guard_volume(&volume, &volume_id, &health) => true,
+        _ = &mut signal => false,
+    };
+    if guarded {
+        health.started.store(true, Ordering::SeqCst);
+        tracing::info!("serving");
+        signal.await;
+    }
     health.shutting_down.store(true, Ordering::SeqCst);
     // A file salvage has not finished stays in quarantine (volume not clean).
     salvage.abort();
@@ -149,7 +211,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     while health.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let remaining = forward::wait_empty(&writer, deadline).await;
+    forward::wait_empty(&writer, deadline).await;
     let _ = stop_tx.send(true);
     let abort = forwarder.abort_handle();
     match tokio::time::timeout(Duration::from_secs(5), forwarder).await {
@@ -160,24 +222,34 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             abort.abort();
         }
     }
-    let clean = remaining == 0
-        && buffer::quarantine::unsalvaged_quarantine(&cfg.data_dir).is_ok_and(|n| n == 0)
-        && writer.mark_clean_if_empty().await.unwrap_or(false);
-    let remaining = writer.state.events.load(Ordering::Relaxed);
-    volume.after_drain(if clean { 0 } else { remaining }).await;
-    if clean {
+    // Sealing refuses every later append (a slow upload still in flight gets
+    // a 503), so a clean verdict stays true while the volume is flipped.
+    let quarantined = quarantined_files(&cfg.data_dir);
+    let left = match writer.seal(quarantined > 0).await {
+        Ok(r) if r.clean => 0,
+        Ok(r) => {
+            tracing::warn!(
+                events = r.events,
+                dead_letters = r.dead_letters,
+                quarantined,
+                "buffer not empty at shutdown; it stays on the volume"
+            );
+            (r.events + r.dead_letters + quarantined as u64).max(1)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not seal the buffer; it stays on the volume");
+            writer.state.events.load(Ordering::Relaxed).max(1)
+        }
+    };
+    volume.after_drain(left).await;
+    if left == 0 {
         tracing::info!("buffer drained; exiting");
-    } else {
-        tracing::warn!(
-            remaining,
-            "buffer not drained before the deadline; events stay on the volume"
-        );
     }
     let _ = close_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     drop(state);
     drop(writer);
-    forward::flush_producer(&direct_producer, Duration::from_secs(1));
+    forward::flush_producer(&direct_producer.get(), Duration::from_secs(1));
     // Every handle is gone, so the writer finishes its last commit and stops.
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
@@ -209,13 +281,15 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
     let _lock = DirLock::acquire(dir)?;
     let metrics = Arc::new(Metrics::new());
     let (writer_thread, writer) =
-        GroupCommitWriter::start(dir, args.buffer.durability, u64::MAX, None)?;
+        GroupCommitWriter::start_with(dir, WriterOptions::drain(args.buffer.durability), None)?;
     // Damaged files moved aside at open go back into the buffer first.
     buffer::salvage::salvage_quarantine(dir, &writer, None).await?;
     let before = writer.state.events.load(Ordering::Relaxed);
-    tracing::info!(data_dir = %dir.display(), events = before, "flushing buffer");
-    let producer = forward::create_producer(&kafka, metrics.clone())?;
-    let forwarder = Forwarder::new(dir, writer.clone(), producer, kafka, metrics)?;
+    let dead_before = writer.state.dead_letters.load(Ordering::Relaxed);
+    tracing::info!(data_dir = %dir.display(), events = before, dead_letters = dead_before, "flushing buffer");
+    let dlq = kafka.dead_letter_topic.clone();
+    let producer = SharedProducer::new(&kafka, metrics.clone())?;
+    let forwarder = Forwarder::new(dir, writer.clone(), producer, kafka, metrics.clone())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut task = tokio::spawn(forwarder.run(stop_rx, RunUntil::Empty));
     let timeout = Duration::from_secs(args.timeout_secs);
@@ -231,10 +305,10 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
     if let Ok(Err(e)) = outcome {
         tracing::error!(error = %e, "forwarder failed");
     }
+    let quarantined = quarantined_files(dir);
+    let sealed = writer.seal(quarantined > 0).await;
     let remaining = writer.state.events.load(Ordering::Relaxed);
-    if remaining == 0 {
-        writer.mark_clean_if_empty().await.ok();
-    }
+    let dead_left = writer.state.dead_letters.load(Ordering::Relaxed);
     let stats = {
         let conn = buffer::open_reader(dir)?;
         buffer::stats(&conn)?
@@ -250,12 +324,36 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
             secs: args.timeout_secs,
         });
     }
+    // Events that left the queue either reached Kafka or became dead letters.
+    let dead_new = (dead_left + metrics_dead_copied(&metrics)).saturating_sub(dead_before);
     tracing::info!(
-        delivered = before,
-        dead_letters = stats.dead_letters,
+        delivered = before.saturating_sub(dead_new),
+        dead_lettered = dead_new,
+        dead_letters_copied = metrics_dead_copied(&metrics),
         "buffer flushed"
     );
-    Ok(stats)
+    if dead_left > 0 {
+        return Err(Error::DeadLettersRemain {
+            count: dead_left,
+            dir: dir.display().to_string(),
+            dlq: dlq.is_some(),
+        });
+    }
+    if quarantined > 0 {
+        return Err(Error::Quarantined {
+            count: quarantined,
+            dir: dir.display().to_string(),
+        });
+    }
+    match sealed {
+        Ok(r) if r.clean => Ok(stats),
+        Ok(_) => Err(Error::NotDrained {
+            remaining: remaining.max(1),
+            dir: dir.display().to_string(),
+            secs: args.timeout_secs,
+        }),
+        Err(e) => Err(Error::Seal(e)),
+    }
 }
 
 /// Reads buffer figures without taking the drainer lock.

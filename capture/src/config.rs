@@ -30,6 +30,25 @@ pub enum Error {
     /// The auth token file could not be read or holds no token.
     #[error("--auth-tokens-file {path}: {reason}")]
     AuthTokens { path: String, reason: String },
+    /// Two limits contradict each other.
+    #[error(
+        "{flag} ({value}) must be at most {other} ({limit}) minus {margin} bytes of record overhead: {why}"
+    )]
+    Conflict {
+        flag: &'static str,
+        value: u64,
+        other: &'static str,
+        limit: u64,
+        margin: u64,
+        why: &'static str,
+    },
+    /// A `--kafka-property` would weaken the delivery guarantee.
+    #[error("--kafka-property {key}={value}: {why}")]
+    UnsafeProperty {
+        key: String,
+        value: String,
+        why: &'static str,
+    },
     /// `--max-inflight-bytes` is below what one valid request may hold.
     #[error(
         "--max-inflight-bytes {value} is below the {needed} bytes one request may hold with --max-body-bytes, --max-decompressed-bytes and --max-events-per-request ({copies} copies of its events); raise it or lower those"
@@ -138,6 +157,13 @@ pub struct KafkaArgs {
     /// Events read from the buffer per Kafka batch.
     #[arg(long, env = "HOLDFAST_FORWARD_BATCH_EVENTS", default_value_t = 5000)]
     pub forward_batch_events: usize,
+    /// Bytes read from the buffer per Kafka batch (at least one event is always read).
+    #[arg(long, env = "HOLDFAST_FORWARD_BATCH_BYTES", default_value_t = 16 << 20)]
+    pub forward_batch_bytes: u64,
+    /// How long an event whose topic is unknown or not authorised is retried
+    /// before it is judged poison (a topic created late, an ACL propagating).
+    #[arg(long, env = "HOLDFAST_POISON_RETRY_WINDOW_SECS", default_value_t = 300)]
+    pub poison_retry_window_secs: u64,
     /// How long librdkafka may try one message before it is reported failed (ms).
     #[arg(
         long,
@@ -196,8 +222,11 @@ pub struct ServeArgs {
     /// Largest request body after gzip decompression (bytes).
     #[arg(long, env = "HOLDFAST_MAX_DECOMPRESSED_BYTES", default_value_t = 20 << 20)]
     pub max_decompressed_bytes: u64,
-    /// Largest single event (bytes of its JSON).
-    #[arg(long, env = "HOLDFAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
+    /// Largest single event: bytes of its JSON plus its partition key. Must
+    /// leave room for the record overhead under the producer's
+    /// `message.max.bytes` (librdkafka's default 1,000,000), so that every
+    /// accepted event can be delivered.
+    #[arg(long, env = "HOLDFAST_MAX_EVENT_BYTES", default_value_t = LIBRDKAFKA_MESSAGE_MAX_BYTES - RECORD_OVERHEAD_BYTES)]
     pub max_event_bytes: u64,
     /// File of accepted bearer tokens, one per line (a mounted Secret). Unset: no auth.
     #[arg(long, env = "HOLDFAST_AUTH_TOKENS_FILE")]
@@ -236,6 +265,10 @@ pub struct ServeArgs {
     /// On SIGTERM, how long to keep draining the buffer into Kafka before exiting (seconds).
     #[arg(long, env = "HOLDFAST_DRAIN_TIMEOUT_SECS", default_value_t = 25)]
     pub drain_timeout_secs: u64,
+    /// A request waits at most this long for its buffer commit; past it the
+    /// disk counts as hung: 503 and unready until a commit finishes.
+    #[arg(long, env = "HOLDFAST_COMMIT_TIMEOUT_SECS", default_value_t = 10)]
+    pub commit_timeout_secs: u64,
     /// Retry-After value sent with 503 answers (seconds).
     #[arg(long, env = "HOLDFAST_RETRY_AFTER_SECS", default_value_t = 1)]
     pub retry_after_secs: u64,
@@ -282,6 +315,10 @@ pub struct KafkaConfig {
     pub dead_letter_topic: Option<String>,
     /// Events per forward batch.
     pub batch_events: usize,
+    /// Bytes per forward batch.
+    pub batch_bytes: u64,
+    /// Retry window for topic-level errors before dead-lettering.
+    pub poison_retry_window: Duration,
     /// librdkafka `message.timeout.ms`.
     pub message_timeout: Duration,
 }
@@ -303,6 +340,16 @@ impl KafkaArgs {
                 })?;
             properties.insert(k.trim().to_owned(), v.trim().to_owned());
         }
+        for (key, value) in &properties {
+            check_property(key, value)?;
+        }
+        if self.forward_batch_bytes == 0 {
+            return Err(Error::Range {
+                flag: "--forward-batch-bytes",
+                expected: "at least 1",
+                value: 0,
+            });
+        }
         if self.forward_batch_events == 0 {
             return Err(Error::Range {
                 flag: "--forward-batch-events",
@@ -315,8 +362,59 @@ impl KafkaArgs {
             properties,
             dead_letter_topic: self.dead_letter_topic.clone().filter(|t| !t.is_empty()),
             batch_events: self.forward_batch_events,
+            batch_bytes: self.forward_batch_bytes,
+            poison_retry_window: Duration::from_secs(self.poison_retry_window_secs),
             message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
         })
+    }
+}
+
+/// librdkafka's default `message.max.bytes`.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: u64 = 1_000_000;
+/// Room a record needs beyond the event itself: the Holdfast headers
+/// (uuid, capture time), the record and batch framing.
+pub const RECORD_OVERHEAD_BYTES: u64 = 1024;
+
+impl KafkaConfig {
+    /// The largest record the producer will send (`message.max.bytes`).
+    pub fn message_max_bytes(&self) -> u64 {
+        self.properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
+    }
+}
+
+/// Refuses producer properties that would weaken `acks=all` or idempotence,
+/// or that Holdfast sets itself.
+fn check_property(key: &str, value: &str) -> Result<()> {
+    let v = value.trim().to_ascii_lowercase();
+    let why = match key {
+        "acks" | "request.required.acks" | "request.acks" if v != "all" && v != "-1" => {
+            Some("a 200 is only final once every in-sync replica has the event; acks must stay all")
+        }
+        "enable.idempotence" if v != "true" => Some(
+            "the idempotent producer keeps retries from duplicating or reordering events; it must stay on",
+        ),
+        "max.in.flight.requests.per.connection" | "max.in.flight"
+            if v.parse::<u64>().map_or(true, |n| n > 5) =>
+        {
+            Some("the idempotent producer allows at most 5 requests in flight")
+        }
+        "retries" | "message.send.max.retries" if v == "0" => {
+            Some("without retries a broker blip fails events that would have been delivered")
+        }
+        "transactional.id" => Some("Holdfast derives transactional ids itself"),
+        "enable.gapless.guarantee" if v == "false" => None,
+        _ => None,
+    };
+    match why {
+        Some(why) => Err(Error::UnsafeProperty {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            why,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -367,6 +465,8 @@ pub struct ServeConfig {
     pub on_disk_failure: OnDiskFailure,
     /// Drain deadline on SIGTERM.
     pub drain_timeout: Duration,
+    /// Longest wait for a buffer commit before answering 503.
+    pub commit_timeout: Duration,
     /// Retry-After for 503s.
     pub retry_after_secs: u64,
     /// Claim of the buffer's volume and its namespace, when on Kubernetes.
@@ -450,6 +550,7 @@ impl ServeArgs {
             ("--max-decompressed-bytes", self.max_decompressed_bytes),
             ("--max-event-bytes", self.max_event_bytes),
             ("--buffer-quota-bytes", self.buffer_quota_bytes),
+            ("--commit-timeout-secs", self.commit_timeout_secs),
             ("--auth-reload-secs", self.auth_reload_secs),
             ("--max-events-per-request", self.max_events_per_request),
             ("--header-read-timeout-secs", self.header_read_timeout_secs),
@@ -463,6 +564,28 @@ impl ServeArgs {
                     value,
                 });
             }
+        }
+        let kafka = self.kafka.validate()?;
+        let message_max = kafka.message_max_bytes();
+        if self.max_event_bytes.saturating_add(RECORD_OVERHEAD_BYTES) > message_max {
+            return Err(Error::Conflict {
+                flag: "--max-event-bytes",
+                value: self.max_event_bytes,
+                other: "--kafka-property message.max.bytes",
+                limit: message_max,
+                margin: RECORD_OVERHEAD_BYTES,
+                why: "a larger event would be acknowledged and then always dead-lettered",
+            });
+        }
+        if self.max_event_bytes > self.max_decompressed_bytes {
+            return Err(Error::Conflict {
+                flag: "--max-event-bytes",
+                value: self.max_event_bytes,
+                other: "--max-decompressed-bytes",
+                limit: self.max_decompressed_bytes,
+                margin: 0,
+                why: "no body could carry an event of the allowed size",
+            });
         }
         if self.max_header_bytes < 1024 {
             return Err(Error::Range {
@@ -497,7 +620,7 @@ impl ServeArgs {
             data_dir: self.buffer.data_dir.clone(),
             durability: self.buffer.durability,
             disk_reserve_bytes: self.buffer.disk_reserve_bytes,
-            kafka: self.kafka.validate()?,
+            kafka,
             streams,
             default_stream: self.default_stream.clone(),
             key_pointer,
@@ -516,6 +639,7 @@ impl ServeArgs {
             max_connections: size(self.max_connections),
             on_disk_failure: self.on_disk_failure,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            commit_timeout: Duration::from_secs(self.commit_timeout_secs),
             retry_after_secs: self.retry_after_secs,
             volume_claim: self
                 .volume_claim
@@ -582,6 +706,8 @@ mod tests {
             kafka_properties: vec!["security.protocol=SSL".into(), "linger.ms = 2".into()],
             dead_letter_topic: None,
             forward_batch_events: 10,
+            forward_batch_bytes: 1 << 20,
+            poison_retry_window_secs: 60,
             kafka_message_timeout_ms: 1000,
         };
         let cfg = args.validate().unwrap();
@@ -593,5 +719,79 @@ mod tests {
                 .to_string()
                 .contains("--kafka-property")
         );
+    }
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec![
+            "holdfast-capture",
+            "serve",
+            "--kafka-bootstrap",
+            "k:9092",
+            "--stream",
+            "default=t",
+        ];
+        argv.extend_from_slice(extra);
+        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not serve")
+        };
+        *args
+    }
+
+    #[test]
+    fn default_event_limit_fits_the_default_kafka_record_limit() {
+        let cfg = serve_args(&[]).validate().unwrap();
+        assert!(
+            cfg.max_event_bytes as u64 + RECORD_OVERHEAD_BYTES <= cfg.kafka.message_max_bytes(),
+            "default --max-event-bytes {} does not fit message.max.bytes {}",
+            cfg.max_event_bytes,
+            cfg.kafka.message_max_bytes()
+        );
+    }
+
+    #[test]
+    fn refuses_an_event_limit_kafka_would_always_reject_naming_both_flags() {
+        let err = serve_args(&["--max-event-bytes", "1048576"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--max-event-bytes"), "{err}");
+        assert!(err.contains("message.max.bytes"), "{err}");
+        // Raising the producer's limit makes the same event limit valid.
+        serve_args(&[
+            "--max-event-bytes",
+            "1048576",
+            "--kafka-property",
+            "message.max.bytes=2000000",
+        ])
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn refuses_properties_that_weaken_delivery_naming_the_property() {
+        for bad in [
+            "acks=1",
+            "acks=0",
+            "request.required.acks=1",
+            "enable.idempotence=false",
+            "max.in.flight.requests.per.connection=10",
+            "retries=0",
+            "transactional.id=x",
+        ] {
+            let err = serve_args(&["--kafka-property", bad])
+                .validate()
+                .unwrap_err()
+                .to_string();
+            let key = bad.split('=').next().unwrap();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        for ok in [
+            "acks=all",
+            "acks=-1",
+            "enable.idempotence=true",
+            "max.in.flight=5",
+        ] {
+            serve_args(&["--kafka-property", ok]).validate().unwrap();
+        }
     }
 }

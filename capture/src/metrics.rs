@@ -57,9 +57,15 @@ pub struct Metrics {
     pub forward_retries: Counter,
     /// Quarantined (damaged) buffer files and their salvage.
     pub salvage: SalvageMetrics,
+    /// Dead letters the dead-letter topic acknowledged (then forgotten locally).
+    pub dead_letters_copied: Counter,
+    /// Kafka producers replaced after a fatal error.
+    pub producer_recreated: Counter,
     state: std::sync::OnceLock<Arc<BufferState>>,
     buffer_events: Gauge,
     buffer_bytes: Gauge,
+    dead_letters: Gauge,
+    dead_letter_bytes: Gauge,
     oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -114,6 +120,31 @@ impl Metrics {
             forward_retries.clone(),
         );
         let salvage = SalvageMetrics::register(&mut registry);
+        let dead_letters_copied = Counter::default();
+        registry.register(
+            "dead_letters_copied",
+            "Dead letters copied to the dead-letter topic",
+            dead_letters_copied.clone(),
+        );
+        let producer_recreated = Counter::default();
+        registry.register(
+            "kafka_producer_recreated",
+            "Kafka producers replaced after a fatal error",
+            producer_recreated.clone(),
+        );
+        let dead_letters = Gauge::default();
+        registry.register(
+            "buffer_dead_letters",
+            "Dead letters kept in the buffer (not yet copied to the dead-letter topic)",
+            dead_letters.clone(),
+        );
+        let dead_letter_bytes = Gauge::default();
+        registry.register_with_unit(
+            "buffer_dead_letter",
+            "Bytes of dead letters kept in the buffer",
+            prometheus_client::registry::Unit::Bytes,
+            dead_letter_bytes.clone(),
+        );
         let buffer_events = Gauge::default();
         registry.register(
             "buffer_events",
@@ -145,6 +176,10 @@ impl Metrics {
             kafka_up,
             forward_retries,
             salvage,
+            dead_letters_copied,
+            producer_recreated,
+            dead_letters,
+            dead_letter_bytes,
             state: std::sync::OnceLock::new(),
             buffer_events,
             buffer_bytes,
@@ -173,6 +208,10 @@ impl Metrics {
                 .set(state.events.load(Ordering::Relaxed) as i64);
             self.buffer_bytes
                 .set(state.bytes.load(Ordering::Relaxed) as i64);
+            self.dead_letters
+                .set(state.dead_letters.load(Ordering::Relaxed) as i64);
+            self.dead_letter_bytes
+                .set(state.dead_bytes.load(Ordering::Relaxed) as i64);
             let oldest = state.oldest_ms.load(Ordering::Relaxed);
             let age = if oldest == 0 {
                 0.0

@@ -8,10 +8,12 @@
 //! - After a drain that left events: stays `Retain`, annotated with
 //!   `holdfast.dev/remaining-events`.
 //!
-//! Missing permissions or an unreachable API server never stop the pod from
-//! serving: the operator marks every Holdfast PV `Retain` too, and treats a
-//! volume without `clean=true` as holding events. Without `--volume-claim`
-//! (local runs) the guard only logs.
+//! The pod does not turn ready until it has read back `Retain` and
+//! `clean=false` on its PV: a pod that cannot guard its volume (API timeout,
+//! missing RBAC, an admission denial) stays unready and retries with backoff,
+//! because a volume left `Delete` from an earlier clean drain would be deleted
+//! with acknowledged events. Without `--volume-claim` (local runs) the guard
+//! only logs.
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::Api;
@@ -72,11 +74,13 @@ impl VolumeGuard {
         }
     }
 
-    /// Called before the pod turns ready: the volume must be `Retain` from here on.
-    pub async fn before_ready(&self, volume_id: &str) {
+    /// Called before the pod turns ready: makes the volume `Retain` and
+    /// `clean=false`, then reads both back. `Err` says why it is not guarded
+    /// yet; the caller stays unready and tries again.
+    pub async fn before_ready(&self, volume_id: &str) -> Result<(), String> {
         let Some(k) = &self.k8s else {
             tracing::info!("volume guard: local buffer, no PersistentVolume to retain");
-            return;
+            return Ok(());
         };
         let patch = json!({
             "metadata": {"annotations": {
@@ -85,10 +89,32 @@ impl VolumeGuard {
             }},
             "spec": {"persistentVolumeReclaimPolicy": "Retain"},
         });
-        k.patch_pv(patch, "Retain").await;
+        let pv = k.patch_pv(patch, "Retain").await?;
+        let policy = pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+            .unwrap_or("");
+        let clean = pv
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CLEAN_ANNOTATION))
+            .map(String::as_str)
+            .unwrap_or("");
+        if policy == "Retain" && clean == "false" {
+            Ok(())
+        } else {
+            Err(format!(
+                "volume {} reads back reclaim policy {policy:?} and clean={clean:?}",
+                pv.metadata.name.unwrap_or_default()
+            ))
+        }
     }
 
-    /// Called on shutdown after the drain: `remaining` events are still buffered.
+    /// Called on shutdown after the drain and the seal: `remaining` is what
+    /// keeps the volume from being clean (events, dead letters, quarantined
+    /// files), 0 only when the sealed buffer was marked clean.
     pub async fn after_drain(&self, remaining: u64) {
         let Some(k) = &self.k8s else {
             if remaining == 0 {
@@ -103,7 +129,9 @@ impl VolumeGuard {
                 "metadata": {"annotations": {CLEAN_ANNOTATION: "true", REMAINING_ANNOTATION: "0"}},
                 "spec": {"persistentVolumeReclaimPolicy": "Delete"},
             });
-            k.patch_pv(patch, "Delete").await;
+            if let Err(e) = k.patch_pv(patch, "Delete").await {
+                tracing::warn!(error = %e, "volume stays Retain; the operator will find it clean and release it");
+            }
         } else {
             let patch = json!({
                 "metadata": {"annotations": {
@@ -112,7 +140,9 @@ impl VolumeGuard {
                 }},
                 "spec": {"persistentVolumeReclaimPolicy": "Retain"},
             });
-            k.patch_pv(patch, "Retain").await;
+            if let Err(e) = k.patch_pv(patch, "Retain").await {
+                tracing::warn!(error = %e, "could not record the remaining events on the volume; it stays Retain");
+            }
         }
     }
 }
@@ -125,37 +155,45 @@ impl Kubernetes {
         Ok(pvc.spec.and_then(|s| s.volume_name).unwrap_or_default())
     }
 
-    async fn patch_pv(&self, patch: serde_json::Value, policy: &str) {
+    /// Patches the PV behind the claim and returns it as the API server wrote it.
+    async fn patch_pv(
+        &self,
+        patch: serde_json::Value,
+        policy: &str,
+    ) -> Result<PersistentVolume, String> {
         let (namespace, claim) = (&self.namespace, &self.claim);
         let pv = match self.volume_name().await {
             Ok(pv) if !pv.is_empty() => pv,
-            Ok(_) => {
-                tracing::warn!(%namespace, %claim, "claim is not bound; nothing to patch");
-                return;
-            }
-            Err(e) => {
-                log_failure(&e, namespace, claim, "read the claim");
-                return;
-            }
+            Ok(_) => return Err(format!("claim {namespace}/{claim} is not bound yet")),
+            Err(e) => return Err(log_failure(&e, namespace, claim, "read the claim")),
         };
         let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
         match pvs
             .patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => {
-                tracing::info!(%namespace, %claim, volume = %pv, policy, "volume reclaim policy set")
+            Ok(written) => {
+                tracing::info!(%namespace, %claim, volume = %pv, policy, "volume reclaim policy set");
+                Ok(written)
             }
-            Err(e) => log_failure(&e, namespace, claim, "patch the PersistentVolume"),
+            Err(e) => Err(log_failure(
+                &e,
+                namespace,
+                claim,
+                "patch the PersistentVolume",
+            )),
         }
     }
 }
 
-fn log_failure(e: &kube::Error, namespace: &str, claim: &str, what: &str) {
+/// Logs a failed API call and returns the reason, for `/readyz`.
+fn log_failure(e: &kube::Error, namespace: &str, claim: &str, what: &str) -> String {
     let forbidden = matches!(e, kube::Error::Api(s) if s.code == 403);
     if forbidden {
-        tracing::warn!(%namespace, %claim, error = %e, "missing permission to {what}; the pod keeps serving and the operator keeps the volume Retain");
+        tracing::warn!(%namespace, %claim, error = %e, "missing permission to {what}");
+        format!("missing permission to {what} for claim {namespace}/{claim}")
     } else {
-        tracing::warn!(%namespace, %claim, error = %e, "could not {what}; the operator keeps the volume Retain");
+        tracing::warn!(%namespace, %claim, error = %e, "could not {what}");
+        format!("could not {what} for claim {namespace}/{claim}: {e}")
     }
 }

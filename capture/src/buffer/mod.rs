@@ -27,6 +27,7 @@
 //!        captured_at_ms, reason TEXT, failed_at_ms INTEGER, dlq_delivered INTEGER)
 //! ```
 
+mod commit;
 pub mod quarantine;
 pub mod salvage;
 pub mod writer;
@@ -41,7 +42,8 @@ use serde::Serialize;
 
 use crate::config::Durability;
 
-pub use writer::{AppendError, GroupCommitWriter, WriterHandle};
+pub use commit::DeadLetter;
+pub use writer::{AppendError, GroupCommitWriter, SealReport, WriterHandle, WriterOptions};
 
 /// Schema version written in `meta`.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -222,10 +224,7 @@ pub fn open_writer(dir: &Path, durability: Durability) -> Result<Connection> {
     })?;
     let conn = Connection::open(dir.join(DB_FILE))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    let sync = match durability {
-        Durability::Fsync => "FULL",
-        Durability::Os => "OFF",
-    };
+    let sync = synchronous_mode(durability);
     conn.pragma_update(None, "synchronous", sync)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // A checkpointer thread (see `writer`) copies most WAL pages into the
@@ -235,6 +234,20 @@ pub fn open_writer(dir: &Path, durability: Durability) -> Result<Connection> {
     conn.pragma_update(None, "wal_autocheckpoint", 2000)?;
     migrate(&conn)?;
     Ok(conn)
+}
+
+/// SQLite's `synchronous` setting for a durability mode.
+///
+/// - `fsync` → `FULL`: every commit fsyncs the WAL before it returns, so a
+///   `200` survives a power cut.
+/// - `os` → `NORMAL`: commits are written to the OS without fsync; the WAL is
+///   synced at checkpoints, so a power cut loses the last commits but never
+///   corrupts the file (`OFF` would skip those syncs too and can).
+pub fn synchronous_mode(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Fsync => "FULL",
+        Durability::Os => "NORMAL",
+    }
 }
 
 /// Opens a read-only connection for the forwarder or `inspect`.
@@ -325,11 +338,57 @@ pub fn read_batch(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Sto
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Reads the oldest events, at most `limit` of them and at most `max_bytes`
+/// of them (but always one, however large), skipping `exclude_topics`.
+pub fn read_batch_bounded(
+    conn: &Connection,
+    limit: usize,
+    max_bytes: u64,
+    exclude_topics: &[&str],
+) -> Result<Vec<StoredEvent>> {
+    let exclude = serde_json::to_string(exclude_topics).unwrap_or_else(|_| "[]".into());
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, uuid, topic, key, payload, captured_at_ms FROM events
+         WHERE topic NOT IN (SELECT value FROM json_each(?1)) ORDER BY seq LIMIT ?2",
+    )?;
+    let mut rows = stmt.query(params![exclude, limit as i64])?;
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    while let Some(r) = rows.next()? {
+        let event = StoredEvent {
+            seq: r.get(0)?,
+            event: NewEvent {
+                uuid: r.get(1)?,
+                topic: r.get(2)?,
+                key: r.get(3)?,
+                payload: r.get(4)?,
+                captured_at_ms: r.get(5)?,
+            },
+        };
+        bytes += event.event.size();
+        if !out.is_empty() && bytes > max_bytes {
+            break;
+        }
+        out.push(event);
+    }
+    Ok(out)
+}
+
 /// Counts and sizes what is buffered (a scan; used at start-up and by `inspect`).
 pub fn totals(conn: &Connection) -> Result<(u64, u64)> {
     Ok(conn.query_row(
         "SELECT count(*), coalesce(sum(length(payload) + length(key) + length(uuid) + length(topic)), 0)
          FROM events",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?)
+}
+
+/// Counts and sizes the dead letters kept in the buffer.
+pub fn dead_letter_totals(conn: &Connection) -> Result<(u64, u64)> {
+    Ok(conn.query_row(
+        "SELECT count(*), coalesce(sum(length(payload) + length(key) + length(uuid) + length(topic)), 0)
+         FROM dead_letters",
         [],
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )?)
@@ -358,12 +417,85 @@ pub fn last_seq(conn: &Connection) -> Result<i64> {
         .unwrap_or(0))
 }
 
-/// Dead letters, newest last: `(seq, uuid, topic, reason)`.
-pub fn dead_letters(conn: &Connection) -> Result<Vec<(i64, String, String, String)>> {
-    let mut stmt =
-        conn.prepare("SELECT seq, uuid, topic, reason FROM dead_letters ORDER BY seq")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+/// A dead letter as kept in the buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetterRow {
+    /// Sequence number the event had in the queue.
+    pub seq: i64,
+    /// Stable id.
+    pub uuid: String,
+    /// Topic it was meant for.
+    pub topic: String,
+    /// Why Kafka rejected it.
+    pub reason: String,
+    /// When it was moved to dead letters (ms since the epoch).
+    pub failed_at_ms: i64,
+    /// Capture time (ms since the epoch).
+    pub captured_at_ms: i64,
+    /// Partition key.
+    #[serde(skip)]
+    pub key: Vec<u8>,
+    /// The event as sent.
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+}
+
+/// Which dead letters a command applies to.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// Only these sequence numbers (all when empty).
+    pub seqs: Vec<i64>,
+    /// Only this topic.
+    pub topic: Option<String>,
+    /// Only reasons starting with this (e.g. `unknown_topic`).
+    pub reason: Option<String>,
+}
+
+impl DeadLetterFilter {
+    fn matches(&self, row: &DeadLetterRow) -> bool {
+        (self.seqs.is_empty() || self.seqs.contains(&row.seq))
+            && self.topic.as_ref().is_none_or(|t| *t == row.topic)
+            && self
+                .reason
+                .as_ref()
+                .is_none_or(|r| row.reason.starts_with(r.as_str()))
+    }
+}
+
+/// Up to `limit` dead letters with `seq > after` matching `filter`, oldest first.
+pub fn dead_letters(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeadLetterRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, uuid, topic, reason, failed_at_ms, captured_at_ms, key, payload
+         FROM dead_letters WHERE seq > ?1 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([after], |r| {
+        Ok(DeadLetterRow {
+            seq: r.get(0)?,
+            uuid: r.get(1)?,
+            topic: r.get(2)?,
+            reason: r.get(3)?,
+            failed_at_ms: r.get(4)?,
+            captured_at_ms: r.get(5)?,
+            key: r.get(6)?,
+            payload: r.get(7)?,
+        })
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row?;
+        if filter.matches(&row) {
+            out.push(row);
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Buffer figures.
@@ -388,7 +520,10 @@ pub fn stats(conn: &Connection) -> Result<Stats> {
         schema_version: meta(conn, "schema_version")?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
-        clean: events == 0 && quarantined_files == 0 && meta(conn, "clean_at_ms")?.is_some(),
+        clean: events == 0
+            && quarantined_files == 0
+            && dead == 0
+            && meta(conn, "clean_at_ms")?.is_some(),
         quarantined_files,
         salvaged_events,
         unreadable_events,

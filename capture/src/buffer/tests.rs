@@ -68,9 +68,12 @@ async fn refuses_a_request_over_quota_and_writes_nothing_of_it() {
     h.append(vec![ev(0), ev(1)]).await.unwrap();
     let err = h.append(vec![ev(2), ev(3)]).await.unwrap_err();
     assert!(matches!(err, AppendError::QuotaExceeded { .. }), "{err:?}");
+    // Two thirds used: a smaller request still fits, so the pod stays ready.
+    assert!(!h.state.over_quota.load(Ordering::Relaxed));
+    h.append(vec![ev(9)]).await.unwrap();
     assert!(h.state.over_quota.load(Ordering::Relaxed));
     let r = open_reader(dir.path()).unwrap();
-    assert_eq!(totals(&r).unwrap().0, 2);
+    assert_eq!(totals(&r).unwrap().0, 3);
     // Draining brings readiness back by itself.
     let all: Vec<(i64, u64)> = read_batch(&r, 0, 10)
         .unwrap()
@@ -80,6 +83,7 @@ async fn refuses_a_request_over_quota_and_writes_nothing_of_it() {
     h.settle(all, vec![]).await.unwrap();
     assert!(!h.state.over_quota.load(Ordering::Relaxed));
     h.append(vec![ev(2), ev(3)]).await.unwrap();
+    assert_eq!(totals(&r).unwrap().0, 2);
     stop(w, h).await;
 }
 
@@ -92,33 +96,44 @@ async fn settle_moves_poison_to_dead_letters_with_reason() {
     let b = read_batch(&r, 0, 10).unwrap();
     h.settle(
         vec![(b[0].seq, b[0].event.size()), (b[2].seq, b[2].event.size())],
-        vec![(b[1].seq, b[1].event.size(), "too_large: boom".into())],
+        vec![DeadLetter {
+            seq: b[1].seq,
+            size: b[1].event.size(),
+            reason: "too_large: boom".into(),
+        }],
     )
     .await
     .unwrap();
     assert_eq!(totals(&r).unwrap(), (0, 0));
-    let dead = dead_letters(&r).unwrap();
+    let dead = dead_letters(&r, 0, 10, &DeadLetterFilter::default()).unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].1, ev(1).uuid);
-    assert_eq!(dead[0].3, "too_large: boom");
+    assert_eq!(dead[0].uuid, ev(1).uuid);
+    assert_eq!(dead[0].reason, "too_large: boom");
+    assert_eq!(dead[0].payload, ev(1).payload);
     let s = stats(&r).unwrap();
     assert_eq!((s.events, s.dead_letters), (0, 1));
     stop(w, h).await;
 }
 
 #[tokio::test]
-async fn clean_mark_needs_an_empty_buffer_and_is_cleared_by_new_events() {
+async fn clean_mark_needs_an_empty_buffer_and_seals_it() {
     let dir = tempfile::tempdir().unwrap();
     let (w, h) = start(dir.path(), u64::MAX);
     h.append(vec![ev(0)]).await.unwrap();
-    assert!(!h.mark_clean_if_empty().await.unwrap());
+    assert!(!h.seal(false).await.unwrap().clean);
     let r = open_reader(dir.path()).unwrap();
     let b = read_batch(&r, 0, 10).unwrap();
     h.settle(vec![(b[0].seq, b[0].event.size())], vec![])
         .await
         .unwrap();
-    assert!(h.mark_clean_if_empty().await.unwrap());
+    assert!(h.seal(false).await.unwrap().clean);
     assert!(stats(&r).unwrap().clean);
+    // Sealed: nothing more is taken, so the clean verdict stays true.
+    assert_eq!(h.append(vec![ev(1)]).await, Err(AppendError::Sealed));
+    assert!(stats(&r).unwrap().clean);
+    stop(w, h).await;
+    // A new writer (the next start) takes events again, and they make it dirty.
+    let (w, h) = start(dir.path(), u64::MAX);
     h.append(vec![ev(1)]).await.unwrap();
     assert!(!stats(&r).unwrap().clean);
     stop(w, h).await;
@@ -217,4 +232,174 @@ async fn settling_part_of_a_batch_keeps_the_rest() {
     assert_eq!(totals(&r).unwrap(), (0, 0));
     assert_eq!(h.state.bytes.load(Ordering::Relaxed), 0);
     stop(w, h).await;
+}
+
+fn dead(b: &StoredEvent, reason: &str) -> DeadLetter {
+    DeadLetter {
+        seq: b.seq,
+        size: b.event.size(),
+        reason: reason.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_whole_quota_is_refused_for_good_and_keeps_the_pod_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = ev(0).size();
+    let (w, h) = start(dir.path(), one * 3);
+    let err = h
+        .append(vec![ev(0), ev(1), ev(2), ev(3)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AppendError::LargerThanQuota {
+            quota: one * 3,
+            needed: one * 4
+        }
+    );
+    assert!(!h.state.over_quota.load(Ordering::Relaxed));
+    h.append(vec![ev(0)]).await.unwrap();
+    stop(w, h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_append_is_acknowledged_after_a_clean_seal() {
+    // Appends race the seal from many tasks, many times: an append that got
+    // Ok must never coexist with a clean report.
+    for round in 0..30 {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h) = start(dir.path(), u64::MAX);
+        let appends: Vec<_> = (0..16)
+            .map(|i| {
+                let h = h.clone();
+                tokio::spawn(async move { h.append(vec![ev(i)]).await })
+            })
+            .collect();
+        let seal = {
+            let h = h.clone();
+            tokio::spawn(async move { h.seal(false).await })
+        };
+        let report = seal.await.unwrap().unwrap();
+        let mut acked = 0;
+        for a in appends {
+            match a.await.unwrap() {
+                Ok(_) => acked += 1,
+                Err(e) => assert_eq!(e, AppendError::Sealed),
+            }
+        }
+        let r = open_reader(dir.path()).unwrap();
+        assert_eq!(totals(&r).unwrap().0, acked, "round {round}");
+        assert_eq!(report.events, acked, "round {round}");
+        assert_eq!(
+            report.clean,
+            acked == 0,
+            "round {round}: {report:?} with {acked} acked"
+        );
+        assert_eq!(stats(&r).unwrap().clean, acked == 0, "round {round}");
+        stop(w, h).await;
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_count_against_the_quota_and_keep_the_buffer_dirty_until_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = ev(0).size();
+    let (w, h) = start(dir.path(), one * 2);
+    h.append(vec![ev(0), ev(1)]).await.unwrap();
+    let r = open_reader(dir.path()).unwrap();
+    let b = read_batch(&r, 0, 10).unwrap();
+    h.settle(vec![(b[0].seq, one)], vec![dead(&b[1], "too_large: x")])
+        .await
+        .unwrap();
+    assert_eq!(h.state.events.load(Ordering::Relaxed), 0);
+    assert_eq!(h.state.dead_letters.load(Ordering::Relaxed), 1);
+    assert_eq!(h.state.used_bytes(), one);
+    // One event's room is left, not two.
+    assert!(matches!(
+        h.append(vec![ev(2), ev(3)]).await,
+        Err(AppendError::QuotaExceeded { .. })
+    ));
+    // Not clean while the dead letter is only here.
+    let report = h.seal(false).await.unwrap();
+    assert_eq!(
+        (report.events, report.dead_letters, report.clean),
+        (0, 1, false)
+    );
+    assert!(!stats(&r).unwrap().clean);
+    stop(w, h).await;
+    // The figures survive a restart; once copied, the dead letter is gone.
+    let (w, h) = start(dir.path(), one * 2);
+    assert_eq!(h.state.dead_letters.load(Ordering::Relaxed), 1);
+    assert_eq!(h.state.dead_bytes.load(Ordering::Relaxed), one);
+    h.dead_letters_copied(vec![b[1].seq]).await.unwrap();
+    assert_eq!(h.state.used_bytes(), 0);
+    assert!(h.seal(false).await.unwrap().clean);
+    stop(w, h).await;
+}
+
+#[tokio::test]
+async fn a_quarantined_file_keeps_the_buffer_from_being_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX);
+    let report = h.seal(true).await.unwrap();
+    assert!(!report.clean);
+    assert!(!stats(&open_reader(dir.path()).unwrap()).unwrap().clean);
+    stop(w, h).await;
+}
+
+#[tokio::test]
+async fn replayed_dead_letters_return_to_the_queue_with_new_sequence_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX);
+    h.append(vec![ev(0), ev(1)]).await.unwrap();
+    let r = open_reader(dir.path()).unwrap();
+    let b = read_batch(&r, 0, 10).unwrap();
+    h.settle(
+        vec![],
+        vec![dead(&b[0], "unknown_topic: x"), dead(&b[1], "too_large: y")],
+    )
+    .await
+    .unwrap();
+    let moved = h.replay_dead_letters(vec![b[0].seq]).await.unwrap();
+    assert_eq!(moved, 1);
+    let back = read_batch(&r, 0, 10).unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].event, ev(0));
+    assert!(back[0].seq > b[1].seq, "sequence numbers only grow");
+    assert_eq!(h.state.events.load(Ordering::Relaxed), 1);
+    assert_eq!(h.state.dead_letters.load(Ordering::Relaxed), 1);
+    assert_eq!(h.state.bytes.load(Ordering::Relaxed), ev(0).size());
+    stop(w, h).await;
+}
+
+#[tokio::test]
+async fn bounded_reads_stop_at_the_byte_limit_and_skip_parked_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX);
+    let mut parked = ev(1);
+    parked.topic = "parked".into();
+    h.append(vec![ev(0), parked, ev(2), ev(3)]).await.unwrap();
+    let r = open_reader(dir.path()).unwrap();
+    let one = ev(0).size();
+    let b = read_batch_bounded(&r, 10, one * 2, &["parked"]).unwrap();
+    let got: Vec<_> = b.iter().map(|s| s.event.clone()).collect();
+    assert_eq!(got, vec![ev(0), ev(2)]);
+    // A single event larger than the byte limit is still read, alone.
+    let b = read_batch_bounded(&r, 10, 1, &[]).unwrap();
+    assert_eq!(b.len(), 1);
+    stop(w, h).await;
+}
+
+#[test]
+fn durability_modes_map_to_sqlite_synchronous_settings() {
+    for (mode, expected) in [(Durability::Fsync, 2), (Durability::Os, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(dir.path(), mode).unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        // 0 = OFF (a power cut may corrupt the WAL), 1 = NORMAL, 2 = FULL.
+        assert_eq!(sync, expected, "{mode:?}");
+    }
 }

@@ -3,16 +3,28 @@
 //! one transaction, commits (one fsync for all of them) and only then answers
 //! each command. A failed commit fails every command in it, and none of their
 //! events is kept: a request is all or nothing.
+//!
+//! Settlements (deleting what Kafka took) commit in a transaction of their own,
+//! before the appends of the same round: clients retrying against a full disk
+//! can never roll back the deletes that are the only way out of it. While the
+//! disk is failed, appends are refused at once, without touching SQLite,
+//! except for one probe per [`DISK_PROBE_INTERVAL`]; a settlement that commits
+//! (space was freed) or a probe that commits ends the failure.
+//!
+//! [`WriterHandle::seal`] makes "clean" final: from the moment the writer
+//! handles it, every later append is refused, so an emptiness check that
+//! passed stays true.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{Error, NewEvent, Result, now_ms};
+use super::commit::{self, Command, DeadLetter};
+use super::{Error, NewEvent, Result};
 use crate::config::Durability;
 
 /// Most commands applied in one transaction.
@@ -21,16 +33,27 @@ const MAX_COMMANDS_PER_COMMIT: usize = 4096;
 const MAX_BYTES_PER_COMMIT: u64 = 32 << 20;
 /// Bounded queue in front of the writer: producers wait when it is full.
 const CHANNEL_CAPACITY: usize = 8192;
+/// While the disk is failed, at most one append transaction per interval.
+pub const DISK_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Why an append was refused.
+/// Why an append (or another write) was refused.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AppendError {
-    /// The buffer would exceed its quota.
+    /// The buffer would exceed its quota; retrying later may succeed.
     #[error("buffer quota exceeded: {used} of {quota} bytes used, request needs {needed}")]
     QuotaExceeded { used: u64, quota: u64, needed: u64 },
-    /// The commit failed (disk full, I/O error).
+    /// The request alone is larger than the whole quota: no retry can succeed.
+    #[error("request needs {needed} bytes, more than the whole buffer quota of {quota}")]
+    LargerThanQuota { quota: u64, needed: u64 },
+    /// The commit failed (disk full, I/O error), or the disk is known failed.
     #[error("buffer commit failed: {0}")]
     Disk(String),
+    /// The commit did not finish within the commit timeout (a hung disk).
+    #[error("buffer commit did not finish within {0:?}")]
+    Stalled(Duration),
+    /// The buffer was sealed for shutdown: it takes no more events.
+    #[error("buffer is sealed for shutdown")]
+    Sealed,
     /// The writer is gone.
     #[error("buffer writer stopped")]
     Stopped,
@@ -43,6 +66,10 @@ pub struct BufferState {
     pub events: AtomicU64,
     /// Bytes of those events.
     pub bytes: AtomicU64,
+    /// Dead letters kept in the buffer (not yet copied to the dead-letter topic).
+    pub dead_letters: AtomicU64,
+    /// Bytes of those dead letters (they count against the quota too).
+    pub dead_bytes: AtomicU64,
     /// Capture time of the oldest waiting event (ms), 0 when empty.
     pub oldest_ms: AtomicI64,
     /// Highest sequence number committed.
@@ -51,26 +78,33 @@ pub struct BufferState {
     pub over_quota: AtomicBool,
     /// The last commit failed (unready).
     pub disk_failed: AtomicBool,
+    /// A commit took longer than the commit timeout (unready until one finishes).
+    pub commit_stalled: AtomicBool,
+    /// Sealed for shutdown: appends are refused.
+    pub sealed: AtomicBool,
     /// Quota in bytes.
     pub quota: AtomicU64,
 }
 
-/// Observer of each commit, for metrics: `(commands, events)`.
+impl BufferState {
+    /// Bytes counted against the quota: waiting events and kept dead letters.
+    pub fn used_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed) + self.dead_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Observer of each successful commit, for metrics: commands in it.
 pub type CommitObserver = Box<dyn Fn(usize) + Send + 'static>;
 
-enum Command {
-    Append {
-        events: Vec<NewEvent>,
-        reply: oneshot::Sender<Result<i64, AppendError>>,
-    },
-    Settle {
-        delivered: Vec<(i64, u64)>,
-        dead: Vec<(i64, u64, String)>,
-        reply: oneshot::Sender<Result<(), AppendError>>,
-    },
-    MarkClean {
-        reply: oneshot::Sender<Result<bool, AppendError>>,
-    },
+/// What [`WriterHandle::seal`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealReport {
+    /// Events still waiting for Kafka.
+    pub events: u64,
+    /// Dead letters not yet copied to the dead-letter topic.
+    pub dead_letters: u64,
+    /// Whether the buffer was marked clean (nothing left, nothing quarantined).
+    pub clean: bool,
 }
 
 /// Cheap handle used to submit commands to the writer.
@@ -81,6 +115,7 @@ pub struct WriterHandle {
     pub state: Arc<BufferState>,
     /// Notified after every commit that appended events.
     pub appended: Arc<Notify>,
+    commit_timeout: Duration,
 }
 
 impl std::fmt::Debug for WriterHandle {
@@ -90,55 +125,116 @@ impl std::fmt::Debug for WriterHandle {
 }
 
 impl WriterHandle {
-    /// Appends a request's events; resolves once they are committed (and fsynced
-    /// in `fsync` mode). Returns the last sequence number assigned.
-    pub async fn append(&self, events: Vec<NewEvent>) -> Result<i64, AppendError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, AppendError>>) -> Command,
+    ) -> Result<T, AppendError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Append { events, reply })
+            .send(make(reply))
             .await
             .map_err(|_| AppendError::Stopped)?;
         rx.await.map_err(|_| AppendError::Stopped)?
+    }
+
+    /// Appends a request's events; resolves once they are committed (and fsynced
+    /// in `fsync` mode). Returns the last sequence number assigned.
+    ///
+    /// Gives up with [`AppendError::Stalled`] after the commit timeout (a hung
+    /// disk): the events may still be committed later, so the client's retry
+    /// can produce a duplicate (same uuid), never a loss.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<i64, AppendError> {
+        match tokio::time::timeout(
+            self.commit_timeout,
+            self.call(|reply| Command::Append { events, reply }),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                if !self.state.commit_stalled.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        timeout_ms = self.commit_timeout.as_millis() as u64,
+                        "buffer commit is stalled (hung disk?); unready until a commit finishes"
+                    );
+                }
+                Err(AppendError::Stalled(self.commit_timeout))
+            }
+        }
     }
 
     /// Deletes delivered events and moves dead ones (with reason) to dead letters,
-    /// atomically. Each entry is `(seq, size)`.
+    /// atomically. Each delivered entry is `(seq, size)`.
     pub async fn settle(
         &self,
         delivered: Vec<(i64, u64)>,
-        dead: Vec<(i64, u64, String)>,
+        dead: Vec<DeadLetter>,
     ) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Settle {
-                delivered,
-                dead,
-                reply,
-            })
-            .await
-            .map_err(|_| AppendError::Stopped)?;
-        rx.await.map_err(|_| AppendError::Stopped)?
+        self.call(|reply| Command::Settle {
+            delivered,
+            dead,
+            reply,
+        })
+        .await
     }
 
-    /// Records a clean shutdown if the buffer is empty; returns whether it was.
-    pub async fn mark_clean_if_empty(&self) -> Result<bool, AppendError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::MarkClean { reply })
+    /// Forgets dead letters that the dead-letter topic now holds.
+    pub async fn dead_letters_copied(&self, seqs: Vec<i64>) -> Result<(), AppendError> {
+        self.call(|reply| Command::DeadLettersCopied { seqs, reply })
             .await
-            .map_err(|_| AppendError::Stopped)?;
-        rx.await.map_err(|_| AppendError::Stopped)?
+    }
+
+    /// Deletes the given dead letters (after an export the operator asked to delete).
+    pub async fn delete_dead_letters(&self, seqs: Vec<i64>) -> Result<(), AppendError> {
+        self.dead_letters_copied(seqs).await
+    }
+
+    /// Moves dead letters back into the queue (new sequence numbers, same
+    /// uuids); returns how many moved.
+    pub async fn replay_dead_letters(&self, seqs: Vec<i64>) -> Result<u64, AppendError> {
+        self.call(|reply| Command::Replay { seqs, reply }).await
+    }
+
+    /// Seals the buffer for shutdown: from here on every append is refused.
+    /// Then, if nothing is left (no events, no dead letters waiting for the
+    /// dead-letter topic, and `quarantined` is false), records a clean mark.
+    /// Because appends are refused first, a clean report stays true.
+    pub async fn seal(&self, quarantined: bool) -> Result<SealReport, AppendError> {
+        self.call(|reply| Command::Seal { quarantined, reply })
+            .await
     }
 }
 
 /// How often the checkpointer copies the WAL into the database file.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The writer thread. Dropping every [`WriterHandle`] stops it; [`join`](Self::join) waits.
 #[derive(Debug)]
 pub struct GroupCommitWriter {
     thread: Option<JoinHandle<()>>,
     checkpointer: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+/// How the writer is opened.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// `fsync` or `os`.
+    pub durability: Durability,
+    /// Quota in bytes (events and dead letters).
+    pub quota: u64,
+    /// How long an append may wait for its commit before answering `Stalled`.
+    pub commit_timeout: Duration,
+}
+
+impl WriterOptions {
+    /// Options for tools that only drain (`flush`, dead-letter commands): no quota.
+    pub fn drain(durability: Durability) -> Self {
+        Self {
+            durability,
+            quota: u64::MAX,
+            commit_timeout: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl GroupCommitWriter {
@@ -149,13 +245,33 @@ impl GroupCommitWriter {
         quota: u64,
         observer: Option<CommitObserver>,
     ) -> Result<(Self, WriterHandle)> {
+        Self::start_with(
+            dir,
+            WriterOptions {
+                durability,
+                quota,
+                commit_timeout: Duration::from_secs(10),
+            },
+            observer,
+        )
+    }
+
+    /// Opens the buffer in `dir` with `opts` and starts the writer thread.
+    pub fn start_with(
+        dir: &Path,
+        opts: WriterOptions,
+        observer: Option<CommitObserver>,
+    ) -> Result<(Self, WriterHandle)> {
         super::quarantine::quarantine_if_damaged(dir)?;
-        let conn = super::open_writer(dir, durability)?;
+        let conn = super::open_writer(dir, opts.durability)?;
         let (events, bytes) = super::totals(&conn)?;
+        let (dead, dead_bytes) = super::dead_letter_totals(&conn)?;
         let state = Arc::new(BufferState::default());
         state.events.store(events, Ordering::Relaxed);
         state.bytes.store(bytes, Ordering::Relaxed);
-        state.quota.store(quota, Ordering::Relaxed);
+        state.dead_letters.store(dead, Ordering::Relaxed);
+        state.dead_bytes.store(dead_bytes, Ordering::Relaxed);
+        state.quota.store(opts.quota, Ordering::Relaxed);
         state.oldest_ms.store(
             super::oldest_captured_at(&conn)?.unwrap_or(0),
             Ordering::Relaxed,
@@ -163,22 +279,24 @@ impl GroupCommitWriter {
         state
             .last_seq
             .store(super::last_seq(&conn)?, Ordering::Relaxed);
-        update_over_quota(&state, true);
+        commit::update_over_quota(&state, false);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let appended = Arc::new(Notify::new());
         let handle = WriterHandle {
             tx,
             state: state.clone(),
             appended: appended.clone(),
+            commit_timeout: opts.commit_timeout,
         };
+        let path = dir.join(super::DB_FILE);
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
-            .spawn(move || run(conn, rx, state, appended, observer))
+            .spawn(move || run(conn, path, opts.durability, rx, state, appended, observer))
             .map_err(|source| Error::DataDir {
                 path: dir.to_owned(),
                 source,
             })?;
-        let checkpointer = start_checkpointer(dir, durability)?;
+        let checkpointer = start_checkpointer(dir, opts.durability)?;
         Ok((
             Self {
                 thread: Some(thread),
@@ -217,7 +335,7 @@ fn start_checkpointer(
                 stopped.recv_timeout(CHECKPOINT_INTERVAL)
             {
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "wal checkpoint failed");
+                    tracing::debug!(error = %e, "wal checkpoint failed");
                 }
             }
         })
@@ -228,28 +346,18 @@ fn start_checkpointer(
     Ok((stop, thread))
 }
 
-/// Unready from 95% of the quota or after a refusal; ready again only once
-/// draining (`drained`) brought it under 90%, so a pod at its quota does not flap.
-fn update_over_quota(state: &BufferState, drained: bool) {
-    let quota = state.quota.load(Ordering::Relaxed);
-    let bytes = state.bytes.load(Ordering::Relaxed);
-    if bytes.saturating_mul(100) >= quota.saturating_mul(95) {
-        state.over_quota.store(true, Ordering::Relaxed);
-    } else if drained && bytes.saturating_mul(100) < quota.saturating_mul(90) {
-        state.over_quota.store(false, Ordering::Relaxed);
-    }
-}
-
 fn run(
-    mut conn: Connection,
+    conn: rusqlite::Connection,
+    path: PathBuf,
+    durability: Durability,
     mut rx: mpsc::Receiver<Command>,
     state: Arc<BufferState>,
     appended: Arc<Notify>,
     observer: Option<CommitObserver>,
 ) {
+    let mut session = commit::Session::new(conn, path, durability, state.clone());
+    let mut last_probe: Option<Instant> = None;
     let mut batch: Vec<Command> = Vec::with_capacity(256);
-    // The file may carry a clean mark from the last shutdown.
-    let mut marked_clean = true;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         let mut bytes = 0u64;
@@ -264,218 +372,21 @@ fn run(
                 Err(_) => break,
             }
         }
-        let n = batch.len();
-        commit(&mut conn, &mut batch, &state, &appended, &mut marked_clean);
-        if let Some(observe) = &observer {
-            observe(n);
+        // While the disk is failed, appends are refused without a transaction,
+        // but one round per interval probes whether it works again.
+        let refuse_appends = state.disk_failed.load(Ordering::Relaxed)
+            && last_probe.is_some_and(|t| t.elapsed() < DISK_PROBE_INTERVAL);
+        if state.disk_failed.load(Ordering::Relaxed) && !refuse_appends {
+            last_probe = Some(Instant::now());
         }
-    }
-}
-
-/// Outcome of one command inside a transaction, answered after the commit.
-enum Pending {
-    Append(
-        oneshot::Sender<Result<i64, AppendError>>,
-        Result<i64, AppendError>,
-    ),
-    Settle(oneshot::Sender<Result<(), AppendError>>),
-    Clean(oneshot::Sender<Result<bool, AppendError>>, bool),
-}
-
-/// `marked_clean`: whether `meta` may hold a clean mark (so the first append
-/// after it must remove it); spares every other commit that statement.
-fn commit(
-    conn: &mut Connection,
-    batch: &mut Vec<Command>,
-    state: &BufferState,
-    appended: &Notify,
-    marked_clean: &mut bool,
-) {
-    let quota = state.quota.load(Ordering::Relaxed);
-    let mut bytes = state.bytes.load(Ordering::Relaxed) as i128;
-    let mut events = state.events.load(Ordering::Relaxed) as i128;
-    let was_empty = events == 0;
-    let mut first_ms = None;
-    let mut any_append = false;
-    let mut settled = false;
-    let mut last_seq = 0;
-    let mut marked_clean_now = false;
-    let mut pending = Vec::with_capacity(batch.len());
-    let result = (|| -> rusqlite::Result<()> {
-        let tx = conn.transaction()?;
+        let outcome = session.apply(&mut batch, refuse_appends);
+        if outcome.appended {
+            appended.notify_one();
+        }
+        if outcome.committed > 0
+            && let Some(observe) = &observer
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
-            let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;
-            let mut count_through =
-                tx.prepare_cached("SELECT count(*) FROM events WHERE seq <= ?1")?;
-            let mut bury = tx.prepare_cached(
-                "INSERT OR REPLACE INTO dead_letters(seq, uuid, topic, key, payload, captured_at_ms, reason, failed_at_ms)
-                 SELECT seq, uuid, topic, key, payload, captured_at_ms, ?2, ?3 FROM events WHERE seq = ?1",
-            )?;
-            for cmd in batch.drain(..) {
-                match cmd {
-                    Command::Append { events: evs, reply } => {
-                        let needed: u64 = evs.iter().map(NewEvent::size).sum();
-                        if bytes.max(0) as u64 + needed > quota {
-                            state.over_quota.store(true, Ordering::Relaxed);
-                            pending.push(Pending::Append(
-                                reply,
-                                Err(AppendError::QuotaExceeded {
-                                    used: bytes.max(0) as u64,
-                                    quota,
-                                    needed,
-                                }),
-                            ));
-                            continue;
-                        }
-                        let mut last = 0;
-                        for e in &evs {
-                            insert.execute(params![
-                                e.uuid,
-                                e.topic,
-                                e.key,
-                                e.payload,
-                                e.captured_at_ms
-                            ])?;
-                            last = tx.last_insert_rowid();
-                            first_ms.get_or_insert(e.captured_at_ms);
-                        }
-                        bytes += needed as i128;
-                        events += evs.len() as i128;
-                        last_seq = last;
-                        any_append |= !evs.is_empty();
-                        pending.push(Pending::Append(reply, Ok(last)));
-                    }
-                    Command::Settle {
-                        delivered,
-                        dead,
-                        reply,
-                    } => {
-                        let failed_at = now_ms();
-                        for (seq, size, reason) in &dead {
-                            bury.execute(params![seq, reason, failed_at])?;
-                            if delete.execute([seq])? == 1 {
-                                bytes -= *size as i128;
-                                events -= 1;
-                            }
-                        }
-                        // The forwarder reads the oldest events in order, so when a
-                        // whole batch is settled one range delete replaces a delete per row.
-                        let through = delivered.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
-                        let whole_head = through > 0
-                            && delivered.len() as i128
-                                == count_through.query_row([through], |r| r.get::<_, i64>(0))?
-                                    as i128;
-                        if whole_head {
-                            let n = delete_through.execute([through])?;
-                            events -= n as i128;
-                            bytes -= delivered
-                                .iter()
-                                .map(|(_, size)| *size as i128)
-                                .sum::<i128>();
-                        } else {
-                            for (seq, size) in &delivered {
-                                if delete.execute([seq])? == 1 {
-                                    bytes -= *size as i128;
-                                    events -= 1;
-                                }
-                            }
-                        }
-                        settled = true;
-                        pending.push(Pending::Settle(reply));
-                    }
-                    Command::MarkClean { reply } => {
-                        let empty = events == 0;
-                        if empty {
-                            marked_clean_now = true;
-                            tx.execute(
-                                "INSERT OR REPLACE INTO meta(key, value) VALUES ('clean_at_ms', ?1)",
-                                [now_ms().to_string()],
-                            )?;
-                        }
-                        pending.push(Pending::Clean(reply, empty));
-                    }
-                }
-            }
-            if any_append && (*marked_clean || marked_clean_now) {
-                // Appending makes the volume dirty again.
-                tx.execute("DELETE FROM meta WHERE key = 'clean_at_ms'", [])?;
-            }
-        }
-        tx.commit()
-    })();
-    match result {
-        Ok(()) => {
-            // Conservative: true whenever a mark may exist.
-            *marked_clean = marked_clean_now || (*marked_clean && !any_append);
-            state.disk_failed.store(false, Ordering::Relaxed);
-            state.bytes.store(bytes.max(0) as u64, Ordering::Relaxed);
-            state.events.store(events.max(0) as u64, Ordering::Relaxed);
-            if events <= 0 {
-                state.oldest_ms.store(0, Ordering::Relaxed);
-            } else if was_empty {
-                state
-                    .oldest_ms
-                    .store(first_ms.unwrap_or_else(now_ms), Ordering::Relaxed);
-            } else if settled && let Ok(Some(oldest)) = super::oldest_captured_at(conn) {
-                // Only deletes can move the oldest event.
-                state.oldest_ms.store(oldest, Ordering::Relaxed);
-            }
-            if last_seq > 0 {
-                state.last_seq.store(last_seq, Ordering::Relaxed);
-            }
-            update_over_quota(state, settled);
-            for p in pending {
-                match p {
-                    Pending::Append(reply, r) => {
-                        let _ = reply.send(r);
-                    }
-                    Pending::Settle(reply) => {
-                        let _ = reply.send(Ok(()));
-                    }
-                    Pending::Clean(reply, empty) => {
-                        let _ = reply.send(Ok(empty));
-                    }
-                }
-            }
-            if any_append {
-                appended.notify_one();
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, commands = pending.len() + batch.len(), "buffer commit failed");
-            state.disk_failed.store(true, Ordering::Relaxed);
-            let err = AppendError::Disk(e.to_string());
-            // Commands not reached before the failure are answered too.
-            for cmd in batch.drain(..) {
-                match cmd {
-                    Command::Append { reply, .. } => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    Command::Settle { reply, .. } => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    Command::MarkClean { reply } => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
-            }
-            for p in pending {
-                match p {
-                    Pending::Append(reply, _) => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    Pending::Settle(reply) => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    Pending::Clean(reply, _) => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
-            }
+            observe(outcome.committed);
         }
     }
 }

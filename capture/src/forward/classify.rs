@@ -10,6 +10,10 @@ pub enum ErrorClass {
     Retry,
     /// Kafka will never take it: move it to dead letters with this reason.
     DeadLetter(&'static str),
+    /// Kafka refused the whole topic (unknown, not authorised). That can be
+    /// transient (a topic created late, an ACL propagating): retry for the
+    /// poison window, then treat as [`DeadLetter`](Self::DeadLetter).
+    TopicRefused(&'static str),
     /// The producer itself is unusable (fenced, fatal idempotence error): keep
     /// the event; the producer must be recreated.
     Fatal,
@@ -25,9 +29,10 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
         C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => {
             ErrorClass::DeadLetter("too_large")
         }
-        C::UnknownTopic | C::InvalidTopic => ErrorClass::DeadLetter("unknown_topic"),
+        C::InvalidTopic => ErrorClass::DeadLetter("invalid_topic"),
+        C::UnknownTopic | C::UnknownTopicOrPartition => ErrorClass::TopicRefused("unknown_topic"),
         C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
-            ErrorClass::DeadLetter("not_authorized")
+            ErrorClass::TopicRefused("not_authorized")
         }
         C::InvalidRecord => ErrorClass::DeadLetter("invalid_record"),
         C::Fatal | C::ProducerFenced | C::InvalidProducerEpoch | C::Fenced => ErrorClass::Fatal,
@@ -46,13 +51,18 @@ mod tests {
             classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
             ErrorClass::DeadLetter("too_large")
         );
+        // Topic-level refusals may be transient: retried before judged poison.
         assert_eq!(
             classify(&e(RDKafkaErrorCode::TopicAuthorizationFailed)),
-            ErrorClass::DeadLetter("not_authorized")
+            ErrorClass::TopicRefused("not_authorized")
         );
         assert_eq!(
             classify(&e(RDKafkaErrorCode::UnknownTopic)),
-            ErrorClass::DeadLetter("unknown_topic")
+            ErrorClass::TopicRefused("unknown_topic")
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::UnknownTopicOrPartition)),
+            ErrorClass::TopicRefused("unknown_topic")
         );
         assert_eq!(
             classify(&e(RDKafkaErrorCode::MessageTimedOut)),

@@ -9,29 +9,26 @@
 //! backoff, so a broker outage only delays delivery.
 
 mod classify;
+mod dlq;
+mod forwarder;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rusqlite::Connection;
-use tokio::sync::watch;
 
 pub use classify::{ErrorClass, classify};
+pub use forwarder::{Forwarder, RunUntil};
 
-use crate::buffer::{self, NewEvent, StoredEvent, WriterHandle};
+use crate::buffer::{self, NewEvent, WriterHandle};
 use crate::config::KafkaConfig;
-use crate::metrics::{Metrics, ReasonLabel, TopicLabel};
-
-/// How often an idle forwarder checks that Kafka answers.
-const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+use crate::metrics::Metrics;
 
 /// Header carrying the event's stable id.
 pub const UUID_HEADER: &str = "holdfast-uuid";
@@ -57,12 +54,16 @@ pub enum Error {
     /// Settling delivered events in the buffer failed.
     #[error("buffer settle failed: {0}")]
     Settle(#[from] buffer::AppendError),
-    /// A direct send failed; `index` is the event's position in its request.
-    #[error("event {index}: kafka rejected it: {reason}")]
+    /// A direct send failed; `index` is the event's position in its request,
+    /// `delivered` how many events of the request Kafka did take.
+    #[error(
+        "event {index}: kafka rejected it: {reason} ({delivered} events of the request delivered)"
+    )]
     Direct {
         index: usize,
         reason: String,
         class: ErrorClass,
+        delivered: usize,
     },
 }
 
@@ -134,6 +135,56 @@ pub fn create_producer(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<Kafka
         .map_err(Error::Producer)
 }
 
+/// A producer that is replaced when it hits a fatal error; cheap to clone.
+#[derive(Clone)]
+pub struct SharedProducer {
+    current: Arc<std::sync::RwLock<KafkaProducer>>,
+    cfg: KafkaConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for SharedProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedProducer").finish_non_exhaustive()
+    }
+}
+
+impl SharedProducer {
+    /// Creates the first producer.
+    pub fn new(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<Self> {
+        let producer = create_producer(cfg, metrics.clone())?;
+        Ok(Self {
+            current: Arc::new(std::sync::RwLock::new(producer)),
+            cfg: cfg.clone(),
+            metrics,
+        })
+    }
+
+    /// The producer to use now.
+    pub fn get(&self) -> KafkaProducer {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces `broken` (unless another caller already did).
+    pub fn replace_broken(&self, broken: &KafkaProducer) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if !std::ptr::eq(current.client().native_ptr(), broken.client().native_ptr()) {
+            return;
+        }
+        match create_producer(&self.cfg, self.metrics.clone()) {
+            Ok(p) => {
+                tracing::error!("kafka producer hit a fatal error; replaced it");
+                self.metrics.producer_recreated.inc();
+                *current = p;
+            }
+            Err(e) => tracing::error!(error = %e, "could not replace the broken kafka producer"),
+        }
+    }
+}
+
 fn headers(event: &NewEvent) -> OwnedHeaders {
     OwnedHeaders::new_with_capacity(2)
         .insert(Header {
@@ -192,304 +243,48 @@ pub async fn send_all(
 }
 
 /// Sends a `direct` stream's events; `Ok` only when Kafka acknowledged every one.
-pub async fn send_direct(producer: &KafkaProducer, events: &[NewEvent]) -> Result<()> {
+///
+/// Kafka judges size per record batch, so an oversized event fails the
+/// innocent events batched with it: each event that failed as too large is
+/// sent again alone, and only one that fails alone is blamed.
+///
+/// A producer that hit a fatal error (an idempotent producer then accepts
+/// nothing more) is replaced, so the next request gets a working one.
+pub async fn send_direct(shared: &SharedProducer, events: &[NewEvent]) -> Result<()> {
+    let producer = &shared.get();
     let refs: Vec<&NewEvent> = events.iter().collect();
-    let results = send_all(producer, &refs).await;
-    for (index, r) in results.into_iter().enumerate() {
-        if let Err(e) = r {
-            return Err(Error::Direct {
-                index,
-                reason: e.to_string(),
-                class: classify(&e),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// When the forwarder stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunUntil {
-    /// Until told to stop (serve).
-    Stopped,
-    /// Until the buffer is empty or told to stop (flush).
-    Empty,
-}
-
-/// Drains the buffer into Kafka, oldest first.
-pub struct Forwarder {
-    dir: std::path::PathBuf,
-    reader: Arc<std::sync::Mutex<Connection>>,
-    writer: WriterHandle,
-    producer: KafkaProducer,
-    cfg: KafkaConfig,
-    metrics: Arc<Metrics>,
-}
-
-impl std::fmt::Debug for Forwarder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Forwarder").finish_non_exhaustive()
-    }
-}
-
-impl Forwarder {
-    /// A forwarder reading with its own connection to the buffer in `dir`.
-    pub fn new(
-        dir: &std::path::Path,
-        writer: WriterHandle,
-        producer: KafkaProducer,
-        cfg: KafkaConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self> {
-        Ok(Self {
-            dir: dir.to_owned(),
-            reader: Arc::new(std::sync::Mutex::new(buffer::open_reader(dir)?)),
-            writer,
-            producer,
-            cfg,
-            metrics,
-        })
-    }
-
-    async fn read(&self, limit: usize) -> Result<Vec<StoredEvent>> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            buffer::read_batch(&conn, 0, limit)
-        })
-        .await
-        .map_err(|_| buffer::Error::WriterStopped)?
-        .map_err(Error::from)
-    }
-
-    /// Runs until `stop` turns true (finishing the batch in flight), or, with
-    /// [`RunUntil::Empty`], until the buffer is empty.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>, until: RunUntil) -> Result<()> {
-        let backoff_builder = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times();
-        let mut backoff = backoff_builder.build();
-        let mut last_probe: Option<tokio::time::Instant> = None;
-        loop {
-            if *stop.borrow() {
-                return Ok(());
-            }
-            let outcome = match self.read(self.cfg.batch_events).await {
-                Err(e) => Err(e),
-                Ok(batch) if batch.is_empty() => {
-                    if until == RunUntil::Empty {
-                        return Ok(());
-                    }
-                    // Idle: ask Kafka for metadata now and then, so `kafka_up`
-                    // tells the truth about a pod that has nothing to send.
-                    if last_probe.is_none_or(|t| t.elapsed() >= KAFKA_PROBE_INTERVAL) {
-                        last_probe = Some(tokio::time::Instant::now());
-                        let producer = self.producer.clone();
-                        let up = tokio::task::spawn_blocking(move || {
-                            producer
-                                .client()
-                                .fetch_metadata(None, Duration::from_secs(5))
-                                .is_ok()
-                        })
-                        .await
-                        .unwrap_or(false);
-                        self.metrics.kafka_up.set(i64::from(up));
-                    }
-                    tokio::select! {
-                        _ = self.writer.appended.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = stop.changed() => {}
-                    }
-                    continue;
-                }
-                // A batch in flight is abandoned on stop: its events are still in
-                // the buffer and are sent again by the next drainer (at least once).
-                Ok(batch) => tokio::select! {
-                    r = self.forward(&batch) => r,
-                    _ = stop.changed() => return Ok(()),
-                },
-            };
-            let delay = match outcome {
-                Ok((0, _)) => {
-                    self.metrics.kafka_up.set(1);
-                    backoff = backoff_builder.build();
-                    continue;
-                }
-                Ok((retried, fatal)) => {
-                    if fatal {
-                        // An idempotent producer that hit a fatal error accepts nothing more.
-                        tracing::error!("kafka producer hit a fatal error; recreating it");
-                        match create_producer(&self.cfg, self.metrics.clone()) {
-                            Ok(p) => self.producer = p,
-                            Err(e) => {
-                                tracing::error!(error = %e, "could not recreate the producer")
-                            }
-                        }
-                    }
-                    self.metrics.forward_retries.inc();
-                    self.metrics.kafka_up.set(0);
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(
-                        events = retried,
-                        delay_ms = delay.as_millis() as u64,
-                        "kafka did not take every event; retrying"
-                    );
-                    delay
-                }
-                Err(e) => {
-                    // The buffer failed (typically a full disk): the forwarder never
-                    // gives up, since draining is what frees the disk.
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::error!(error = %e, delay_ms = delay.as_millis() as u64, "forwarding failed on the buffer side; retrying");
-                    if let Some(freed) = buffer::release_reserve(&self.dir) {
-                        tracing::warn!(
-                            bytes = freed,
-                            "released the disk reserve so delivered events can be deleted"
-                        );
-                    }
-                    delay
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.changed() => {}
-            }
-        }
-    }
-
-    /// Forwards one batch; returns how many events must be retried, and
-    /// whether the producer reported a fatal error.
-    async fn forward(&self, batch: &[StoredEvent]) -> Result<(usize, bool)> {
-        let refs: Vec<&NewEvent> = batch.iter().map(|s| &s.event).collect();
-        let mut results = send_all(&self.producer, &refs).await;
-        // Kafka judges size per record batch, so one oversized event fails the
-        // innocent events batched with it. Retry each such event alone: only an
-        // event that is rejected on its own is poison.
-        for (stored, result) in batch.iter().zip(results.iter_mut()) {
-            if let Err(e) = result
-                && classify(e) == ErrorClass::DeadLetter("too_large")
-            {
-                *result = send_all(&self.producer, &[&stored.event])
-                    .await
-                    .pop()
-                    .unwrap_or(Err(KafkaError::Canceled));
-            }
-        }
-        let mut delivered = Vec::with_capacity(batch.len());
-        let mut dead = Vec::new();
-        let mut retry = 0;
-        let mut fatal = false;
-        let mut by_topic: std::collections::HashMap<&str, u64> = Default::default();
-        for (stored, result) in batch.iter().zip(results) {
-            let size = stored.event.size();
-            match result {
-                Ok(()) => {
-                    delivered.push((stored.seq, size));
-                    *by_topic.entry(stored.event.topic.as_str()).or_default() += 1;
-                }
-                Err(e) => match classify(&e) {
-                    ErrorClass::DeadLetter(reason) => {
-                        tracing::warn!(
-                            seq = stored.seq,
-                            uuid = %stored.event.uuid,
-                            topic = %stored.event.topic,
-                            reason,
-                            error = %e,
-                            "kafka rejected event for good; moved to dead letters"
-                        );
-                        self.metrics
-                            .dead_lettered
-                            .get_or_create(&ReasonLabel {
-                                reason: reason.to_owned(),
-                            })
-                            .inc();
-                        dead.push((stored.seq, size, format!("{reason}: {e}")));
-                    }
-                    ErrorClass::Retry => retry += 1,
-                    ErrorClass::Fatal => {
-                        retry += 1;
-                        fatal = true;
-                    }
-                },
-            }
-        }
-        if !dead.is_empty()
-            && let Some(dlq) = &self.cfg.dead_letter_topic
+    let mut results = send_all(producer, &refs).await;
+    for (event, result) in events.iter().zip(results.iter_mut()) {
+        if let Err(e) = result
+            && classify(e) == ErrorClass::DeadLetter("too_large")
         {
-            self.send_to_dlq(dlq, batch, &dead).await;
-        }
-        self.settle(delivered, dead).await?;
-        for (topic, n) in by_topic {
-            self.metrics
-                .delivered
-                .get_or_create(&TopicLabel {
-                    topic: topic.to_owned(),
-                })
-                .inc_by(n);
-        }
-        Ok((retry, fatal))
-    }
-
-    /// Records what Kafka took, retrying a few times (releasing the disk
-    /// reserve) before giving up: the caller then backs off and sends the
-    /// batch again, so events reach Kafka even while the disk stays full, at
-    /// the price of duplicates (same `holdfast-uuid`).
-    async fn settle(
-        &self,
-        delivered: Vec<(i64, u64)>,
-        dead: Vec<(i64, u64, String)>,
-    ) -> Result<()> {
-        let mut delay = Duration::from_millis(100);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.writer.settle(delivered.clone(), dead.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::error!(error = %e, events = delivered.len() + dead.len(), attempt, "could not record delivered events");
-                    if let Some(freed) = buffer::release_reserve(&self.dir) {
-                        tracing::warn!(
-                            bytes = freed,
-                            "released the disk reserve so delivered events can be deleted"
-                        );
-                    }
-                    if attempt >= 3 {
-                        return Err(e.into());
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-            }
+            *result = send_all(producer, &[event])
+                .await
+                .pop()
+                .unwrap_or(Err(KafkaError::Canceled));
         }
     }
-
-    /// Best effort: the dead letters table keeps the event whatever happens here.
-    async fn send_to_dlq(&self, dlq: &str, batch: &[StoredEvent], dead: &[(i64, u64, String)]) {
-        for (seq, _, reason) in dead {
-            let Some(stored) = batch.iter().find(|s| s.seq == *seq) else {
-                continue;
-            };
-            let e = &stored.event;
-            let record = FutureRecord::to(dlq)
-                .key(&e.key)
-                .payload(&e.payload)
-                .headers(
-                    headers(e)
-                        .insert(Header {
-                            key: REASON_HEADER,
-                            value: Some(reason.as_bytes()),
-                        })
-                        .insert(Header {
-                            key: ORIGINAL_TOPIC_HEADER,
-                            value: Some(e.topic.as_bytes()),
-                        }),
-                );
-            if let Err((error, _)) = self.producer.send(record, Duration::from_secs(5)).await {
-                tracing::warn!(seq, dlq, error = %error, "could not copy dead letter to the dead-letter topic");
-            }
-        }
+    let delivered = results.iter().filter(|r| r.is_ok()).count();
+    // Blame an event Kafka refuses for good before one that merely timed out.
+    let worst = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e, classify(e))))
+        .min_by_key(|(i, _, class)| (!matches!(class, ErrorClass::DeadLetter(_)), *i));
+    if results
+        .iter()
+        .any(|r| matches!(r, Err(e) if classify(e) == ErrorClass::Fatal))
+    {
+        shared.replace_broken(producer);
+    }
+    match worst {
+        None => Ok(()),
+        Some((index, e, class)) => Err(Error::Direct {
+            index,
+            reason: e.to_string(),
+            class,
+            delivered,
+        }),
     }
 }
 

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::buffer::{AppendError, NewEvent, WriterHandle};
 use crate::config::{OnDiskFailure, ServeConfig, StreamMode};
-use crate::forward::{self, ErrorClass, KafkaProducer};
+use crate::forward::{self, ErrorClass, SharedProducer};
 use crate::metrics::{Metrics, StreamLabel};
 use ingest::{ParseOptions, Rejection};
 use limits::{BodyError, Exhausted};
@@ -67,7 +67,7 @@ pub struct AppState {
     /// The buffer's writer.
     pub writer: WriterHandle,
     /// Producer for direct streams and the disk-failure fallback.
-    pub producer: KafkaProducer,
+    pub producer: SharedProducer,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Lifecycle flags.
@@ -209,7 +209,8 @@ pub fn unready_reason(s: &AppState) -> Option<&'static str> {
         Some("shutting down")
     } else if buf.over_quota.load(Ordering::Relaxed) {
         Some("buffer over quota")
-    } else if (buf.disk_failed.load(Ordering::Relaxed))
+    } else if (buf.disk_failed.load(Ordering::Relaxed)
+        || buf.commit_stalled.load(Ordering::Relaxed))
         && s.cfg.on_disk_failure == OnDiskFailure::Reject
     {
         Some("disk failure")
@@ -382,7 +383,20 @@ async fn accept(
             match s.writer.append(events).await {
                 Ok(_) => {}
                 Err(AppendError::QuotaExceeded { .. }) => return Err(unavailable("buffer_full")),
-                Err(e @ (AppendError::Disk(_) | AppendError::Stopped)) => match fallback {
+                Err(AppendError::LargerThanQuota { quota, needed }) => {
+                    return Err(ApiError::Rejected(Rejection {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        reason: "request_exceeds_quota",
+                        message: format!(
+                            "the request's events take {needed} bytes, more than the whole buffer quota of {quota}; split it"
+                        ),
+                        index: None,
+                    }));
+                }
+                Err(AppendError::Sealed) => return Err(unavailable("shutting_down")),
+                Err(
+                    e @ (AppendError::Disk(_) | AppendError::Stalled(_) | AppendError::Stopped),
+                ) => match fallback {
                     Some(events) => {
                         tracing::warn!(error = %e, events = n, "buffer failed; delivering directly to kafka");
                         direct(s, &events).await?;
@@ -405,10 +419,14 @@ async fn direct(s: &AppState, events: &[NewEvent]) -> Result<(), ApiError> {
             index,
             reason,
             class: ErrorClass::DeadLetter(code),
+            delivered,
         }) => Err(ApiError::Rejected(Rejection {
             status: StatusCode::BAD_REQUEST,
             reason: "rejected_by_kafka",
-            message: format!("event {index}: kafka rejected it for good ({code}): {reason}"),
+            message: format!(
+                "event {index}: kafka rejected it for good ({code}): {reason}; {delivered} of the request's {} events were delivered (retry the others with the same uuids)",
+                events.len()
+            ),
             index: Some(index),
         })),
         Err(e) => {

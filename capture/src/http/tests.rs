@@ -77,7 +77,7 @@ pub(super) fn fixture_with(tokens: &[&str], quota: u64, extra: &[&str]) -> Fixtu
     metrics.attach_buffer(writer.state.clone());
     let mut cfg = serve_config(dir.path(), quota, extra);
     cfg.auth = auth::AuthTokens::fixed(tokens);
-    let producer = forward::create_producer(&cfg.kafka, metrics.clone()).unwrap();
+    let producer = forward::SharedProducer::new(&cfg.kafka, metrics.clone()).unwrap();
     let health = Arc::new(Health::default());
     health.started.store(true, Ordering::Relaxed);
     Fixture {

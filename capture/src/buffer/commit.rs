@@ -1,0 +1,574 @@
+//! One round of the group-commit writer: the commands it took, applied in at
+//! most two transactions, then answered. Settlements (and dead-letter
+//! bookkeeping) commit first and on their own; appends, replays and the seal
+//! commit second. Nothing is answered before its transaction committed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rusqlite::{Connection, params};
+use tokio::sync::oneshot;
+
+use super::writer::{AppendError, BufferState, SealReport};
+use super::{NewEvent, now_ms};
+use crate::config::Durability;
+
+/// An event Kafka rejected for good, on its way to the dead-letter table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its buffer sequence number.
+    pub seq: i64,
+    /// Its size ([`NewEvent::size`]).
+    pub size: u64,
+    /// Why Kafka rejected it.
+    pub reason: String,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, AppendError>>;
+
+/// A request to the writer thread.
+pub(super) enum Command {
+    Append {
+        events: Vec<NewEvent>,
+        reply: Reply<i64>,
+    },
+    Settle {
+        delivered: Vec<(i64, u64)>,
+        dead: Vec<DeadLetter>,
+        reply: Reply<()>,
+    },
+    DeadLettersCopied {
+        seqs: Vec<i64>,
+        reply: Reply<()>,
+    },
+    Replay {
+        seqs: Vec<i64>,
+        reply: Reply<u64>,
+    },
+    Seal {
+        quarantined: bool,
+        reply: Reply<SealReport>,
+    },
+}
+
+impl Command {
+    fn is_settlement(&self) -> bool {
+        matches!(
+            self,
+            Command::Settle { .. } | Command::DeadLettersCopied { .. }
+        )
+    }
+
+    fn fail(self, err: &AppendError) {
+        match self {
+            Command::Append { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Command::Settle { reply, .. } | Command::DeadLettersCopied { reply, .. } => {
+                drop(reply.send(Err(err.clone())))
+            }
+            Command::Replay { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Command::Seal { reply, .. } => drop(reply.send(Err(err.clone()))),
+        }
+    }
+}
+
+/// An answer held back until its transaction commits.
+enum Answer {
+    Seq(Reply<i64>, Result<i64, AppendError>),
+    Unit(Reply<()>),
+    Count(Reply<u64>, Result<u64, AppendError>),
+    Seal(Reply<SealReport>, SealReport),
+}
+
+impl Answer {
+    fn send(self) {
+        match self {
+            Answer::Seq(r, v) => drop(r.send(v)),
+            Answer::Unit(r) => drop(r.send(Ok(()))),
+            Answer::Count(r, n) => drop(r.send(n)),
+            Answer::Seal(r, s) => drop(r.send(Ok(s))),
+        }
+    }
+
+    fn fail(self, err: &AppendError) {
+        match self {
+            Answer::Seq(r, _) => drop(r.send(Err(err.clone()))),
+            Answer::Unit(r) => drop(r.send(Err(err.clone()))),
+            Answer::Count(r, _) => drop(r.send(Err(err.clone()))),
+            Answer::Seal(r, _) => drop(r.send(Err(err.clone()))),
+        }
+    }
+}
+
+/// Figures as a transaction sees them; copied to [`BufferState`] on commit.
+#[derive(Debug, Clone, Copy)]
+struct Totals {
+    events: i128,
+    bytes: i128,
+    dead: i128,
+    dead_bytes: i128,
+}
+
+impl Totals {
+    fn read(s: &BufferState) -> Self {
+        Self {
+            events: s.events.load(Ordering::Relaxed) as i128,
+            bytes: s.bytes.load(Ordering::Relaxed) as i128,
+            dead: s.dead_letters.load(Ordering::Relaxed) as i128,
+            dead_bytes: s.dead_bytes.load(Ordering::Relaxed) as i128,
+        }
+    }
+
+    fn store(&self, s: &BufferState) {
+        s.events.store(self.events.max(0) as u64, Ordering::Relaxed);
+        s.bytes.store(self.bytes.max(0) as u64, Ordering::Relaxed);
+        s.dead_letters
+            .store(self.dead.max(0) as u64, Ordering::Relaxed);
+        s.dead_bytes
+            .store(self.dead_bytes.max(0) as u64, Ordering::Relaxed);
+    }
+
+    fn used(&self) -> u64 {
+        (self.bytes.max(0) + self.dead_bytes.max(0)) as u64
+    }
+}
+
+/// Unready from 95% of the quota, or from 90% once a request was refused for
+/// lack of room; ready again only under 90%, so a pod at its quota does not
+/// flap. Evaluated after every commit.
+pub(super) fn update_over_quota(state: &BufferState, refused: bool) {
+    let quota = state.quota.load(Ordering::Relaxed);
+    let used = state.used_bytes();
+    let high = used.saturating_mul(100) >= quota.saturating_mul(95);
+    let band = used.saturating_mul(100) >= quota.saturating_mul(90);
+    if high || (refused && band) {
+        state.over_quota.store(true, Ordering::Relaxed);
+    } else if used.saturating_mul(100) < quota.saturating_mul(90) {
+        state.over_quota.store(false, Ordering::Relaxed);
+    }
+}
+
+/// What one round did.
+pub(super) struct Outcome {
+    /// Events were appended (the forwarder has work).
+    pub appended: bool,
+    /// Commands in transactions that committed.
+    pub committed: usize,
+}
+
+/// The writer's connection and what it remembers between rounds.
+pub(super) struct Session {
+    conn: Option<Connection>,
+    path: PathBuf,
+    durability: Durability,
+    state: Arc<BufferState>,
+    /// `meta` may hold a clean mark, so the next append must remove it.
+    marked_clean: bool,
+}
+
+impl Session {
+    pub(super) fn new(
+        conn: Connection,
+        path: PathBuf,
+        durability: Durability,
+        state: Arc<BufferState>,
+    ) -> Self {
+        Self {
+            conn: Some(conn),
+            path,
+            durability,
+            state,
+            marked_clean: true,
+        }
+    }
+
+    /// After an I/O error the connection is reopened before it is used again:
+    /// SQLite may hold file handles or state that a remount made stale.
+    fn connection(&mut self) -> Result<&mut Connection, AppendError> {
+        if self.conn.is_none() {
+            let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
+            let conn = super::open_writer(dir, self.durability)
+                .map_err(|e| AppendError::Disk(e.to_string()))?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connection just opened"))
+    }
+
+    fn failed(&mut self, e: &rusqlite::Error, commands: usize, what: &str) -> AppendError {
+        tracing::error!(error = %e, commands, "buffer {what} commit failed");
+        self.state.disk_failed.store(true, Ordering::Relaxed);
+        let full = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
+        if !full {
+            self.conn = None;
+        }
+        AppendError::Disk(e.to_string())
+    }
+
+    fn committed(&self, refused: bool) {
+        self.state.disk_failed.store(false, Ordering::Relaxed);
+        self.state.commit_stalled.store(false, Ordering::Relaxed);
+        update_over_quota(&self.state, refused);
+    }
+
+    /// Applies `batch` (drained): settlements in one transaction, then the rest.
+    /// With `refuse_appends` (disk known failed), appends fail without a try.
+    pub(super) fn apply(&mut self, batch: &mut Vec<Command>, refuse_appends: bool) -> Outcome {
+        let (settlements, rest): (Vec<Command>, Vec<Command>) =
+            batch.drain(..).partition(Command::is_settlement);
+        let mut outcome = Outcome {
+            appended: false,
+            committed: 0,
+        };
+        if !settlements.is_empty() {
+            let n = settlements.len();
+            if self.settle(settlements) {
+                outcome.committed += n;
+            }
+        }
+        if !rest.is_empty() {
+            let n = rest.len();
+            let (ok, appended) = self.append(rest, refuse_appends);
+            outcome.appended = appended;
+            if ok {
+                outcome.committed += n;
+            }
+        }
+        outcome
+    }
+
+    fn settle(&mut self, commands: Vec<Command>) -> bool {
+        let state = self.state.clone();
+        let mut t = Totals::read(&state);
+        let mut answers = Vec::with_capacity(commands.len());
+        let mut deleted_any = false;
+        let result = match self.connection() {
+            Err(e) => Err(e),
+            Ok(conn) => apply_settlements(conn, commands, &mut t, &mut answers, &mut deleted_any)
+                .map_err(|(e, n)| self.failed(&e, n, "settlement")),
+        };
+        match result {
+            Ok(()) => {
+                t.store(&state);
+                if t.events <= 0 {
+                    state.oldest_ms.store(0, Ordering::Relaxed);
+                } else if deleted_any
+                    && let Some(conn) = &self.conn
+                    && let Ok(Some(oldest)) = super::oldest_captured_at(conn)
+                {
+                    state.oldest_ms.store(oldest, Ordering::Relaxed);
+                }
+                self.committed(false);
+                answers.into_iter().for_each(Answer::send);
+                true
+            }
+            Err(err) => {
+                answers.into_iter().for_each(|a| a.fail(&err));
+                false
+            }
+        }
+    }
+
+    /// Returns (committed, appended events).
+    fn append(&mut self, commands: Vec<Command>, refuse_appends: bool) -> (bool, bool) {
+        let state = self.state.clone();
+        let mut t = Totals::read(&state);
+        let was_empty = t.events == 0;
+        let mut answers = Vec::with_capacity(commands.len());
+        let mut round = AppendRound::default();
+        let marked_clean = self.marked_clean;
+        let result = match self.connection() {
+            Err(e) => Err(e),
+            Ok(conn) => apply_appends(
+                conn,
+                commands,
+                &state,
+                refuse_appends,
+                marked_clean,
+                &mut t,
+                &mut answers,
+                &mut round,
+            )
+            .map_err(|(e, n)| self.failed(&e, n, "append")),
+        };
+        match result {
+            Ok(()) => {
+                // Conservative: true whenever a mark may exist.
+                self.marked_clean = round.marked_clean_now || (marked_clean && !round.appended);
+                t.store(&state);
+                if t.events <= 0 {
+                    state.oldest_ms.store(0, Ordering::Relaxed);
+                } else if was_empty {
+                    state
+                        .oldest_ms
+                        .store(round.first_ms.unwrap_or_else(now_ms), Ordering::Relaxed);
+                }
+                if round.last_seq > 0 {
+                    state.last_seq.store(round.last_seq, Ordering::Relaxed);
+                }
+                if round.wrote {
+                    self.committed(round.refused_for_room);
+                } else {
+                    update_over_quota(&state, round.refused_for_room);
+                }
+                answers.into_iter().for_each(Answer::send);
+                (true, round.appended)
+            }
+            Err(err) => {
+                answers.into_iter().for_each(|a| a.fail(&err));
+                (false, false)
+            }
+        }
+    }
+}
+
+fn apply_settlements(
+    conn: &mut Connection,
+    commands: Vec<Command>,
+    t: &mut Totals,
+    answers: &mut Vec<Answer>,
+    deleted_any: &mut bool,
+) -> Result<(), (rusqlite::Error, usize)> {
+    let n = commands.len();
+    let mut commands = commands.into_iter();
+    let result = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+            let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;
+            let mut count_through =
+                tx.prepare_cached("SELECT count(*) FROM events WHERE seq <= ?1")?;
+            let mut bury = tx.prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters(seq, uuid, topic, key, payload, captured_at_ms, reason, failed_at_ms)
+                 SELECT seq, uuid, topic, key, payload, captured_at_ms, ?2, ?3 FROM events WHERE seq = ?1",
+            )?;
+            let mut forget = tx.prepare_cached(
+                "DELETE FROM dead_letters WHERE seq = ?1
+                 RETURNING length(payload) + length(key) + length(uuid) + length(topic)",
+            )?;
+            for cmd in commands.by_ref() {
+                match cmd {
+                    Command::Settle {
+                        delivered,
+                        dead,
+                        reply,
+                    } => {
+                        let failed_at = now_ms();
+                        for d in &dead {
+                            bury.execute(params![d.seq, d.reason, failed_at])?;
+                            if delete.execute([d.seq])? == 1 {
+                                t.bytes -= d.size as i128;
+                                t.events -= 1;
+                                t.dead += 1;
+                                t.dead_bytes += d.size as i128;
+                                *deleted_any = true;
+                            }
+                        }
+                        // When a settlement covers the whole head of the queue,
+                        // one range delete replaces a delete per row.
+                        let through = delivered.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+                        let whole_head = through > 0
+                            && delivered.len() as i64
+                                == count_through.query_row([through], |r| r.get::<_, i64>(0))?;
+                        if whole_head {
+                            let n = delete_through.execute([through])?;
+                            t.events -= n as i128;
+                            t.bytes -= delivered.iter().map(|(_, s)| *s as i128).sum::<i128>();
+                            *deleted_any |= n > 0;
+                        } else {
+                            for (seq, size) in &delivered {
+                                if delete.execute([seq])? == 1 {
+                                    t.bytes -= *size as i128;
+                                    t.events -= 1;
+                                    *deleted_any = true;
+                                }
+                            }
+                        }
+                        answers.push(Answer::Unit(reply));
+                    }
+                    Command::DeadLettersCopied { seqs, reply } => {
+                        for seq in &seqs {
+                            let size: Option<i64> = forget
+                                .query_row([seq], |r| r.get(0))
+                                .map(Some)
+                                .or_else(|e| match e {
+                                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                                    e => Err(e),
+                                })?;
+                            if let Some(size) = size {
+                                t.dead -= 1;
+                                t.dead_bytes -= size as i128;
+                            }
+                        }
+                        answers.push(Answer::Unit(reply));
+                    }
+                    other => answers_unexpected(other),
+                }
+            }
+        }
+        tx.commit()
+    })();
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Commands not reached before the failure are failed by the caller
+            // through `answers`; the rest are failed here.
+            let err = AppendError::Disk(e.to_string());
+            commands.for_each(|c| c.fail(&err));
+            Err((e, n))
+        }
+    }
+}
+
+fn answers_unexpected(cmd: Command) {
+    cmd.fail(&AppendError::Disk(
+        "command routed to the wrong transaction".into(),
+    ));
+}
+
+#[derive(Default)]
+struct AppendRound {
+    first_ms: Option<i64>,
+    last_seq: i64,
+    appended: bool,
+    marked_clean_now: bool,
+    /// Something was written (so a commit happened, proving the disk works).
+    wrote: bool,
+    /// An append was refused because the quota had no room left for it.
+    refused_for_room: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_appends(
+    conn: &mut Connection,
+    commands: Vec<Command>,
+    state: &BufferState,
+    refuse_appends: bool,
+    marked_clean: bool,
+    t: &mut Totals,
+    answers: &mut Vec<Answer>,
+    round: &mut AppendRound,
+) -> Result<(), (rusqlite::Error, usize)> {
+    let n = commands.len();
+    let quota = state.quota.load(Ordering::Relaxed);
+    let mut commands = commands.into_iter();
+    let result = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut revive = tx.prepare_cached(
+                "INSERT INTO events(uuid, topic, key, payload, captured_at_ms)
+                 SELECT uuid, topic, key, payload, captured_at_ms FROM dead_letters WHERE seq = ?1",
+            )?;
+            let mut forget = tx.prepare_cached(
+                "DELETE FROM dead_letters WHERE seq = ?1
+                 RETURNING length(payload) + length(key) + length(uuid) + length(topic), captured_at_ms",
+            )?;
+            for cmd in commands.by_ref() {
+                match cmd {
+                    Command::Append { events, reply } => {
+                        let needed: u64 = events.iter().map(NewEvent::size).sum();
+                        let refusal = if state.sealed.load(Ordering::Relaxed) {
+                            Some(AppendError::Sealed)
+                        } else if refuse_appends {
+                            Some(AppendError::Disk(
+                                "the disk failed; waiting for it to recover".into(),
+                            ))
+                        } else if needed > quota {
+                            Some(AppendError::LargerThanQuota { quota, needed })
+                        } else if t.used() + needed > quota {
+                            Some(AppendError::QuotaExceeded {
+                                used: t.used(),
+                                quota,
+                                needed,
+                            })
+                        } else {
+                            None
+                        };
+                        round.refused_for_room |=
+                            matches!(refusal, Some(AppendError::QuotaExceeded { .. }));
+                        if let Some(err) = refusal {
+                            answers.push(Answer::Seq(reply, Err(err)));
+                            continue;
+                        }
+                        let mut last = 0;
+                        for e in &events {
+                            insert.execute(params![
+                                e.uuid,
+                                e.topic,
+                                e.key,
+                                e.payload,
+                                e.captured_at_ms
+                            ])?;
+                            last = tx.last_insert_rowid();
+                            round.first_ms.get_or_insert(e.captured_at_ms);
+                        }
+                        t.bytes += needed as i128;
+                        t.events += events.len() as i128;
+                        round.last_seq = last;
+                        round.appended |= !events.is_empty();
+                        round.wrote = true;
+                        answers.push(Answer::Seq(reply, Ok(last)));
+                    }
+                    Command::Replay { seqs, reply } => {
+                        if state.sealed.load(Ordering::Relaxed) {
+                            answers.push(Answer::Count(reply, Err(AppendError::Sealed)));
+                            continue;
+                        }
+                        let mut moved = 0u64;
+                        for seq in &seqs {
+                            if revive.execute([seq])? == 1 {
+                                let (size, captured): (i64, i64) =
+                                    forget.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                                round.last_seq = tx.last_insert_rowid();
+                                round.first_ms.get_or_insert(captured);
+                                t.dead -= 1;
+                                t.dead_bytes -= size as i128;
+                                t.events += 1;
+                                t.bytes += size as i128;
+                                moved += 1;
+                            }
+                        }
+                        round.appended |= moved > 0;
+                        round.wrote = true;
+                        answers.push(Answer::Count(reply, Ok(moved)));
+                    }
+                    Command::Seal { quarantined, reply } => {
+                        // From here on (this round included) every append is refused.
+                        state.sealed.store(true, Ordering::SeqCst);
+                        let clean = t.events <= 0 && t.dead <= 0 && !quarantined;
+                        if clean {
+                            round.marked_clean_now = true;
+                            round.wrote = true;
+                            tx.execute(
+                                "INSERT OR REPLACE INTO meta(key, value) VALUES ('clean_at_ms', ?1)",
+                                [now_ms().to_string()],
+                            )?;
+                        }
+                        let report = SealReport {
+                            events: t.events.max(0) as u64,
+                            dead_letters: t.dead.max(0) as u64,
+                            clean,
+                        };
+                        answers.push(Answer::Seal(reply, report));
+                    }
+                    other => answers_unexpected(other),
+                }
+            }
+            if round.appended && marked_clean {
+                // New events make the volume dirty again.
+                tx.execute("DELETE FROM meta WHERE key = 'clean_at_ms'", [])?;
+            }
+        }
+        tx.commit()
+    })();
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let err = AppendError::Disk(e.to_string());
+            commands.for_each(|c| c.fail(&err));
+            Err((e, n))
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Copies dead letters to `--dead-letter-topic`. A dead letter leaves the
+//! buffer only once the dead-letter topic acknowledged its copy (`acks=all`);
+//! until then it counts against the quota and keeps the volume from being
+//! called clean. Copies that fail are retried on the next pass.
+
+use std::sync::Arc;
+
+use rdkafka::message::Header;
+use rdkafka::producer::FutureRecord;
+use rusqlite::Connection;
+
+use super::{KafkaProducer, ORIGINAL_TOPIC_HEADER, REASON_HEADER, headers};
+use crate::buffer::{self, DeadLetterFilter, WriterHandle};
+use crate::metrics::Metrics;
+
+/// Dead letters copied per pass.
+const COPY_BATCH: usize = 500;
+
+/// One pass: copies up to [`COPY_BATCH`] dead letters and forgets those the
+/// dead-letter topic acknowledged. Failures are logged and left for later.
+pub(super) async fn copy_dead_letters(
+    producer: &KafkaProducer,
+    writer: &WriterHandle,
+    reader: &Arc<std::sync::Mutex<Connection>>,
+    dlq: &str,
+    metrics: &Metrics,
+) {
+    let reader = reader.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+        buffer::dead_letters(&conn, 0, COPY_BATCH, &DeadLetterFilter::default())
+    })
+    .await;
+    let rows = match rows {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read dead letters");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut pending = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let event = buffer::NewEvent {
+            uuid: row.uuid.clone(),
+            topic: row.topic.clone(),
+            key: row.key.clone(),
+            payload: row.payload.clone(),
+            captured_at_ms: row.captured_at_ms,
+        };
+        let record = FutureRecord::to(dlq)
+            .key(&row.key)
+            .payload(&row.payload)
+            .headers(
+                headers(&event)
+                    .insert(Header {
+                        key: REASON_HEADER,
+                        value: Some(row.reason.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: ORIGINAL_TOPIC_HEADER,
+                        value: Some(row.topic.as_bytes()),
+                    }),
+            );
+        match producer.send_result(record) {
+            Ok(fut) => pending.push((row.seq, fut)),
+            Err((e, _)) => {
+                tracing::warn!(seq = row.seq, dlq, error = %e, "could not queue a dead letter for the dead-letter topic");
+                break;
+            }
+        }
+    }
+    let mut copied = Vec::with_capacity(pending.len());
+    for (seq, fut) in pending {
+        match fut.await {
+            Ok(Ok(_)) => copied.push(seq),
+            Ok(Err((e, _))) => {
+                tracing::warn!(seq, dlq, error = %e, "could not copy a dead letter to the dead-letter topic; retrying later")
+            }
+            Err(_) => {}
+        }
+    }
+    if copied.is_empty() {
+        return;
+    }
+    let n = copied.len() as u64;
+    match writer.dead_letters_copied(copied).await {
+        Ok(()) => {
+            metrics.dead_letters_copied.inc_by(n);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record dead letters as copied; they will be copied again")
+        }
+    }
+}

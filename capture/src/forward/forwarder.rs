@@ -1,0 +1,488 @@
+//! The forwarder loop: reads the oldest events in bounded batches, produces
+//! them, and settles what Kafka acknowledged as the delivery reports arrive
+//! (every few milliseconds), so a crash resends at most what was in flight in
+//! the last moments rather than a whole batch.
+//!
+//! Topic-level refusals (unknown topic, not authorised) can be transient (a
+//! topic created late, an ACL still propagating): such a topic is parked and
+//! retried with backoff while other topics flow; only when it keeps failing
+//! for `--poison-retry-window-secs` are its events judged poison.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::Producer;
+use rusqlite::Connection;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{ErrorClass, Result, SharedProducer, classify, enqueue, send_all};
+use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
+use crate::config::KafkaConfig;
+use crate::metrics::{Metrics, ReasonLabel, TopicLabel};
+
+/// How often an idle forwarder checks that Kafka answers.
+const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Delivered events are settled at least this often while a batch is in flight.
+const SETTLE_INTERVAL: Duration = Duration::from_millis(5);
+/// ... or as soon as this many are waiting.
+const SETTLE_MAX_EVENTS: usize = 2000;
+/// On stop, deliveries in flight get this long to be acknowledged and settled.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Longest pause between retries of a parked topic.
+const PARK_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// When the forwarder stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunUntil {
+    /// Until told to stop (serve).
+    Stopped,
+    /// Until nothing is left to deliver, or told to stop (flush).
+    Empty,
+}
+
+/// A topic Kafka refused as a whole; retried until the poison window passes.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    since: Instant,
+    retry_at: Instant,
+    delay: Duration,
+}
+
+/// What one batch came to.
+#[derive(Debug, Default)]
+struct Round {
+    delivered: usize,
+    /// Events left for a later attempt, and whether every one of them failed
+    /// on the broker side (so Kafka looks down).
+    retried: usize,
+    broker_down: bool,
+    fatal: bool,
+}
+
+/// Drains the buffer into Kafka, oldest first.
+pub struct Forwarder {
+    dir: std::path::PathBuf,
+    reader: Arc<std::sync::Mutex<Connection>>,
+    writer: WriterHandle,
+    producer: SharedProducer,
+    cfg: KafkaConfig,
+    metrics: Arc<Metrics>,
+    parked: HashMap<String, Parked>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder").finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    /// A forwarder reading with its own connection to the buffer in `dir`.
+    pub fn new(
+        dir: &std::path::Path,
+        writer: WriterHandle,
+        producer: SharedProducer,
+        cfg: KafkaConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        Ok(Self {
+            dir: dir.to_owned(),
+            reader: Arc::new(std::sync::Mutex::new(buffer::open_reader(dir)?)),
+            writer,
+            producer,
+            cfg,
+            metrics,
+            parked: HashMap::new(),
+        })
+    }
+
+    async fn read(&self) -> Result<Vec<StoredEvent>> {
+        let reader = self.reader.clone();
+        let now = Instant::now();
+        let exclude: Vec<String> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.retry_at > now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let (limit, max_bytes) = (self.cfg.batch_events, self.cfg.batch_bytes);
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let exclude: Vec<&str> = exclude.iter().map(String::as_str).collect();
+            buffer::read_batch_bounded(&conn, limit, max_bytes, &exclude)
+        })
+        .await
+        .map_err(|_| buffer::Error::WriterStopped)?
+        .map_err(Into::into)
+    }
+
+    /// Nothing left that this forwarder could still deliver.
+    fn drained(&self) -> bool {
+        let s = &self.writer.state;
+        s.events.load(Ordering::Relaxed) == 0
+            && (self.cfg.dead_letter_topic.is_none() || s.dead_letters.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Runs until `stop` turns true (settling what is in flight), or, with
+    /// [`RunUntil::Empty`], until nothing is left to deliver.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>, until: RunUntil) -> Result<()> {
+        let backoff_builder = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times();
+        let mut backoff = backoff_builder.build();
+        let mut last_probe: Option<Instant> = None;
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            if let Some(dlq) = self.cfg.dead_letter_topic.clone()
+                && self.writer.state.dead_letters.load(Ordering::Relaxed) > 0
+            {
+                super::dlq::copy_dead_letters(
+                    &self.producer.get(),
+                    &self.writer,
+                    &self.reader,
+                    &dlq,
+                    &self.metrics,
+                )
+                .await;
+            }
+            let outcome = match self.read().await {
+                Err(e) => Err(e),
+                Ok(batch) if batch.is_empty() => {
+                    if until == RunUntil::Empty && self.drained() {
+                        return Ok(());
+                    }
+                    self.idle(&mut stop, &mut last_probe).await;
+                    continue;
+                }
+                Ok(batch) => self.forward(&batch, &mut stop).await,
+            };
+            let delay = match outcome {
+                Ok(round) if round.retried == 0 => {
+                    if round.delivered > 0 {
+                        self.metrics.kafka_up.set(1);
+                    }
+                    backoff = backoff_builder.build();
+                    continue;
+                }
+                Ok(round) => {
+                    if round.fatal {
+                        self.producer.replace_broken(&self.producer.get());
+                    }
+                    if round.delivered > 0 {
+                        self.metrics.kafka_up.set(1);
+                    } else if round.broker_down {
+                        self.metrics.kafka_up.set(0);
+                    }
+                    self.metrics.forward_retries.inc();
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(
+                        events = round.retried,
+                        delay_ms = delay.as_millis() as u64,
+                        "kafka did not take every event; retrying"
+                    );
+                    delay
+                }
+                Err(e) => {
+                    // The buffer failed (typically a full disk): the forwarder never
+                    // gives up, since draining is what frees the disk.
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::error!(error = %e, delay_ms = delay.as_millis() as u64, "forwarding failed on the buffer side; retrying");
+                    self.release_reserve();
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Nothing to read now: probe Kafka now and then, and wait for new events,
+    /// a parked topic's retry time, or stop.
+    async fn idle(&self, stop: &mut watch::Receiver<bool>, last_probe: &mut Option<Instant>) {
+        // Ask Kafka for metadata now and then, so `kafka_up` tells the truth
+        // about a pod that has nothing to send.
+        if last_probe.is_none_or(|t| t.elapsed() >= KAFKA_PROBE_INTERVAL) {
+            *last_probe = Some(Instant::now());
+            let producer = self.producer.get();
+            let up = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(5))
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            self.metrics.kafka_up.set(i64::from(up));
+        }
+        let next_retry = self
+            .parked
+            .values()
+            .map(|p| p.retry_at)
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_millis(500))
+            .min(Instant::now() + Duration::from_millis(500));
+        tokio::select! {
+            _ = self.writer.appended.notified() => {}
+            _ = tokio::time::sleep_until(next_retry) => {}
+            _ = stop.changed() => {}
+        }
+    }
+
+    fn release_reserve(&self) {
+        if let Some(freed) = buffer::release_reserve(&self.dir) {
+            tracing::warn!(
+                bytes = freed,
+                "released the disk reserve so delivered events can be deleted"
+            );
+        }
+    }
+
+    /// Forwards one batch, settling deliveries as they are acknowledged.
+    async fn forward(
+        &mut self,
+        batch: &[StoredEvent],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Round> {
+        let producer = self.producer.get();
+        let mut failures: Vec<(usize, KafkaError)> = Vec::new();
+        let mut in_flight = FuturesUnordered::new();
+        let mut stop_deadline: Option<Instant> = None;
+        for (i, stored) in batch.iter().enumerate() {
+            if *stop.borrow() {
+                // Not sent: these stay in the buffer for the next drainer.
+                stop_deadline = Some(Instant::now() + STOP_GRACE);
+                break;
+            }
+            match enqueue(&producer, &stored.event).await {
+                Ok(fut) => in_flight.push(async move { (i, fut.await) }),
+                Err(e) => failures.push((i, e)),
+            }
+        }
+        let mut delivered_now: Vec<(i64, u64)> = Vec::new();
+        let mut delivered_total: Vec<usize> = Vec::new();
+        let mut tick = tokio::time::interval(SETTLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline =
+                stop_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                next = in_flight.next() => match next {
+                    None => break,
+                    Some((i, report)) => match report {
+                        Ok(Ok(_)) => {
+                            delivered_now.push((batch[i].seq, batch[i].event.size()));
+                            delivered_total.push(i);
+                            if delivered_now.len() >= SETTLE_MAX_EVENTS {
+                                self.settle_delivered(&mut delivered_now, batch, stop).await;
+                            }
+                        }
+                        Ok(Err((e, _))) => failures.push((i, e)),
+                        Err(_canceled) => failures.push((i, KafkaError::Canceled)),
+                    },
+                },
+                _ = tick.tick(), if !delivered_now.is_empty() => {
+                    self.settle_delivered(&mut delivered_now, batch, stop).await;
+                }
+                _ = stop.changed(), if stop_deadline.is_none() => {
+                    stop_deadline = Some(Instant::now() + STOP_GRACE);
+                }
+                _ = tokio::time::sleep_until(deadline), if stop_deadline.is_some() => {
+                    tracing::warn!(events = in_flight.len(), "stopping with deliveries unconfirmed; they stay buffered");
+                    break;
+                }
+            }
+        }
+        self.settle_delivered(&mut delivered_now, batch, stop).await;
+        if stop_deadline.is_some() {
+            // Stopping: no lone retries; unsettled events stay buffered.
+            let retried = batch.len() - delivered_total.len();
+            return Ok(Round {
+                delivered: delivered_total.len(),
+                retried,
+                broker_down: false,
+                fatal: false,
+            });
+        }
+        self.judge_failures(batch, failures, &delivered_total, stop)
+            .await
+    }
+
+    /// Settles what Kafka acknowledged; retried (never resent) until it
+    /// commits or the forwarder stops.
+    async fn settle_delivered(
+        &self,
+        delivered: &mut Vec<(i64, u64)>,
+        batch: &[StoredEvent],
+        stop: &watch::Receiver<bool>,
+    ) {
+        if delivered.is_empty() {
+            return;
+        }
+        let list = std::mem::take(delivered);
+        if self.settle(list.clone(), Vec::new(), stop).await {
+            let mut by_topic: HashMap<&str, u64> = HashMap::new();
+            for (seq, _) in &list {
+                if let Some(s) = batch.iter().find(|s| s.seq == *seq) {
+                    *by_topic.entry(s.event.topic.as_str()).or_default() += 1;
+                }
+            }
+            for (topic, n) in by_topic {
+                self.metrics
+                    .delivered
+                    .get_or_create(&TopicLabel {
+                        topic: topic.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Records a settlement, retrying with backoff while the disk refuses it
+    /// (releasing the disk reserve). Resending would only duplicate: Kafka
+    /// has these events. Returns false only when stopped before it committed.
+    async fn settle(
+        &self,
+        delivered: Vec<(i64, u64)>,
+        dead: Vec<DeadLetter>,
+        stop: &watch::Receiver<bool>,
+    ) -> bool {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.writer.settle(delivered.clone(), dead.clone()).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        tracing::error!(error = %e, events = delivered.len() + dead.len(), attempt, "could not record delivered events; retrying");
+                    }
+                    self.release_reserve();
+                    if *stop.borrow() && attempt >= 3 {
+                        return false;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Decides what each failed event becomes: retried alone (too large),
+    /// parked (topic refused), dead letter, or left for the next round.
+    async fn judge_failures(
+        &mut self,
+        batch: &[StoredEvent],
+        failures: Vec<(usize, KafkaError)>,
+        delivered_idx: &[usize],
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Round> {
+        let mut delivered = delivered_idx.len();
+        let producer = self.producer.get();
+        let mut lone_delivered = Vec::new();
+        let mut dead = Vec::new();
+        let mut dead_reasons: Vec<&'static str> = Vec::new();
+        let mut round = Round::default();
+        let mut broker_failures = 0;
+        let now = Instant::now();
+        let mut refused_topics: HashMap<String, &'static str> = HashMap::new();
+        for (i, mut error) in failures {
+            let stored = &batch[i];
+            // Kafka judges size per record batch, so one oversized event fails
+            // the innocent events batched with it: only an event rejected on
+            // its own is poison.
+            if classify(&error) == ErrorClass::DeadLetter("too_large") {
+                match send_all(&producer, &[&stored.event]).await.pop() {
+                    Some(Ok(())) => {
+                        lone_delivered.push((stored.seq, stored.event.size()));
+                        continue;
+                    }
+                    Some(Err(e)) => error = e,
+                    None => error = KafkaError::Canceled,
+                }
+            }
+            match classify(&error) {
+                ErrorClass::DeadLetter(reason) => {
+                    tracing::warn!(seq = stored.seq, uuid = %stored.event.uuid, topic = %stored.event.topic, reason, error = %error, "kafka rejected event for good; moving it to dead letters");
+                    dead.push(DeadLetter {
+                        seq: stored.seq,
+                        size: stored.event.size(),
+                        reason: format!("{reason}: {error}"),
+                    });
+                    dead_reasons.push(reason);
+                }
+                ErrorClass::TopicRefused(reason) => {
+                    let parked = self.parked.get(&stored.event.topic).copied();
+                    let window_over = parked.is_some_and(|p| {
+                        now.duration_since(p.since) >= self.cfg.poison_retry_window
+                    });
+                    if window_over {
+                        dead.push(DeadLetter {
+                            seq: stored.seq,
+                            size: stored.event.size(),
+                            reason: format!(
+                                "{reason}: {error} (for more than {}s)",
+                                self.cfg.poison_retry_window.as_secs()
+                            ),
+                        });
+                        dead_reasons.push(reason);
+                    } else {
+                        refused_topics.insert(stored.event.topic.clone(), reason);
+                        round.retried += 1;
+                    }
+                }
+                ErrorClass::Retry => {
+                    broker_failures += 1;
+                    round.retried += 1;
+                }
+                ErrorClass::Fatal => {
+                    round.fatal = true;
+                    round.retried += 1;
+                }
+            }
+        }
+        for (topic, reason) in refused_topics {
+            let p = self.parked.entry(topic.clone()).or_insert(Parked {
+                since: now,
+                retry_at: now,
+                delay: Duration::from_millis(500),
+            });
+            p.retry_at = now + p.delay;
+            p.delay = (p.delay * 2).min(PARK_MAX_DELAY);
+            tracing::warn!(%topic, reason, retry_in_ms = p.retry_at.duration_since(now).as_millis() as u64, refused_for_s = now.duration_since(p.since).as_secs(), "kafka refused the topic; other topics keep flowing");
+        }
+        // A topic that took an event is healthy again.
+        for i in delivered_idx {
+            self.parked.remove(&batch[*i].event.topic);
+        }
+        delivered += lone_delivered.len();
+        if !lone_delivered.is_empty() || !dead.is_empty() {
+            let committed = self.settle(lone_delivered, dead.clone(), stop).await;
+            if committed {
+                for reason in dead_reasons {
+                    self.metrics
+                        .dead_lettered
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.to_owned(),
+                        })
+                        .inc();
+                }
+            }
+        }
+        round.delivered = delivered;
+        round.broker_down = round.retried > 0 && broker_failures == round.retried;
+        Ok(round)
+    }
+}
