@@ -45,9 +45,9 @@ pub enum Error {
     /// A quarantined (damaged) buffer file was not salvaged yet.
     #[error("{count} quarantined buffer files in {dir} are not salvaged yet")]
     Quarantined { count: usize, dir: String },
-    /// Sealing the buffer failed (disk error).
-    #[error("sealing the buffer failed: {0}")]
-    Seal(buffer::AppendError),
+    /// A write to the buffer failed (disk error).
+    #[error("buffer write failed: {0}")]
+    Write(buffer::AppendError),
     /// `flush` gave up with events left.
     #[error("{remaining} events remain in {dir} after {secs}s; kafka did not take them")]
     NotDrained {
@@ -352,7 +352,7 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
             dir: dir.display().to_string(),
             secs: args.timeout_secs,
         }),
-        Err(e) => Err(Error::Seal(e)),
+        Err(e) => Err(Error::Write(e)),
     }
 }
 

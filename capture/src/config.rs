@@ -96,6 +96,58 @@ pub enum Command {
     Flush(FlushArgs),
     /// Print buffer figures (events, bytes, oldest age, dead letters, volume id).
     Inspect(InspectArgs),
+    /// List, export or replay the dead letters kept in a buffer.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+/// `holdfast-capture dead-letters ...`. `export --delete` and `replay` write
+/// to the buffer, so they take the drainer lock: run them where no capture
+/// pod or flush Job holds the volume (a pod scaled to zero, a debug Job).
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Print the dead letters (seq, uuid, topic, reason, failed_at), oldest first.
+    List {
+        #[command(flatten)]
+        select: DeadLetterSelect,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the dead letters as NDJSON (metadata plus the event as sent).
+    Export {
+        #[command(flatten)]
+        select: DeadLetterSelect,
+        /// Output file (synced before anything is deleted); `-` for stdout.
+        #[arg(long, default_value = "-")]
+        out: PathBuf,
+        /// Delete the exported dead letters from the buffer once the file is synced.
+        #[arg(long)]
+        delete: bool,
+    },
+    /// Move dead letters back into the queue, to be delivered again (same
+    /// uuids, new sequence numbers), e.g. after a topic was created.
+    Replay {
+        #[command(flatten)]
+        select: DeadLetterSelect,
+    },
+}
+
+/// Which buffer and which of its dead letters.
+#[derive(Debug, Clone, Args)]
+pub struct DeadLetterSelect {
+    /// Directory holding the buffer.
+    #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "/var/lib/holdfast")]
+    pub data_dir: PathBuf,
+    /// Only these sequence numbers (repeatable).
+    #[arg(long = "seq")]
+    pub seqs: Vec<i64>,
+    /// Only dead letters meant for this topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only dead letters whose reason starts with this (e.g. `unknown_topic`).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// When a commit is acknowledged.

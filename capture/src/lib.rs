@@ -8,6 +8,7 @@
 pub mod app;
 pub mod buffer;
 pub mod config;
+pub mod dead_letters;
 pub mod forward;
 pub mod http;
 pub mod metrics;

@@ -5,8 +5,10 @@ use holdfast_capture::config::{Cli, Command, LogFormat};
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: logs written to a file or a pipe stay plain.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -25,6 +27,9 @@ async fn main() {
                 let kafka = args.kafka.validate()?;
                 let stats = app::flush(args, kafka).await?;
                 println!("{}", app::render_stats(&stats));
+            }
+            Command::DeadLetters(cmd) => {
+                print!("{}", holdfast_capture::dead_letters::run(cmd).await?)
             }
             Command::Inspect(args) => {
                 let stats = app::inspect(&args)?;
