@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean crds chart image
+
+.PHONY: sigkill-soak
+.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean crds chart image fuzz power-loss
 
 all: build
 
@@ -25,6 +27,7 @@ e2e-bins:
 ## test: every test, unit and end-to-end (real Kafka, real Kubernetes control plane)
 test: build kafka e2e-bins
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads 2
+	bash scripts/fuzz.sh smoke 5
 
 ## unit: tests that need neither Kafka nor Kubernetes
 unit:
@@ -52,6 +55,20 @@ e2e: build kafka e2e-bins
 ## bench: load-test a release build with wrk against a local Kafka and report figures
 bench:
 	bash scripts/bench.sh
+
+## fuzz: coverage-guided fuzzing of request decoding (FUZZ_SECONDS per target), then minimize capture/fuzz/corpus
+FUZZ_SECONDS ?= 150
+fuzz:
+	bash scripts/fuzz.sh run $(FUZZ_SECONDS)
+
+## sigkill-soak: the SIGKILL test with 100 kills (make test runs 20)
+sigkill-soak: build kafka
+	HOLDFAST_SIGKILL_KILLS=$(or $(KILLS),100) $(CARGO) test -p holdfast-e2e --test capture_sigkill -- --nocapture
+
+## power-loss: the power-cut test (FUSE, root): POWER_CUTS cuts per durability mode against real Kafka
+POWER_CUTS ?= 20
+power-loss: build kafka
+	HOLDFAST_POWER_CUTS=$(POWER_CUTS) $(CARGO) test -p holdfast-e2e --test power_loss -- --nocapture --test-threads 1
 
 ## lint: formatting and clippy, warnings are errors
 lint:

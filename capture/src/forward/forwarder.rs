@@ -32,7 +32,10 @@ const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// Delivered events are settled at least this often while a batch is in flight.
 const SETTLE_INTERVAL: Duration = Duration::from_millis(5);
 /// ... or as soon as this many are waiting.
-const SETTLE_MAX_EVENTS: usize = 2000;
+const SETTLE_MAX_EVENTS: usize = 500;
+/// Most events sent to Kafka and not yet settled in the buffer: the most a
+/// SIGKILL can make a later drainer send twice.
+pub const UNSETTLED_WINDOW: usize = 1000;
 /// On stop, deliveries in flight get this long to be acknowledged and settled.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Longest pause between retries of a parked topic.
@@ -260,38 +263,52 @@ impl Forwarder {
         let mut failures: Vec<(usize, KafkaError)> = Vec::new();
         let mut in_flight = FuturesUnordered::new();
         let mut stop_deadline: Option<Instant> = None;
-        for (i, stored) in batch.iter().enumerate() {
-            if *stop.borrow() {
-                // Not sent: these stay in the buffer for the next drainer.
-                stop_deadline = Some(Instant::now() + STOP_GRACE);
-                break;
-            }
-            match enqueue(&producer, &stored.event).await {
-                Ok(fut) => in_flight.push(async move { (i, fut.await) }),
-                Err(e) => failures.push((i, e)),
-            }
-        }
+        let mut next = 0;
         let mut delivered_now: Vec<(i64, u64)> = Vec::new();
         let mut delivered_total: Vec<usize> = Vec::new();
         let mut tick = tokio::time::interval(SETTLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Keep at most UNSETTLED_WINDOW events between "sent" and "settled":
+            // that is all a kill can make us send twice.
+            while next < batch.len()
+                && stop_deadline.is_none()
+                && in_flight.len() + delivered_now.len() < UNSETTLED_WINDOW
+            {
+                if *stop.borrow() {
+                    // Not sent: these stay in the buffer for the next drainer.
+                    stop_deadline = Some(Instant::now() + STOP_GRACE);
+                    break;
+                }
+                match enqueue(&producer, &batch[next].event).await {
+                    Ok(fut) => {
+                        let i = next;
+                        in_flight.push(async move { (i, fut.await) });
+                    }
+                    Err(e) => failures.push((next, e)),
+                }
+                next += 1;
+            }
+            if in_flight.is_empty()
+                && delivered_now.is_empty()
+                && (next >= batch.len() || stop_deadline.is_some())
+            {
+                break;
+            }
             let deadline =
                 stop_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                next = in_flight.next() => match next {
-                    None => break,
-                    Some((i, report)) => match report {
-                        Ok(Ok(_)) => {
-                            delivered_now.push((batch[i].seq, batch[i].event.size()));
-                            delivered_total.push(i);
-                            if delivered_now.len() >= SETTLE_MAX_EVENTS {
-                                self.settle_delivered(&mut delivered_now, batch, stop).await;
-                            }
+                report = in_flight.next(), if !in_flight.is_empty() => match report {
+                    None => {}
+                    Some((i, Ok(Ok(_)))) => {
+                        delivered_now.push((batch[i].seq, batch[i].event.size()));
+                        delivered_total.push(i);
+                        if in_flight.is_empty() || delivered_now.len() >= SETTLE_MAX_EVENTS {
+                            self.settle_delivered(&mut delivered_now, batch, stop).await;
                         }
-                        Ok(Err((e, _))) => failures.push((i, e)),
-                        Err(_canceled) => failures.push((i, KafkaError::Canceled)),
-                    },
+                    }
+                    Some((i, Ok(Err((e, _))))) => failures.push((i, e)),
+                    Some((i, Err(_canceled))) => failures.push((i, KafkaError::Canceled)),
                 },
                 _ = tick.tick(), if !delivered_now.is_empty() => {
                     self.settle_delivered(&mut delivered_now, batch, stop).await;
