@@ -567,6 +567,23 @@ mod tests {
     }
 
     #[test]
+    fn event_overhead_covers_what_a_minimal_event_allocates() {
+        // glibc hands out 16-byte-aligned chunks with an 8-byte header.
+        let chunk = |n: usize| (n + 8).div_ceil(16) * 16;
+        let e = parse(b"{}", Format::Json, &opts()).unwrap().remove(0);
+        let cost = std::mem::size_of::<NewEvent>()
+            + chunk(e.uuid.len())
+            + chunk(e.key.len())
+            + (chunk(e.topic.len()) - e.topic.len())
+            + (chunk(e.payload.len()) - e.payload.len())
+            + std::mem::size_of::<&str>();
+        assert!(
+            cost <= EVENT_OVERHEAD_BYTES,
+            "a minimal event costs {cost} bytes beyond payload and topic"
+        );
+    }
+
+    #[test]
     fn deep_nesting_is_a_clean_400_naming_the_event() {
         let mut o = opts();
         o.max_event_bytes = 10 << 20;

@@ -211,7 +211,11 @@ pub async fn read_body(
         if len > limit {
             return Err(too_large());
         }
-        charge.grow(len)?;
+        if let Err(e) = charge.grow(len) {
+            // Busy now: read the body away so the 503 is not lost to a reset.
+            discard(body, limit, timeout).await;
+            return Err(e.into());
+        }
         buf.reserve_exact(len);
     }
     let deadline = tokio::time::Instant::now() + timeout;
@@ -252,6 +256,24 @@ pub async fn read_body(
         buf.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(buf))
+}
+
+/// Reads and drops a body, up to `limit` bytes or `timeout`, holding at most
+/// one frame at a time. Used before answering a request that is refused
+/// without reading its body: closing a socket with unread data resets the
+/// connection, and the client may lose the answer.
+pub async fn discard(body: Body, limit: usize, timeout: Duration) {
+    let mut stream = body.into_data_stream();
+    let mut read = 0usize;
+    let drain = async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len();
+            if read > limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, drain).await;
 }
 
 #[cfg(test)]

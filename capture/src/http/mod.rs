@@ -246,7 +246,8 @@ async fn post_stream(
 
 async fn respond(s: &AppState, stream: &str, headers: &HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    match accept(s, stream, headers, body).await {
+    let mut body = Some(body);
+    match accept(s, stream, headers, &mut body).await {
         Ok(n) => {
             s.metrics
                 .accepted
@@ -261,6 +262,11 @@ async fn respond(s: &AppState, stream: &str, headers: &HeaderMap, body: Body) ->
         }
         Err(e) => {
             s.metrics.reject(e.reason());
+            // Refused before its body was read: read and drop the body (bounded)
+            // so that closing does not reset the connection under the answer.
+            if let Some(body) = body {
+                limits::discard(body, s.cfg.max_body_bytes, s.cfg.body_read_timeout).await;
+            }
             e.into_response()
         }
     }
@@ -270,7 +276,7 @@ async fn accept(
     s: &AppState,
     stream_name: &str,
     headers: &HeaderMap,
-    body: Body,
+    body: &mut Option<Body>,
 ) -> Result<usize, ApiError> {
     let cfg = &s.cfg;
     let unavailable = |reason| ApiError::Unavailable {
@@ -325,7 +331,7 @@ async fn accept(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let raw = limits::read_body(
-        body,
+        body.take().unwrap_or_default(),
         content_length,
         cfg.max_body_bytes,
         cfg.body_read_timeout,

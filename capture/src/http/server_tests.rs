@@ -284,3 +284,50 @@ async fn shutdown_answers_requests_in_flight_then_returns_and_accepts_nothing_mo
         .unwrap();
     assert_eq!(buffered(&f), 2);
 }
+
+#[tokio::test]
+async fn requests_refused_before_their_body_is_read_keep_the_connection_usable() {
+    // Answering without reading the body would close the socket with unread
+    // data, and the reset can destroy the answer before the client reads it.
+    let f = fixture_with(
+        &["tok"],
+        u64::MAX,
+        &[
+            "--max-body-bytes",
+            "200000",
+            "--max-decompressed-bytes",
+            "400000",
+            "--max-event-bytes",
+            "150000",
+        ],
+    );
+    let srv = start(&f).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    // Larger than hyper's read buffer, so it cannot arrive with the head.
+    let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(100_000));
+    let req = |auth: &str| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    s.write_all(req("").as_bytes()).await.unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let budget = &f.state.cfg.inflight;
+    let mut hog = budget.charge();
+    hog.grow(budget.total()).unwrap();
+    s.write_all(req("Authorization: Bearer tok\r\n").as_bytes())
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("server_busy"), "{resp}");
+    drop(hog);
+    s.write_all(req("Authorization: Bearer tok\r\n").as_bytes())
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(buffered(&f), 1);
+}
