@@ -38,6 +38,9 @@ const SETTLE_MAX_EVENTS: usize = 500;
 pub const UNSETTLED_WINDOW: usize = 1000;
 /// On stop, deliveries in flight get this long to be acknowledged and settled.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Failed settlement commits before a settlement is given up (and its
+/// events left to be sent again).
+const SETTLE_ATTEMPTS: u32 = 4;
 /// Longest pause between retries of a parked topic.
 const PARK_MAX_DELAY: Duration = Duration::from_secs(30);
 
@@ -78,6 +81,8 @@ pub struct Forwarder {
     cfg: KafkaConfig,
     metrics: Arc<Metrics>,
     parked: HashMap<String, Parked>,
+    /// Delivered events of the current batch whose settlement was given up.
+    unsettled: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -103,6 +108,7 @@ impl Forwarder {
             cfg,
             metrics,
             parked: HashMap::new(),
+            unsettled: Default::default(),
         })
     }
 
@@ -260,6 +266,7 @@ impl Forwarder {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Round> {
         let producer = self.producer.get();
+        self.unsettled.store(0, Ordering::Relaxed);
         let mut failures: Vec<(usize, KafkaError)> = Vec::new();
         let mut in_flight = FuturesUnordered::new();
         let mut stop_deadline: Option<Instant> = None;
@@ -333,12 +340,15 @@ impl Forwarder {
                 fatal: false,
             });
         }
-        self.judge_failures(batch, failures, &delivered_total, stop)
-            .await
+        let mut round = self
+            .judge_failures(batch, failures, &delivered_total, stop)
+            .await?;
+        // Delivered but not settled (the disk refused): sent again later.
+        round.retried += self.unsettled.load(Ordering::Relaxed);
+        Ok(round)
     }
 
-    /// Settles what Kafka acknowledged; retried (never resent) until it
-    /// commits or the forwarder stops.
+    /// Settles what Kafka acknowledged (see [`settle`](Self::settle)).
     async fn settle_delivered(
         &self,
         delivered: &mut Vec<(i64, u64)>,
@@ -349,11 +359,15 @@ impl Forwarder {
             return;
         }
         let list = std::mem::take(delivered);
-        if self.settle(list.clone(), Vec::new(), stop).await {
+        if !self.settle(list.clone(), Vec::new(), stop).await {
+            self.unsettled
+                .fetch_add(list.len(), std::sync::atomic::Ordering::Relaxed);
+        } else {
             let mut by_topic: HashMap<&str, u64> = HashMap::new();
             for (seq, _) in &list {
-                if let Some(s) = batch.iter().find(|s| s.seq == *seq) {
-                    *by_topic.entry(s.event.topic.as_str()).or_default() += 1;
+                // The batch is read in sequence order.
+                if let Ok(i) = batch.binary_search_by_key(seq, |s| s.seq) {
+                    *by_topic.entry(batch[i].event.topic.as_str()).or_default() += 1;
                 }
             }
             for (topic, n) in by_topic {
@@ -368,33 +382,47 @@ impl Forwarder {
     }
 
     /// Records a settlement, retrying with backoff while the disk refuses it
-    /// (releasing the disk reserve). Resending would only duplicate: Kafka
-    /// has these events. Returns false only when stopped before it committed.
+    /// (releasing the disk reserve, and settling in ever smaller parts: on a
+    /// full disk a delete of a few rows needs only a few WAL pages). Gives up
+    /// after [`SETTLE_ATTEMPTS`] failures (or on stop): the events stay
+    /// buffered and are sent again later, so delivery goes on even while the
+    /// disk refuses every write (duplicates, never loss). Returns whether all
+    /// of it committed.
     async fn settle(
         &self,
         delivered: Vec<(i64, u64)>,
         dead: Vec<DeadLetter>,
         stop: &watch::Receiver<bool>,
     ) -> bool {
+        let mut rest = delivered;
+        let mut dead = dead;
+        let mut chunk = rest.len().max(1);
         let mut delay = Duration::from_millis(50);
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            match self.writer.settle(delivered.clone(), dead.clone()).await {
-                Ok(()) => return true,
+        let mut failures = 0u32;
+        while !rest.is_empty() || !dead.is_empty() {
+            let take = rest.len().min(chunk);
+            let part = rest[..take].to_vec();
+            match self.writer.settle(part, dead.clone()).await {
+                Ok(()) => {
+                    rest.drain(..take);
+                    dead.clear();
+                }
                 Err(e) => {
-                    if attempt == 1 || attempt.is_power_of_two() {
-                        tracing::error!(error = %e, events = delivered.len() + dead.len(), attempt, "could not record delivered events; retrying");
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::error!(error = %e, events = rest.len() + dead.len(), chunk, attempt = failures, "could not record delivered events; retrying in smaller parts");
                     }
                     self.release_reserve();
-                    if *stop.borrow() && attempt >= 3 {
+                    if failures >= SETTLE_ATTEMPTS || (*stop.borrow() && failures >= 2) {
                         return false;
                     }
+                    chunk = (chunk / 4).max(1);
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }
+        true
     }
 
     /// Decides what each failed event becomes: retried alone (too large),
