@@ -132,3 +132,65 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() -> anyhow::Result
     standby.ensure_never_forbidden()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_is_taken_stops_at_once() -> anyhow::Result<()> {
+    init_tracing();
+    let h = harness::shared().await;
+    let client = h.client()?;
+    install_cluster_wide(&client).await?;
+    let ns = h.namespace("op-lost").await?;
+    let kubeconfig = operator_identity(h, &ns).await?;
+    let mut a = Operator::start(h, &ns, &kubeconfig, "op-a")?;
+    poll_until("op-a leads", TIMEOUT, || async {
+        a.leads().await.then_some(())
+    })
+    .await
+    .with_context(|| a.log_text())?;
+
+    // Someone else holds the Lease now (a partition healed, a clock jumped).
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let taken = std::time::Instant::now();
+    leases
+        .patch(
+            "holdfast-operator",
+            &PatchParams::apply("intruder").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "spec": {
+                    "holderIdentity": "intruder",
+                    "leaseDurationSeconds": 60,
+                    "renewTime": jiff::Timestamp::now().to_string(),
+                    "acquireTime": jiff::Timestamp::now().to_string(),
+                },
+            })),
+        )
+        .await?;
+    // It notices at its next renewal (every lease − grace = 4 s) and exits.
+    let status = a
+        .exited_within(Duration::from_secs(15))
+        .await
+        .with_context(|| format!("op-a still runs after losing its Lease:\n{}", a.log_text()))?;
+    let took = taken.elapsed();
+    ensure!(!status.success(), "op-a exited 0 after losing its Lease");
+    let log = a.log_text();
+    ensure!(
+        log.contains("stopped every controller"),
+        "op-a did not stop its controllers at once:\n{log}"
+    );
+    let holder = leases
+        .get("holdfast-operator")
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity);
+    ensure!(
+        holder.as_deref() == Some("intruder"),
+        "op-a overwrote the new holder: {holder:?}"
+    );
+    eprintln!(
+        "LEADER lease taken to operator exited: {:.1}s",
+        took.as_secs_f64()
+    );
+    Ok(())
+}

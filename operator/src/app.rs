@@ -166,13 +166,22 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     };
     let result = tokio::select! {
         () = lost => {
-            error!("lost the leader lease");
+            // Stop at once: no write after this instant (every write checks
+            // the gate), and the controllers are aborted, not drained, so
+            // nothing in flight races the new leader.
+            ctx.leader.revoke();
+            metrics.set_ready(false);
+            clusters.abort();
+            volumes.abort();
+            orphans.abort();
+            error!("lost the leader lease; stopped every controller");
             Err(Error::LostLease)
         }
         () = stopped() => Ok(()),
     };
     metrics.set_ready(false);
-    // Stop both controllers (graceful: running reconciliations finish).
+    // Stop the controllers (graceful on SIGTERM: running reconciliations
+    // finish; already aborted after a lost Lease).
     signal.abort();
     let _ = tokio::time::timeout(Duration::from_secs(20), async {
         let _ = clusters.await;

@@ -5,7 +5,8 @@
 //! A volume is an orphan when no pod will drain it:
 //! - [`OrphanKind::ClaimWithoutPod`]: a StatefulSet claim whose ordinal is
 //!   not wanted any more (scaled away, or the cluster is being deleted or
-//!   gone) and that no pod uses. A claim whose pod is only missing for a
+//!   gone: [`wanted_replicas`] asks the resource and its StatefulSet) and
+//!   that no pod uses. A claim whose pod is only missing for a
 //!   moment (restart, rolling update, rescheduling) is not one: its pod
 //!   comes back to it.
 //! - [`OrphanKind::ReleasedVolume`]: a `Released` PV of a cluster (its claim
@@ -18,6 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
@@ -45,6 +47,8 @@ pub struct Inventory {
     pub pods: Vec<Pod>,
     /// Flush Jobs (labelled component `flush`).
     pub jobs: Vec<Job>,
+    /// The clusters' StatefulSets (labelled [`CLUSTER_LABEL`]).
+    pub statefulsets: Vec<StatefulSet>,
 }
 
 /// Why a volume is orphaned.
@@ -161,13 +165,25 @@ pub fn claim_ordinal(claim: &str, cluster: &str) -> Option<i32> {
         .ok()
 }
 
-/// Pods the cluster's StatefulSet wants: the spec's replicas, 0 while the
-/// cluster is being deleted or when it is gone.
-pub fn wanted_replicas(cluster: Option<&CaptureCluster>) -> i32 {
-    match cluster {
+/// Ordinals below this are wanted: their pod comes back. The largest of
+/// the resource's `spec.replicas` (0 while it is being deleted or when it
+/// is gone) and the StatefulSet's `spec.replicas` and `status.replicas`: a
+/// scale-down the operator refused or could not apply yet, or pods of a
+/// higher ordinal still running, keep their claims. Only when every source
+/// agrees is an ordinal scaled away.
+pub fn wanted_replicas(cluster: Option<&CaptureCluster>, sts: Option<&StatefulSet>) -> i32 {
+    let resource = match cluster {
         Some(c) if c.metadata.deletion_timestamp.is_none() => c.spec.replicas,
         _ => 0,
-    }
+    };
+    let spec = sts
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    let status = sts
+        .and_then(|s| s.status.as_ref())
+        .map_or(0, |s| s.replicas);
+    resource.max(spec).max(status)
 }
 
 /// Classifies the inventory (see the module docs).
@@ -217,9 +233,12 @@ pub fn find(inv: &Inventory) -> Findings {
             OrphanKind::ReleasedVolume
         } else {
             let owner = cluster(&ns, &cluster_name);
+            let sts = inv.statefulsets.iter().find(|s| {
+                s.namespace().as_deref() == Some(ns.as_str()) && s.name_any() == cluster_name
+            });
             match claim_ordinal(&name, &cluster_name) {
                 // Its pod comes back to it.
-                Some(n) if n < wanted_replicas(owner) => continue,
+                Some(n) if n < wanted_replicas(owner, sts) => continue,
                 Some(_) => OrphanKind::ClaimWithoutPod,
                 // Not a claim of the StatefulSet's template: leave it be.
                 None => continue,
@@ -443,6 +462,29 @@ pub fn decide(orphan: &Orphan, s: &Situation<'_>) -> Step {
         return Step::Wait("maxParallelFlushJobs reached");
     }
     Step::StartJob
+}
+
+/// How long until a waiting orphan's timer runs out (its recovery delay,
+/// or the backoff after a failed flush), so the loop wakes for it.
+pub fn wait_left(
+    orphan: &Orphan,
+    cluster: Option<&CaptureCluster>,
+    volume: Option<&PersistentVolume>,
+    orphaned_for: Duration,
+    now: jiff::Timestamp,
+) -> Option<Duration> {
+    let cluster = cluster?;
+    let delay = Duration::from_secs(cluster.spec.orphan_recovery.delay_seconds.into());
+    if orphaned_for < delay {
+        return Some(delay - orphaned_for);
+    }
+    if orphan.clean {
+        return None;
+    }
+    let (failed, at) = failures(volume?);
+    let at = at.filter(|_| failed > 0)?;
+    let since = Duration::try_from(now.duration_since(at)).unwrap_or_default();
+    backoff(failed).checked_sub(since)
 }
 
 /// The flush Job of `orphan` among `jobs`, by its deterministic name.

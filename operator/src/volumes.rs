@@ -3,22 +3,31 @@
 //! labels, and orphan recovery finds volumes by these labels after their
 //! claim is gone).
 //!
-//! Driven by the claims labelled [`CLUSTER_LABEL`], and by every PV change
-//! mapped to its claim, so a volume is corrected as soon as it is bound and
-//! whenever someone flips it back. Invariant 4 of the design: a volume is
-//! left alone once it carries [`CLEAN_ANNOTATION`]` = "true"` (its pod saw
-//! the buffer empty and may have flipped it to `Delete`); only its labels
-//! are kept.
+//! Driven by the claims labelled [`CLUSTER_LABEL`], by every PV change
+//! mapped to its claim, and by every capture pod mapped to the claims it
+//! mounts, so a volume is corrected as soon as it is bound, whenever someone
+//! flips it back, and whenever a pod starts on it.
+//!
+//! Invariant 4 of the design, from both sides:
+//! - a volume no live pod uses is left alone once it carries
+//!   [`CLEAN_ANNOTATION`]` = "true"` (its pod saw the buffer empty and may
+//!   have flipped it to `Delete`); only its labels are kept;
+//! - a volume whose claim a running or starting capture pod mounts is
+//!   forced back to `Retain` and `clean=false` whatever its mark (the pod
+//!   may write events to it: a mark left by an earlier clean drain is stale,
+//!   e.g. when the pod's own `Retain` patch failed), with a Warning Event
+//!   `VolumeRetainForced`. A pod being deleted is not "live": it drains and
+//!   may mark its volume clean on the way out.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -26,9 +35,10 @@ use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use crate::api::{
-    CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, CaptureCluster, FIELD_MANAGER, NAMESPACE_LABEL,
+    BUFFER_VOLUME, CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
+    FIELD_MANAGER, NAMESPACE_LABEL,
 };
-use crate::runtime::{Context, Error, Result, backoff};
+use crate::runtime::{Context, Error, Result, backoff, patch_params};
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "volume";
@@ -68,6 +78,49 @@ pub fn build_volume_patch(claim: &PersistentVolumeClaim, pv: &PersistentVolume) 
     Some(patch)
 }
 
+/// Whether `pod` is a capture pod that runs or is starting (not finished,
+/// not being deleted) and mounts claim `claim`: it may write to the volume.
+pub fn writes_to(pod: &Pod, claim: &str) -> bool {
+    let capture = pod.labels().get(COMPONENT_LABEL).map(String::as_str) == Some("capture");
+    let finished = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    capture
+        && !finished
+        && pod.metadata.deletion_timestamp.is_none()
+        && claims_of(pod).any(|c| c == claim)
+}
+
+/// The claims a pod mounts.
+fn claims_of(pod: &Pod) -> impl Iterator<Item = &str> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.as_str())
+}
+
+/// The merge patch that makes the volume of a claim a live pod writes to
+/// `Retain` and `clean=false` when it carries a (stale) clean mark, or
+/// `None` when it does not (it holds events and is kept `Retain` anyway). Guarded by the
+/// PV's resourceVersion. Pure.
+pub fn build_force_retain_patch(pv: &PersistentVolume) -> Option<Value> {
+    let clean = pv.annotations().get(CLEAN_ANNOTATION).map(String::as_str);
+    // Only a stale clean mark is dangerous: a volume without it is set to
+    // Retain by the ordinary path ([`build_volume_patch`]).
+    if clean != Some("true") {
+        return None;
+    }
+    Some(json!({
+        "metadata": {
+            "resourceVersion": pv.resource_version(),
+            "annotations": {CLEAN_ANNOTATION: "false"},
+        },
+        "spec": {"persistentVolumeReclaimPolicy": "Retain"},
+    }))
+}
+
 /// Whether `pv` is bound (by its `claimRef`) to `claim`.
 fn bound_to(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
     let Some(r) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
@@ -88,12 +141,27 @@ pub async fn run(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    let pods: Api<Pod> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     Controller::new(claims, watcher::Config::default().labels(CLUSTER_LABEL))
         .watches(pvs, watcher::Config::default(), |pv: PersistentVolume| {
             let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
             Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
         })
+        // A pod starting on a claim: its volume must be Retain, whatever its mark.
+        .watches(
+            pods,
+            watcher::Config::default().labels(&format!("{COMPONENT_LABEL}=capture")),
+            |pod: Pod| {
+                let ns = pod.namespace().unwrap_or_default();
+                claims_of(&pod)
+                    .map(|c| ObjectRef::new(c).within(&ns))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -132,6 +200,12 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
     if !bound_to(&pv, &claim) {
         return Ok(Action::await_change());
     }
+    if claim.labels().contains_key(CLUSTER_LABEL)
+        && let Some(pod) = live_writer(&ctx, &claim).await?
+        && let Some(patch) = build_force_retain_patch(&pv)
+    {
+        return force_retain(&ctx, &claim, &pv, &pod, &patch).await;
+    }
     let Some(patch) = build_volume_patch(&claim, &pv) else {
         return Ok(Action::await_change());
     };
@@ -140,6 +214,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
         .as_ref()
         .and_then(|s| s.persistent_volume_reclaim_policy.clone())
         .unwrap_or_default();
+    ctx.may_write(|| format!("retain volume {volume}"))?;
     pvs.patch(
         &volume,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -159,22 +234,89 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
         ctx.metrics.volumes_retained.inc();
         info!(pv = %volume, claim = %claim_name, was = %before, "volume set to Retain");
         if let Some(reference) = cluster_ref(&claim) {
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "VolumeRetained".into(),
-                note: Some(format!(
+            ctx.publish_on(
+                &reference,
+                EventType::Normal,
+                "VolumeRetained",
+                "RetainVolume",
+                format!(
                     "volume {volume} of claim {} set to Retain (was {before}) and labelled",
                     claim.name_any()
-                )),
-                action: "RetainVolume".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                warn!(pv = %volume, error = %e, "cannot post event");
-            }
+                ),
+            )
+            .await;
         }
     } else {
         info!(pv = %volume, claim = %claim_name, "volume labelled");
+    }
+    Ok(Action::await_change())
+}
+
+/// The live capture pod that mounts `claim` (a StatefulSet claim is
+/// `buffer-<pod>`), if any.
+async fn live_writer(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<Option<Pod>> {
+    let Some(pod_name) = claim
+        .name_any()
+        .strip_prefix(&format!("{BUFFER_VOLUME}-"))
+        .map(str::to_string)
+    else {
+        return Ok(None);
+    };
+    let ns = claim.namespace().unwrap_or_default();
+    let pod = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&pod_name)
+        .await
+        .map_err(|source| Error::Api {
+            what: format!("get pod {ns}/{pod_name}"),
+            source,
+        })?;
+    Ok(pod.filter(|p| writes_to(p, &claim.name_any())))
+}
+
+/// Forces the volume of a claim a live pod writes to back to `Retain` and
+/// `clean=false`, with a Warning Event saying what it was.
+async fn force_retain(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+    pod: &Pod,
+    patch: &Value,
+) -> Result<Action> {
+    let volume = pv.name_any();
+    ctx.may_write(|| format!("force volume {volume} to Retain"))?;
+    let was_policy = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.clone())
+        .unwrap_or_default();
+    let was_clean = pv
+        .annotations()
+        .get(CLEAN_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    Api::<PersistentVolume>::all(ctx.client.clone())
+        .patch(&volume, &patch_params(FIELD_MANAGER), &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::Api {
+            what: format!("force volume {volume} to Retain"),
+            source,
+        })?;
+    ctx.metrics.volumes_retained.inc();
+    let note = format!(
+        "volume {volume} of claim {} is used by pod {}, which may write events to it, but was {was_policy} with {CLEAN_ANNOTATION}={was_clean:?}: set to Retain and {CLEAN_ANNOTATION}=false",
+        claim.name_any(),
+        pod.name_any()
+    );
+    warn!(pv = %volume, claim = %claim.name_any(), pod = %pod.name_any(), was = %was_policy, clean = %was_clean, "volume of a live pod forced to Retain");
+    if let Some(reference) = cluster_ref(claim) {
+        ctx.publish_on(
+            &reference,
+            EventType::Warning,
+            "VolumeRetainForced",
+            "RetainVolume",
+            note,
+        )
+        .await;
     }
     Ok(Action::await_change())
 }
@@ -270,5 +412,69 @@ mod tests {
         let mut v = pv("Delete");
         v.spec.as_mut().unwrap().claim_ref.as_mut().unwrap().uid = Some("old".into());
         assert!(!bound_to(&v, &claim()));
+    }
+
+    fn capture_pod(claim: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "events-0", "namespace": "ns",
+                "labels": {COMPONENT_LABEL: "capture", CLUSTER_LABEL: "events"}},
+            "spec": {"containers": [], "volumes": [
+                {"name": "buffer", "persistentVolumeClaim": {"claimName": claim}},
+            ]},
+            "status": {"phase": "Pending"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_running_or_starting_capture_pod_writes_to_its_claim() {
+        let pod = capture_pod("buffer-events-0");
+        assert!(writes_to(&pod, "buffer-events-0"));
+        assert!(!writes_to(&pod, "buffer-events-1"));
+        let mut done = pod.clone();
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert!(!writes_to(&done, "buffer-events-0"));
+        let mut deleting = pod.clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        );
+        assert!(!writes_to(&deleting, "buffer-events-0"));
+        let mut flush = pod;
+        flush
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(COMPONENT_LABEL.into(), "flush".into());
+        assert!(!writes_to(&flush, "buffer-events-0"));
+    }
+
+    #[test]
+    fn the_volume_of_a_live_pod_is_forced_to_retain_even_when_marked_clean() {
+        let mut v = pv("Delete");
+        v.metadata.resource_version = Some("9".into());
+        v.metadata.annotations = Some([(CLEAN_ANNOTATION.to_string(), "true".to_string())].into());
+        // Marked clean: the label-only patch leaves it Delete...
+        assert!(
+            build_volume_patch(&claim(), &v)
+                .unwrap()
+                .get("spec")
+                .is_none()
+        );
+        // ...but a live pod's volume is forced back.
+        let patch = build_force_retain_patch(&v).unwrap();
+        assert_eq!(patch["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+        assert_eq!(patch["metadata"]["annotations"][CLEAN_ANNOTATION], "false");
+        assert_eq!(patch["metadata"]["resourceVersion"], "9");
+        // Retain + clean=true is forced too (the mark is stale).
+        let mut retained = pv("Retain");
+        retained.metadata.annotations =
+            Some([(CLEAN_ANNOTATION.to_string(), "true".to_string())].into());
+        assert!(build_force_retain_patch(&retained).is_some());
+        // Without a clean mark there is nothing to force: the ordinary
+        // patch makes it Retain.
+        assert_eq!(build_force_retain_patch(&pv("Retain")), None);
+        assert_eq!(build_force_retain_patch(&pv("Delete")), None);
+        assert!(build_volume_patch(&claim(), &pv("Delete")).unwrap()["spec"].is_object());
     }
 }

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod scene;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -265,6 +267,22 @@ impl Operator {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0.0),
         )
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let process = self.process.as_mut()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = process.try_wait() {
+                self.process = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Whether `/readyz` says it leads.

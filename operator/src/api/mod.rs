@@ -310,6 +310,31 @@ pub struct StorageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub buffer_quota_bytes: Option<u64>,
+    /// Access mode of the claims: `ReadWriteOnce` (default; any storage) or
+    /// `ReadWriteOncePod` (CSI storage only: the volume can be mounted by one
+    /// pod at a time, so a flush Job and a returning pod can never share it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_mode: Option<AccessMode>,
+}
+
+/// Access mode of the buffer claims.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AccessMode {
+    /// One node at a time (several pods on that node could mount it).
+    #[default]
+    ReadWriteOnce,
+    /// One pod at a time (CSI volumes only).
+    ReadWriteOncePod,
+}
+
+impl AccessMode {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadWriteOnce => "ReadWriteOnce",
+            Self::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
 }
 
 /// Durability of a `200` on a durable stream.
@@ -357,6 +382,9 @@ pub struct OrphanRecoverySpec {
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// How long a volume must be without a pod before a flush Job starts.
+    /// Default 0: an orphan's pod will not come back (its ordinal is scaled
+    /// away, its cluster or claim deleted), so waiting only delays delivery;
+    /// a pod that does return takes over from the Job.
     #[serde(default = "default_orphan_delay")]
     #[schemars(range(min = 0))]
     pub delay_seconds: u32,
@@ -381,7 +409,7 @@ fn default_true() -> bool {
 }
 
 fn default_orphan_delay() -> u32 {
-    60
+    0
 }
 
 fn default_parallel_jobs() -> u32 {

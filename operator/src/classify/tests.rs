@@ -90,6 +90,7 @@ fn reads_claim_ordinals() {
 #[test]
 fn scaled_away_claims_without_a_pod_are_orphans_and_wanted_ones_are_not() {
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 2, json!({}))],
         claims: vec![
             claim("buffer-events-0", Some("pv0")),
@@ -129,6 +130,7 @@ fn a_scaled_away_pod_still_terminating_keeps_its_claim() {
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
     );
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 1, json!({}))],
         claims: vec![claim("buffer-events-1", Some("pv1"))],
         volumes: vec![pv("pv1", "Bound", json!({}))],
@@ -146,6 +148,7 @@ fn every_claim_of_a_deleted_or_deleting_cluster_is_an_orphan() {
     );
     for clusters in [vec![deleting], vec![]] {
         let inv = Inventory {
+            statefulsets: vec![],
             clusters,
             claims: vec![claim("buffer-events-0", Some("pv0"))],
             volumes: vec![pv("pv0", "Bound", json!({}))],
@@ -167,6 +170,7 @@ fn a_released_dirty_volume_is_an_orphan_to_rebind_and_a_clean_deleting_one_is_no
         .unwrap()
         .persistent_volume_reclaim_policy = Some("Delete".into());
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 1, json!({}))],
         volumes: vec![
             pv("pv9", "Released", json!({})),
@@ -190,6 +194,7 @@ fn a_volume_pre_bound_to_its_recovery_claim_that_does_not_exist_yet_is_still_fou
     r.name = Some("hf-recover-pv9".into());
     r.uid = None;
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 1, json!({}))],
         volumes: vec![v],
         ..Default::default()
@@ -202,6 +207,7 @@ fn a_volume_pre_bound_to_its_recovery_claim_that_does_not_exist_yet_is_still_fou
 #[test]
 fn a_rebound_volume_is_followed_through_its_recovery_claim() {
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 1, json!({}))],
         claims: vec![recovery_claim("pv9")],
         volumes: vec![pv("pv9", "Bound", json!({}))],
@@ -218,6 +224,7 @@ fn a_rebound_volume_is_followed_through_its_recovery_claim() {
 #[test]
 fn a_flush_job_is_stopped_when_a_capture_pod_uses_its_claim_again() {
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 2, json!({}))],
         claims: vec![claim("buffer-events-1", Some("pv1"))],
         volumes: vec![pv("pv1", "Bound", json!({}))],
@@ -236,6 +243,7 @@ fn a_flush_job_is_stopped_when_a_capture_pod_uses_its_claim_again() {
 #[test]
 fn no_second_drainer_while_an_old_flush_pod_still_holds_the_claim() {
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 0, json!({}))],
         claims: vec![claim("buffer-events-0", Some("pv0"))],
         volumes: vec![pv("pv0", "Bound", json!({}))],
@@ -248,6 +256,7 @@ fn no_second_drainer_while_an_old_flush_pod_still_holds_the_claim() {
 #[test]
 fn a_finished_job_of_a_volume_that_needs_nothing_is_cleared() {
     let inv = Inventory {
+        statefulsets: vec![],
         clusters: vec![cluster("events", 1, json!({}))],
         jobs: vec![job("gone", "buffer-events-5", json!({"succeeded": 1}))],
         ..Default::default()
@@ -430,4 +439,50 @@ fn active_jobs_are_counted_per_cluster() {
     ];
     let counts = active_jobs(&jobs);
     assert_eq!(counts[&("ns".to_string(), "events".to_string())], 2);
+}
+
+fn statefulset(name: &str, spec: i32, status: i32) -> StatefulSet {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "ns", "labels": {CLUSTER_LABEL: name}},
+        "spec": {"replicas": spec, "selector": {}, "template": {}, "serviceName": name},
+        "status": {"replicas": status},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn an_ordinal_the_statefulset_still_runs_is_wanted_whatever_the_resource_says() {
+    // The resource asks for 1, but the scale-down was refused (invalid
+    // spec) or its apply failed: the StatefulSet still runs 2, and pod
+    // events-1 is only restarting.
+    let inv = Inventory {
+        clusters: vec![cluster("events", 1, json!({}))],
+        statefulsets: vec![statefulset("events", 2, 2)],
+        claims: vec![claim("buffer-events-1", Some("pv1"))],
+        volumes: vec![pv("pv1", "Bound", json!({}))],
+        pods: vec![],
+        jobs: vec![],
+    };
+    assert_eq!(find(&inv).orphans, vec![]);
+    // Spec already 1, but the StatefulSet's status still counts 2 pods.
+    let inv = Inventory {
+        statefulsets: vec![statefulset("events", 1, 2)],
+        ..inv
+    };
+    assert_eq!(find(&inv).orphans, vec![]);
+    // Once the StatefulSet agrees, ordinal 1 is scaled away.
+    let inv = Inventory {
+        statefulsets: vec![statefulset("events", 1, 1)],
+        ..inv
+    };
+    assert_eq!(
+        names(&find(&inv)),
+        [(OrphanKind::ClaimWithoutPod, "buffer-events-1".into(), false)]
+    );
+    assert_eq!(
+        wanted_replicas(inv.clusters.first(), inv.statefulsets.first()),
+        1
+    );
+    assert_eq!(wanted_replicas(None, Some(&statefulset("events", 0, 3))), 3);
+    assert_eq!(wanted_replicas(None, None), 0);
 }

@@ -52,6 +52,23 @@ fn immutable_storage_change(
             ),
         });
     }
+    let wanted_mode = cluster
+        .spec
+        .storage
+        .access_mode
+        .unwrap_or_default()
+        .as_str();
+    if let Some(modes) = &spec.access_modes
+        && !modes.iter().any(|m| m == wanted_mode)
+    {
+        return Some(InvalidSpec {
+            field: "spec.storage.accessMode".into(),
+            reason: format!(
+                "cannot change after creation (claims use {}); create a new CaptureCluster to change it",
+                modes.join(",")
+            ),
+        });
+    }
     if cluster.spec.storage.storage_class_name.is_some()
         && spec.storage_class_name != cluster.spec.storage.storage_class_name
     {
@@ -305,5 +322,24 @@ mod tests {
                 .field,
             "spec.storage.storageClassName"
         );
+        let mut rwop = cluster("1Gi", Some("fast"));
+        rwop.spec.storage.access_mode = Some(crate::api::AccessMode::ReadWriteOncePod);
+        assert_eq!(
+            immutable_storage_change(&rwop, &existing).unwrap().field,
+            "spec.storage.accessMode"
+        );
+        let made_rwop = build::build_statefulset(&rwop, 1);
+        let template = &made_rwop
+            .spec
+            .as_ref()
+            .unwrap()
+            .volume_claim_templates
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(
+            template.spec.as_ref().unwrap().access_modes,
+            Some(vec!["ReadWriteOncePod".to_string()])
+        );
+        assert_eq!(immutable_storage_change(&rwop, &made_rwop), None);
     }
 }

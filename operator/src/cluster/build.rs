@@ -331,7 +331,9 @@ pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            access_modes: Some(vec![
+                spec.storage.access_mode.unwrap_or_default().as_str().into(),
+            ]),
             storage_class_name: spec.storage.storage_class_name.clone(),
             resources: Some(VolumeResourceRequirements {
                 requests: Some(BTreeMap::from([(

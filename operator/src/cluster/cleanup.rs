@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, ListParams, Patch};
 use kube::runtime::controller::Action;
@@ -89,27 +89,47 @@ pub(super) async fn cleanup(cluster: &CaptureCluster, ns: &str, ctx: &Context) -
     let dirty = report.dirty;
     if !dirty.is_empty() {
         let list = dirty.iter().cloned().collect::<Vec<_>>().join(", ");
-        let message = format!(
-            "{} volume(s) may still hold events: {list}; deletion waits until flush Jobs (orphan recovery) have drained each and annotated it {CLEAN_ANNOTATION}=true",
-            dirty.len()
-        );
+        let terminating = namespace_terminating(ctx, ns).await;
+        let (reason, message) =
+            blocked_message(ns, &cluster.name_any(), &list, dirty.len(), terminating);
         let changed = !cluster.status.as_ref().is_some_and(|s| {
             s.conditions
                 .iter()
                 .any(|c| c.type_ == CONDITION_DRAINING && c.message == message)
         });
         if changed {
-            warn!(cluster = %key(cluster), volumes = %list, "deletion waits for volumes that may hold events");
+            warn!(cluster = %key(cluster), volumes = %list, reason, "deletion waits for volumes that may hold events");
             ctx.publish(
                 cluster,
                 EventType::Warning,
-                "VolumesHoldEvents",
+                reason,
                 "Delete",
                 message.clone(),
             )
             .await;
+            if terminating {
+                // New Events in a terminating namespace are refused: say it
+                // on the volumes too (cluster-scoped: their Events live in
+                // `default`).
+                for volume in &dirty {
+                    let reference = k8s_openapi::api::core::v1::ObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("PersistentVolume".into()),
+                        name: Some(volume.clone()),
+                        ..Default::default()
+                    };
+                    ctx.publish_on(
+                        &reference,
+                        EventType::Warning,
+                        reason,
+                        "Delete",
+                        message.clone(),
+                    )
+                    .await;
+                }
+            }
         }
-        draining(cluster, ns, ctx, "VolumesHoldEvents", message).await?;
+        draining(cluster, ns, ctx, reason, message).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
     // The pods needed their PV access to mark their volumes; now nothing
@@ -185,4 +205,62 @@ async fn draining(
         },
     )
     .await
+}
+
+/// Whether namespace `ns` is being deleted (`false` when it cannot be read).
+async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
+    Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(ns)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|n| n.metadata.deletion_timestamp.is_some())
+}
+
+/// Why deletion waits, and how to unblock it: the `Draining` condition's
+/// reason and message. Pure.
+pub fn blocked_message(
+    ns: &str,
+    cluster: &str,
+    volumes: &str,
+    count: usize,
+    namespace_terminating: bool,
+) -> (&'static str, String) {
+    if namespace_terminating {
+        return (
+            "NamespaceTerminating",
+            format!(
+                "{count} volume(s) may still hold events: {volumes}; namespace {ns} is being deleted, so Kubernetes refuses the flush Jobs and claims that would drain them here, and the Secrets they would use may be gone. The volumes stay Retain: no event is lost. To unblock: drain each volume with `holdfast-capture flush` (mount it in a pod of another namespace), or accept keeping the volumes undrained; then remove the finalizer: kubectl -n {ns} patch capturecluster {cluster} --type=json -p '[{{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}}]' (the volumes stay Retain and are reported as unrecoverable)"
+            ),
+        );
+    }
+    (
+        "VolumesHoldEvents",
+        format!(
+            "{count} volume(s) may still hold events: {volumes}; deletion waits until flush Jobs (orphan recovery) have drained each and annotated it {CLEAN_ANNOTATION}=true (is Kafka reachable? see the FlushJobFailed events)"
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blocked_deletion_says_why_and_how_to_unblock() {
+        let (reason, message) = blocked_message("shop", "events", "pv1, pv2", 2, true);
+        assert_eq!(reason, "NamespaceTerminating");
+        assert!(message.contains("pv1, pv2"), "{message}");
+        assert!(
+            message.contains("namespace shop is being deleted"),
+            "{message}"
+        );
+        assert!(
+            message.contains("kubectl -n shop patch capturecluster events"),
+            "{message}"
+        );
+        let (reason, message) = blocked_message("shop", "events", "pv1", 1, false);
+        assert_eq!(reason, "VolumesHoldEvents");
+        assert!(message.contains("flush Jobs"), "{message}");
+    }
 }

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{
     PodTemplateSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 
 use crate::api::{BUFFER_MOUNT_PATH, BUFFER_VOLUME, CaptureCluster};
 use crate::podspec::{self, TMP_MOUNT, env};
@@ -124,11 +124,17 @@ pub fn build_flush_job(input: &FlushJobInput<'_>) -> Job {
             namespace: cluster.namespace(),
             labels: Some(labels.clone()),
             annotations: Some(annotations.clone()),
-            owner_references: cluster.controller_owner_ref(&()).map(|o| vec![o]),
+            // No owner reference: a foreground cascade or the garbage
+            // collector must not delete a Job that drains events (the
+            // operator deletes it once it has acted on its result).
             ..Default::default()
         },
         spec: Some(JobSpec {
             backoff_limit: Some(JOB_BACKOFF_LIMIT),
+            // One drainer per buffer: a replacement pod starts only once
+            // the previous one has failed for good, never while it is
+            // still terminating (the default, `TerminatingOrFailed`).
+            pod_replacement_policy: Some("Failed".into()),
             active_deadline_seconds: Some(deadline),
             // The operator deletes a Job once it has acted on its result;
             // this only collects what an operator outage left behind.
@@ -246,9 +252,13 @@ pub(crate) mod tests {
         });
         assert_eq!(job.metadata.name.as_deref(), Some("hf-flush-pvc-1"));
         assert_eq!(job.metadata.namespace.as_deref(), Some("ns"));
-        let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!(owner.uid, "cc-uid");
-        assert_eq!(owner.kind, "CaptureCluster");
+        // Not owned: deleting the cluster (foreground cascade, namespace
+        // deletion) must not take a draining Job with it.
+        assert_eq!(job.metadata.owner_references, None);
+        assert_eq!(
+            job.spec.as_ref().unwrap().pod_replacement_policy.as_deref(),
+            Some("Failed")
+        );
         assert_eq!(job.labels()[COMPONENT_LABEL], FLUSH_COMPONENT);
         assert_eq!(job.labels()[CLUSTER_LABEL], "events");
         assert_eq!(job.annotations()[VOLUME_ANNOTATION], "pvc-1");

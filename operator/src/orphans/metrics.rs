@@ -14,6 +14,13 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// Label: a phase of one orphan's recovery.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// `job_created`, `pod_running`, `drained`, `released`.
+    pub phase: String,
+}
+
 /// Metrics of orphan recovery (registered under `holdfast_operator_`).
 #[derive(Debug)]
 pub struct OrphanMetrics {
@@ -31,6 +38,12 @@ pub struct OrphanMetrics {
     pub orphan_recovery_duration: Histogram,
     /// Volumes handed back to the storage system (flipped or released).
     pub volumes_released: Counter,
+    /// Time from an orphan's detection to each phase of its recovery.
+    pub phases: Family<PhaseLabel, Histogram, fn() -> Histogram>,
+}
+
+fn phase_histogram() -> Histogram {
+    Histogram::new([0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0])
 }
 
 fn seconds_histogram() -> Histogram {
@@ -48,7 +61,14 @@ impl OrphanMetrics {
             flush_job_duration: seconds_histogram(),
             orphan_recovery_duration: seconds_histogram(),
             volumes_released: Counter::default(),
+            phases: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
         };
+        registry.register_with_unit(
+            "orphan_phase",
+            "Time from detecting an orphan to each phase of its recovery (job_created, pod_running, drained, released)",
+            Unit::Seconds,
+            m.phases.clone(),
+        );
         registry.register(
             "orphaned_volumes",
             "Volumes holding events that no pod will drain",
@@ -87,6 +107,15 @@ impl OrphanMetrics {
             m.volumes_released.clone(),
         );
         m
+    }
+
+    /// Records that an orphan reached `phase` `since` its detection.
+    pub fn phase(&self, phase: &str, since: std::time::Duration) {
+        self.phases
+            .get_or_create(&PhaseLabel {
+                phase: phase.to_string(),
+            })
+            .observe(since.as_secs_f64());
     }
 
     /// Counts one flush Job `result`.

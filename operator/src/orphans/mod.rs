@@ -50,11 +50,13 @@ pub use crate::flush::{
 
 pub mod metrics;
 mod steps;
+mod trigger;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
@@ -104,6 +106,17 @@ struct Memory {
     first_seen: HashMap<String, Instant>,
     /// Unrecoverable volumes already reported.
     reported: BTreeSet<String>,
+    /// Phases of each orphan's recovery already timed.
+    timed: HashMap<String, BTreeSet<&'static str>>,
+}
+
+impl Memory {
+    /// Records phase `phase` of orphan `key` once, `since` its detection.
+    fn phase(&mut self, ctx: &Context, key: &str, phase: &'static str, since: Duration) {
+        if self.timed.entry(key.to_string()).or_default().insert(phase) {
+            ctx.metrics.orphans.phase(phase, since);
+        }
+    }
 }
 
 /// Runs the loop until `shutdown` resolves (a pass in progress finishes).
@@ -114,21 +127,34 @@ pub async fn run(
 ) {
     let mut memory = Memory::default();
     tokio::pin!(shutdown);
-    info!(interval_secs = config.interval.as_secs_f64(), namespace = ?config.namespace, "orphan recovery running");
+    let (wake, watches) = trigger::spawn(ctx.client.clone(), config.namespace.clone());
+    info!(interval_secs = config.interval.as_secs_f64(), namespace = ?config.namespace, "orphan recovery running (watch-driven, periodic resync)");
     loop {
-        {
+        let next = {
             let _timer = ctx.metrics.reconcile(CONTROLLER);
-            if let Err(e) = pass(&ctx, &config, &mut memory).await {
-                ctx.metrics.reconcile_failed(CONTROLLER, e.reason());
-                warn!(reason = e.reason(), error = %e, "orphan recovery pass failed");
+            match pass(&ctx, &config, &mut memory).await {
+                Ok(next) => next,
+                Err(e) => {
+                    ctx.metrics.reconcile_failed(CONTROLLER, e.reason());
+                    warn!(reason = e.reason(), error = %e, "orphan recovery pass failed");
+                    None
+                }
             }
-        }
+        };
+        // The next pass: on any change (coalesced for a moment), when a
+        // waiting orphan's timer runs out, or at the resync interval.
+        let sleep = next.map_or(config.interval, |d| d.min(config.interval));
         tokio::select! {
             () = &mut shutdown => break,
-            () = tokio::time::sleep(config.interval) => {}
+            () = tokio::time::sleep(sleep) => {}
+            () = wake.notified() => tokio::time::sleep(COALESCE).await,
         }
     }
+    watches.abort();
 }
+
+/// How long a pass waits after a change for the changes that come with it.
+const COALESCE: Duration = Duration::from_millis(150);
 
 /// Lists what one pass needs.
 pub async fn inventory(client: &Client, namespace: Option<&str>) -> Result<Inventory> {
@@ -161,7 +187,13 @@ pub async fn inventory(client: &Client, namespace: Option<&str>) -> Result<Inven
     if let Some(ns) = namespace {
         volumes.retain(|pv| pv.labels().get(NAMESPACE_LABEL).map(String::as_str) == Some(ns));
     }
+    let statefulsets = scoped::<StatefulSet>(client, namespace)
+        .list(&labelled)
+        .await
+        .map_err(api_err("list statefulsets"))?
+        .items;
     Ok(Inventory {
+        statefulsets,
         clusters,
         claims,
         volumes,
@@ -170,7 +202,8 @@ pub async fn inventory(client: &Client, namespace: Option<&str>) -> Result<Inven
     })
 }
 
-async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()> {
+/// One pass; returns how soon a waiting orphan's timer runs out, if any.
+async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Option<Duration>> {
     let inv = inventory(&ctx.client, config.namespace.as_deref()).await?;
     let findings = find::find(&inv);
     let cluster_of = |ns: &str, name: &str| {
@@ -205,11 +238,15 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
     let keys: BTreeSet<String> = findings.orphans.iter().map(Orphan::key).collect();
     memory.first_seen.retain(|k, _| keys.contains(k));
     memory.reported.retain(|k| keys.contains(k));
+    memory.timed.retain(|k, _| keys.contains(k));
+    let mut next: Option<Duration> = None;
     let mut active = find::active_jobs(&inv.jobs);
     let mut holding = 0i64;
     let mut unrecoverable = 0i64;
     for orphan in &findings.orphans {
-        let first_seen = *memory.first_seen.entry(orphan.key()).or_insert(now_instant);
+        let key = orphan.key();
+        let first_seen = *memory.first_seen.entry(key.clone()).or_insert(now_instant);
+        let orphaned_for = now_instant.duration_since(first_seen);
         if !orphan.clean {
             holding += 1;
         }
@@ -228,7 +265,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
                 cluster,
                 volume,
                 job,
-                orphaned_for: now_instant.duration_since(first_seen),
+                orphaned_for,
                 now,
                 slot_free: running < max,
             },
@@ -240,9 +277,17 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
             job,
             inv: &inv,
         };
+        if let Some(job) = job
+            && flush_pod_running(&inv, &orphan.namespace, &job.name_any())
+        {
+            memory.phase(ctx, &key, "pod_running", orphaned_for);
+        }
         let result = match &step {
             Step::Wait(why) => {
                 debug!(volume = ?orphan.volume, claim = %orphan.claim, kind = orphan.kind.as_str(), why, "orphan waits");
+                if let Some(wait) = find::wait_left(orphan, cluster, volume, orphaned_for, now) {
+                    next = Some(next.map_or(wait, |n| n.min(wait)));
+                }
                 Ok(())
             }
             Step::Release => steps::release(ctx, &target).await,
@@ -251,11 +296,13 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
                 let started = steps::start_job(ctx, config, &target).await;
                 if started.is_ok() {
                     *active.entry(slot).or_insert(0) += 1;
+                    memory.phase(ctx, &key, "job_created", orphaned_for);
                 }
                 started
             }
             Step::Finish => {
-                steps::finish(ctx, &target, now_instant.duration_since(first_seen)).await
+                memory.phase(ctx, &key, "drained", orphaned_for);
+                steps::finish(ctx, &target, orphaned_for).await
             }
             Step::RecordFailure => steps::record_failure(ctx, &target, now).await,
             Step::Report(why) => {
@@ -269,10 +316,12 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
         match result {
             Ok(()) => {
                 if matches!(step, Step::Finish | Step::Release) {
-                    memory.first_seen.remove(&orphan.key());
+                    memory.phase(ctx, &key, "released", orphaned_for);
+                    memory.first_seen.remove(&key);
+                    memory.timed.remove(&key);
                 }
             }
-            Err(e) => failed(ctx, &orphan.key(), &e),
+            Err(e) => failed(ctx, &key, &e),
         }
     }
     let m = &ctx.metrics.orphans;
@@ -280,7 +329,19 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<()>
     m.unrecoverable_volumes.set(unrecoverable);
     m.active_flush_jobs
         .set(i64::from(active.values().copied().sum::<u32>()));
-    Ok(())
+    Ok(next)
+}
+
+/// Whether a pod of flush Job `job` runs now.
+fn flush_pod_running(inv: &Inventory, ns: &str, job: &str) -> bool {
+    inv.pods.iter().any(|p| {
+        p.namespace().as_deref() == Some(ns)
+            && p.labels()
+                .get("batch.kubernetes.io/job-name")
+                .map(String::as_str)
+                == Some(job)
+            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
 }
 
 /// A failed step: logged and counted; the next pass retries (a conflict is

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{
     PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use crate::api::CaptureCluster;
@@ -39,8 +39,10 @@ pub fn build_claim_ref_patch(volume: &PersistentVolume, namespace: &str, claim: 
     })
 }
 
-/// The claim that takes over a Released PV for its flush Job, owned by the
-/// cluster (so it cannot outlive it) and labelled as a flush object.
+/// The claim that takes over a Released PV for its flush Job, labelled as a
+/// flush object of the cluster; not owned by it, so deleting the cluster
+/// (foreground cascade) cannot pull it from under a draining Job. The
+/// operator deletes it once the volume is drained.
 pub fn build_recovery_claim(
     cluster: &CaptureCluster,
     volume: &PersistentVolume,
@@ -60,7 +62,8 @@ pub fn build_recovery_claim(
                 VOLUME_ANNOTATION.to_string(),
                 volume.name_any(),
             )])),
-            owner_references: cluster.controller_owner_ref(&()).map(|o| vec![o]),
+            // Not owned by the cluster: its deletion must not take the
+            // claim a flush Job drains through (the operator deletes it).
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
