@@ -403,3 +403,44 @@ fn durability_modes_map_to_sqlite_synchronous_settings() {
         assert_eq!(sync, expected, "{mode:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_commit_answers_stalled_in_time_and_clears_when_the_disk_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = GroupCommitWriter::start_with(
+        dir.path(),
+        WriterOptions {
+            durability: Durability::Fsync,
+            quota: u64::MAX,
+            commit_timeout: std::time::Duration::from_millis(200),
+        },
+        None,
+    )
+    .unwrap();
+    // Another connection holds the write lock: the writer's commit blocks
+    // (busy timeout), as on a hung disk.
+    let blocker = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let started = std::time::Instant::now();
+    let err = h.append(vec![ev(0)]).await.unwrap_err();
+    assert!(matches!(err, AppendError::Stalled(_)), "{err:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "held the request for {:?}",
+        started.elapsed()
+    );
+    assert!(h.state.commit_stalled.load(Ordering::Relaxed));
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    // The disk answers again: the next commit clears the stall.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if h.append(vec![ev(1)]).await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!h.state.commit_stalled.load(Ordering::Relaxed));
+    stop(w, h).await;
+}

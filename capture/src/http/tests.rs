@@ -307,10 +307,14 @@ async fn metrics_expose_accepted_events_and_buffer_figures() {
         r#"holdfast_events_accepted_total{stream="default"} 2"#,
         "holdfast_buffer_events 2",
         "holdfast_ack_latency_seconds_count 1",
-        "holdfast_kafka_up",
+        "holdfast_buffer_dead_letters 0",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
+    // A sample line, not the HELP text: this fixture's Kafka is unreachable
+    // and nothing was ever delivered, so the gauge must say 0.
+    let sample = text.lines().find(|l| l.starts_with("holdfast_kafka_up "));
+    assert_eq!(sample, Some("holdfast_kafka_up 0"), "in\n{text}");
 }
 
 #[tokio::test]
