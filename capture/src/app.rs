@@ -45,6 +45,11 @@ pub enum Error {
     /// A quarantined (damaged) buffer file was not salvaged yet.
     #[error("{count} quarantined buffer files in {dir} are not salvaged yet")]
     Quarantined { count: usize, dir: String },
+    /// The buffer file is damaged (`inspect`).
+    #[error(
+        "buffer in {dir} is damaged ({why}); the next serve or flush quarantines it and salvages every readable event"
+    )]
+    Damaged { dir: String, why: String },
     /// A write to the buffer failed (disk error).
     #[error("buffer write failed: {0}")]
     Write(buffer::AppendError),
@@ -358,8 +363,19 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
 
 /// Reads buffer figures without taking the drainer lock.
 pub fn inspect(args: &InspectArgs) -> Result<Stats> {
-    let conn = buffer::open_reader(&args.data_dir)?;
-    Ok(buffer::stats(&conn)?)
+    let read = || -> Result<Stats> {
+        let conn = buffer::open_reader(&args.data_dir)?;
+        Ok(buffer::stats(&conn)?)
+    };
+    read().map_err(|e| match buffer::quarantine::check(&args.data_dir) {
+        // Say what is wrong with the file: the next `serve` or `flush`
+        // quarantines it and salvages what is readable.
+        Ok(buffer::quarantine::Verdict::Damaged(why)) => Error::Damaged {
+            dir: args.data_dir.display().to_string(),
+            why,
+        },
+        _ => e,
+    })
 }
 
 /// Renders figures as text.
@@ -378,4 +394,23 @@ pub fn render_stats(s: &Stats) -> String {
         s.salvaged_events,
         s.unreadable_events
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inspect_names_the_damage_of_a_damaged_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(buffer::DB_FILE), vec![0x5au8; 8192]).unwrap();
+        let err = inspect(&InspectArgs {
+            data_dir: dir.path().to_owned(),
+            json: false,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is damaged"), "{err}");
+        assert!(err.contains("salvages"), "{err}");
+    }
 }
