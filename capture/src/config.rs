@@ -294,9 +294,10 @@ pub struct ServeArgs {
     )]
     pub max_events_per_request: u64,
     /// Memory all requests in flight may hold together (bodies, inflated
-    /// bodies, parsed events); past it new requests get 503 (bytes).
-    #[arg(long, env = "HOLDFAST_MAX_INFLIGHT_BYTES", default_value_t = 96 << 20)]
-    pub max_inflight_bytes: u64,
+    /// bodies, parsed events); past it new requests get 503 (bytes). Default:
+    /// 64 MiB, or what one request may hold within the other limits if more.
+    #[arg(long, env = "HOLDFAST_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<u64>,
     /// Largest request head (request line and headers); more is a 431 (bytes).
     #[arg(long, env = "HOLDFAST_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
     pub max_header_bytes: u64,
@@ -660,13 +661,17 @@ impl ServeArgs {
             size(self.max_events_per_request),
             copies,
         );
-        if size(self.max_inflight_bytes) < needed {
-            return Err(Error::InflightBudget {
-                value: self.max_inflight_bytes,
-                needed: needed as u64,
-                copies,
-            });
-        }
+        let inflight = match self.max_inflight_bytes {
+            None => needed.max(64 << 20),
+            Some(v) if size(v) < needed => {
+                return Err(Error::InflightBudget {
+                    value: v,
+                    needed: needed as u64,
+                    copies,
+                });
+            }
+            Some(v) => size(v),
+        };
         Ok(ServeConfig {
             listen: self.listen,
             data_dir: self.buffer.data_dir.clone(),
@@ -684,7 +689,7 @@ impl ServeArgs {
             auth,
             auth_reload: Duration::from_secs(self.auth_reload_secs),
             max_events_per_request: size(self.max_events_per_request),
-            inflight: crate::http::limits::InflightBudget::new(size(self.max_inflight_bytes)),
+            inflight: crate::http::limits::InflightBudget::new(inflight),
             max_header_bytes: size(self.max_header_bytes),
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),

@@ -146,7 +146,7 @@ async fn post_gzip(client: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, 
             let status = r.status().as_u16();
             (status, r.text().await.unwrap_or_default())
         }
-        Err(e) => (0, e.to_string()),
+        Err(e) => (0, format!("{e:?}")),
     }
 }
 
@@ -184,6 +184,7 @@ async fn peak_rss_stays_bounded_under_the_worst_request_alone_and_64_at_once() -
     for _ in 0..64 {
         let (client, url, body) = (client.clone(), cap.url(), worst.clone());
         let (accepted, busy) = (accepted.clone(), busy.clone());
+        let log = cap.log.clone();
         tasks.push(tokio::spawn(async move {
             let mut tries = 0;
             while accepted.load(Ordering::SeqCst) < accepted_goal {
@@ -201,7 +202,14 @@ async fn peak_rss_stays_bounded_under_the_worst_request_alone_and_64_at_once() -
                         busy.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    other => panic!("unexpected {other}: {text}"),
+                    other => {
+                        let log = std::fs::read_to_string(&log).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                        panic!(
+                            "unexpected {other}: {text}\nlog tail (newest first):\n{}",
+                            tail.join("\n")
+                        )
+                    }
                 }
                 assert!(
                     started.elapsed() < Duration::from_secs(600),

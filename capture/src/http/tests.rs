@@ -556,6 +556,8 @@ fn every_abuse_limit_is_validated_naming_its_flag() {
     ])
     .unwrap_err();
     assert!(err.contains("2 copies"), "{err}");
+    // Unset, the budget grows to what one request needs (a direct stream: two copies).
+    parse(&["--stream", "default=events:direct"]).unwrap();
     let missing = dir.path().join("no-such-file");
     let err = parse(&["--auth-tokens-file", missing.to_str().unwrap()]).unwrap_err();
     assert!(err.starts_with("--auth-tokens-file"), "{err}");
