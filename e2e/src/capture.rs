@@ -131,6 +131,16 @@ impl CaptureProcess {
         &self.data_dir
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The whole process log (every start of this process appends to it).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Last lines of the process log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -207,4 +217,138 @@ pub fn flush(dir: &Path, bootstrap: &str, timeout_secs: u64) -> Result<(ExitStat
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// A tmpfs of a fixed size mounted on a directory, unmounted on drop: a disk
+/// that really fills up. Mounting needs root.
+#[derive(Debug)]
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it, e.g. `4m`) on
+    /// `dir`, creating the directory first.
+    pub fn mount(dir: &Path, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .context("running mount")?;
+        if !out.status.success() {
+            bail!(
+                "mount -t tmpfs on {} failed (needs root): {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Disk I/O errors injected into a running process: `strace` attaches to
+/// every thread and answers each `pwrite64`, `fdatasync` and `fsync` with
+/// `EIO` without running it, until [`heal`](Self::heal) (or drop) detaches.
+/// SQLite writes its database and WAL with exactly these calls, and nothing
+/// else in `holdfast-capture` uses them, so sockets, logs and the runtime's
+/// wake-ups keep working: only the disk fails, as a dying or read-only
+/// remounted disk would. (A `mount -o remount,ro` cannot do it: the kernel
+/// refuses with `EBUSY` while a file is open for writing.)
+#[derive(Debug)]
+pub struct DiskFaults {
+    child: Option<Child>,
+}
+
+/// Syscalls failed by [`DiskFaults`].
+const FAILED_SYSCALLS: &str = "pwrite64,pwritev,pwritev2,fdatasync,fsync";
+
+impl DiskFaults {
+    /// Whether `strace` can be run here; the reason when it cannot.
+    pub fn unavailable() -> Option<String> {
+        match Command::new("strace").arg("-V").output() {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(format!("strace -V failed: {}", out.status)),
+            Err(e) => Some(format!("strace not found: {e}")),
+        }
+    }
+
+    /// Starts failing `pid`'s disk writes; returns once every thread is attached.
+    pub fn inject(pid: u32) -> Result<Self> {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new("strace")
+            .args(["-f", "-o", "/dev/null", "-e"])
+            .arg(format!("trace={FAILED_SYSCALLS}"))
+            .arg("-e")
+            .arg(format!("inject={FAILED_SYSCALLS}:error=EIO"))
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning strace")?;
+        let stderr = child.stderr.take().context("strace stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut attached = false;
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                // "Process N attached with M threads" (or "attached" alone).
+                if !attached && line.contains("attached") {
+                    attached = true;
+                    let _ = tx.send(Ok(()));
+                } else if !attached && line.contains("strace:") {
+                    let _ = tx.send(Err(line));
+                    return;
+                }
+            }
+        });
+        let faults = Self { child: Some(child) };
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(faults),
+            Ok(Err(line)) => bail!("strace could not attach to {pid}: {line}"),
+            Err(_) => bail!("strace did not attach to {pid} within 10s"),
+        }
+    }
+
+    /// Stops failing: strace detaches (on SIGINT) and the process runs untraced.
+    pub fn heal(mut self) -> Result<()> {
+        self.detach()
+    }
+
+    fn detach(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGINT)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("strace did not detach within 10s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DiskFaults {
+    fn drop(&mut self) {
+        let _ = self.detach();
+    }
 }

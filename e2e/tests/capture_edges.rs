@@ -1,0 +1,918 @@
+//! Issue 9, "no acknowledged event lost at the edges", on the real binary and
+//! a real Kafka broker: a slow upload racing SIGTERM, a full disk, disk I/O
+//! errors, topics that are late or never come, a dead-letter topic created
+//! late, an oversized event in a direct stream, a request larger than the
+//! whole quota. Each test asserts what the code before the fix got wrong.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use holdfast_e2e::capture::{self, CaptureProcess, DiskFaults, Tmpfs};
+use holdfast_e2e::kafka::{KafkaBroker, KafkaOptions, Record};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const UUID_HEADER: &str = "holdfast-uuid";
+const REASON_HEADER: &str = "holdfast-dead-letter-reason";
+/// What the volume guard logs when it would flip the volume to `Delete`.
+const DRAINED_CLEAN: &str = "volume guard: buffer drained and marked clean";
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("holdfast-edges-")
+        .tempdir()
+        .expect("temporary directory")
+}
+
+fn uuid_of(r: &Record) -> String {
+    String::from_utf8_lossy(r.header(UUID_HEADER).unwrap_or_default()).into_owned()
+}
+
+fn new_uuid() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Polls `f` every 50 ms until it holds; fails naming `what` at the deadline.
+async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while !f() {
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn inspect(dir: &Path) -> Value {
+    capture::inspect(dir).unwrap_or(Value::Null)
+}
+
+/// Posts a JSON array of events; returns the status and the JSON body.
+async fn post(client: &reqwest::Client, url: &str, events: &[Value]) -> Result<(u16, Value)> {
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(events)?)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let body = r.json().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+fn events_with_pad(n: usize, pad: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| json!({"uuid": new_uuid(), "i": i, "pad": "p".repeat(pad)}))
+        .collect()
+}
+
+fn uuids(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["uuid"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Every record currently in `topic` (high minus low watermark, all partitions).
+async fn all_records(kafka: &KafkaBroker, topic: &str) -> Result<Vec<Record>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (bootstrap, t) = (kafka.bootstrap(), topic.to_owned());
+    let total = tokio::task::spawn_blocking(move || -> Result<usize> {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("allow.auto.create.topics", "false")
+            .create()?;
+        let md = c.fetch_metadata(Some(&t), Duration::from_secs(10))?;
+        let Some(topic) = md.topics().iter().find(|m| m.name() == t) else {
+            return Ok(0);
+        };
+        if topic.error().is_some() {
+            return Ok(0);
+        }
+        let mut total = 0;
+        for p in topic.partitions() {
+            let (lo, hi) = c.fetch_watermarks(&t, p.id(), Duration::from_secs(10))?;
+            total += (hi - lo) as usize;
+        }
+        Ok(total)
+    })
+    .await??;
+    if total == 0 {
+        return Ok(Vec::new());
+    }
+    let records = kafka.consume(topic, total, Duration::from_secs(60)).await?;
+    ensure!(
+        records.len() == total,
+        "{topic}: read {} of {total} records",
+        records.len()
+    );
+    Ok(records)
+}
+
+/// Waits until every uuid in `want` is in `topic`; returns the uuids seen.
+async fn wait_delivered(
+    kafka: &KafkaBroker,
+    topic: &str,
+    want: &HashSet<String>,
+    within: Duration,
+) -> Result<HashMap<String, usize>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for r in all_records(kafka, topic).await? {
+            *seen.entry(uuid_of(&r)).or_default() += 1;
+        }
+        let missing = want.iter().filter(|u| !seen.contains_key(*u)).count();
+        if missing == 0 {
+            return Ok(seen);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{missing} of {} acknowledged events never reached {topic}",
+                want.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `PRAGMA integrity_check` of `dir/buffer.db`, through Python's sqlite3
+/// (another SQLite build than the one that wrote it).
+fn integrity_check(dir: &Path) -> Result<String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchone()[0])",
+        ])
+        .arg(dir.join("buffer.db"))
+        .output()
+        .context("running python3")?;
+    ensure!(
+        out.status.success(),
+        "integrity check failed to run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// What concurrent clients saw: acknowledged uuids and every refusal by reason.
+#[derive(Debug, Default)]
+struct Tally {
+    acked: HashSet<String>,
+    refused: HashMap<String, usize>,
+    /// Transport errors (timeouts, resets).
+    errors: usize,
+}
+
+/// Clients posting batches until `stop`; a uuid counts as acknowledged only on a 200.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicUsize>,
+    refusals: Arc<AtomicUsize>,
+    tally: Arc<Mutex<Tally>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    /// `n` clients, each posting `events` events of `pad` bytes, pausing
+    /// `pause` after every answer.
+    fn start(n: usize, url: String, events: usize, pad: usize, pause: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(AtomicUsize::new(0));
+        let refusals = Arc::new(AtomicUsize::new(0));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let tasks = (0..n)
+            .map(|_| {
+                let (stop, acks, refusals, tally, url) = (
+                    stop.clone(),
+                    acks.clone(),
+                    refusals.clone(),
+                    tally.clone(),
+                    url.clone(),
+                );
+                tokio::spawn(async move {
+                    let client = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(15))
+                        .build()
+                        .expect("http client");
+                    while !stop.load(Ordering::Relaxed) {
+                        let batch = events_with_pad(events, pad);
+                        match post(&client, &url, &batch).await {
+                            Ok((200, _)) => {
+                                tally.lock().unwrap().acked.extend(uuids(&batch));
+                                acks.fetch_add(batch.len(), Ordering::Relaxed);
+                                tokio::time::sleep(pause).await;
+                            }
+                            Ok((status, body)) => {
+                                let reason = format!(
+                                    "{status} {}",
+                                    body["error"].as_str().unwrap_or("(no error field)")
+                                );
+                                *tally.lock().unwrap().refused.entry(reason).or_default() += 1;
+                                refusals.fetch_add(1, Ordering::Relaxed);
+                                // A client honouring Retry-After would wait longer.
+                                tokio::time::sleep(pause.max(Duration::from_millis(20))).await;
+                            }
+                            Err(_) => {
+                                tally.lock().unwrap().errors += 1;
+                                tokio::time::sleep(pause.max(Duration::from_millis(20))).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            acks,
+            refusals,
+            tally,
+            tasks,
+        }
+    }
+
+    fn acks(&self) -> usize {
+        self.acks.load(Ordering::Relaxed)
+    }
+
+    fn refusals(&self) -> usize {
+        self.refusals.load(Ordering::Relaxed)
+    }
+
+    async fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        std::mem::take(&mut *self.tally.lock().unwrap())
+    }
+}
+
+/// Samples `/readyz` every 25 ms until stopped: (elapsed, status, body).
+struct ReadinessProbe {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<(Instant, u16, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReadinessProbe {
+    fn start(url: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (s, out) = (stop.clone(), samples.clone());
+        let task = tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .expect("http client");
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
+                    let status = r.status().as_u16();
+                    let body = r.text().await.unwrap_or_default();
+                    out.lock().unwrap().push((Instant::now(), status, body));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        });
+        Self {
+            stop,
+            samples,
+            task,
+        }
+    }
+
+    /// Whether a sample after `since` was 503 with `reason` in its body.
+    fn saw_unready(&self, since: Instant, reason: &str) -> bool {
+        self.samples
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, s, b)| *t >= since && *s == 503 && b.contains(reason))
+    }
+
+    async fn finish(self) -> Vec<(Instant, u16, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        std::mem::take(&mut *self.samples.lock().unwrap())
+    }
+}
+
+/// Readiness transitions from unready back to ready within `[from, to)`.
+fn flaps(samples: &[(Instant, u16, String)], from: Instant, to: Instant) -> usize {
+    samples
+        .iter()
+        .filter(|(t, _, _)| *t >= from && *t < to)
+        .map(|(_, s, _)| *s)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] != 200 && w[1] == 200)
+        .count()
+}
+
+/// Names and sizes of the files in `dir`.
+fn file_sizes(dir: &Path) -> Vec<(String, u64)> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    (e.file_name().to_string_lossy().into_owned(), len)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The last lines of the capture log, without the per-request refusals.
+fn log_excerpt(cap: &CaptureProcess) -> String {
+    let log = cap.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("buffer append failed"))
+        .collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Reads one HTTP/1.1 response head (and a body of `content-length`) from `s`.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Result<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .context("no status in response")?;
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await?;
+                ensure!(n > 0, "connection closed inside the response body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+            // The head and body of an interim response (100) are read separately.
+            buf.drain(..end + 4 + len);
+            return Ok((status, body));
+        }
+        let n = s.read(&mut chunk).await?;
+        ensure!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Item 2: a slow upload still sending its body when the drain deadline
+/// passes must not be acknowledged after the volume was declared clean.
+/// Before the fix the volume guard flipped the volume (logging
+/// "buffer drained and marked clean") and the request then got its 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upload_after_the_drain_deadline_is_refused_not_lost() -> Result<()> {
+    let kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let mut cap = CaptureProcess::start(
+        &buf,
+        &kafka.bootstrap(),
+        &[
+            "--drain-timeout-secs",
+            "1",
+            "--body-read-timeout-secs",
+            "30",
+        ],
+    )
+    .await?;
+    let id = new_uuid();
+    let body = json!({"uuid": id, "pad": "s".repeat(2000)}).to_string();
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    let mut s = tokio::net::TcpStream::connect(cap.url().trim_start_matches("http://")).await?;
+    s.write_all(
+        format!(
+            "POST /v1/events HTTP/1.1\r\nhost: capture\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nexpect: 100-continue\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    // The server asks for the body only from inside the handler, past its
+    // shutdown check: from here on the request is in flight.
+    let (status, _) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+        .await
+        .context("no 100 Continue")??;
+    assert_eq!(status, 100, "expected 100 Continue");
+    s.write_all(first).await?;
+    s.flush().await?;
+    let sigterm = Instant::now();
+    cap.terminate()?;
+    // The shutdown's verdict on the volume comes after the drain deadline.
+    wait_until(
+        "the volume guard's verdict",
+        Duration::from_secs(20),
+        || cap.log_text().contains("volume guard: buffer"),
+    )
+    .await?;
+    let verdict_after = sigterm.elapsed();
+    assert!(
+        verdict_after >= Duration::from_millis(900),
+        "the verdict came {verdict_after:?} after SIGTERM: the in-flight request did not hold the drain until its deadline"
+    );
+    s.write_all(rest).await?;
+    s.flush().await?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s)).await;
+    let exit = cap.wait_exit(Duration::from_secs(30)).await?;
+    assert!(exit.success(), "exit status {exit}");
+    let (status, resp) = answer.context("no answer to the slow upload")??;
+    let log = cap.log_text();
+    let stats = capture::inspect(&buf)?;
+    eprintln!(
+        "slow upload: verdict {verdict_after:?} after SIGTERM; answer {status} {resp}; buffer {stats}"
+    );
+    match status {
+        503 => {
+            let body: Value = serde_json::from_str(&resp)?;
+            assert_eq!(body["error"], "shutting_down", "{resp}");
+            assert_eq!(stats["events"], 0, "a refused request left events");
+        }
+        200 => {
+            assert!(
+                !log.contains(DRAINED_CLEAN),
+                "the slow upload got 200 after the volume was declared clean:\n{log}"
+            );
+            assert_eq!(
+                (stats["events"].as_u64(), stats["clean"].as_bool()),
+                (Some(1), Some(false)),
+                "an acknowledged event must keep the buffer dirty"
+            );
+        }
+        other => bail!("unexpected answer {other}: {resp}"),
+    }
+    Ok(())
+}
+
+/// Item 9: a full disk refuses fast (503) while clients keep posting,
+/// recovers by itself once Kafka drains the buffer, keeps the file sound and
+/// loses nothing it acknowledged. A 16 MiB disk with the default 8 MiB
+/// reserve; four clients fill the rest in a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_recovers_without_restart_and_loses_nothing() -> Result<()> {
+    full_disk("16m", None, Duration::from_millis(40)).await
+}
+
+/// The same on a 4 MiB disk with a 256 KiB reserve and clients that never
+/// pause. Known to fail: the disk fills in about 0.2 s, faster than the WAL
+/// checkpointer's 200 ms cadence, so when it is full most of the buffer is
+/// still only in the WAL. Releasing the reserve frees less than the
+/// checkpoint needs to grow the database file, so no checkpoint completes,
+/// the WAL never restarts, no settlement commits (each needs new WAL frames),
+/// and the pod refuses everything until its disk is cleared by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: a full disk whose WAL lags the checkpointer by more than the reserve never recovers"]
+async fn full_disk_with_a_wal_larger_than_the_reserve_recovers() -> Result<()> {
+    full_disk("4m", Some("262144"), Duration::ZERO).await
+}
+
+/// Fills a `size` tmpfs with Kafka down, clients posting throughout, then
+/// brings Kafka back and expects 200s again from the same process.
+async fn full_disk(size: &str, reserve: Option<&str>, pause: Duration) -> Result<()> {
+    let mut kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let disk = Tmpfs::mount(&buf, size)?;
+    // The quota is far above the disk: the disk fills first.
+    let mut args = vec![
+        "--buffer-quota-bytes",
+        "268435456",
+        "--retry-after-secs",
+        "1",
+    ];
+    if let Some(reserve) = reserve {
+        args.extend(["--disk-reserve-bytes", reserve]);
+    }
+    let mut cap = CaptureProcess::start(disk.path(), &kafka.bootstrap(), &args).await?;
+    let pid = cap.pid();
+    kafka.stop().await?;
+    let probe = ReadinessProbe::start(cap.url());
+    let clients = Clients::start(4, format!("{}/v1/events", cap.url()), 20, 400, pause);
+    wait_until("the disk to fill", Duration::from_secs(120), || {
+        clients.refusals() > 0
+    })
+    .await?;
+    let full_at = Instant::now();
+    // Clients keep retrying against the full disk for a while.
+    let refused_then = clients.refusals();
+    wait_until(
+        "clients to retry against the full disk",
+        Duration::from_secs(60),
+        || clients.refusals() >= refused_then + 200,
+    )
+    .await?;
+    assert!(
+        probe.saw_unready(full_at, "disk failure"),
+        "a pod with a full disk must turn unready"
+    );
+    let acked_when_full = clients.acks();
+    kafka.restart().await?;
+    let kafka_back = Instant::now();
+    let acks_then = clients.acks();
+    let resumed = wait_until(
+        "200s to resume after kafka returned",
+        Duration::from_secs(120),
+        || clients.acks() >= acks_then + 2000,
+    )
+    .await;
+    if let Err(e) = resumed {
+        bail!(
+            "{e}: {} acks since kafka returned, {} refusals in all; buffer {}; files {:?}; log:\n{}",
+            clients.acks() - acks_then,
+            clients.refusals(),
+            inspect(disk.path()),
+            file_sizes(disk.path()),
+            log_excerpt(&cap)
+        );
+    }
+    let resumed_after = kafka_back.elapsed();
+    let tally = clients.finish().await;
+    assert_eq!(cap.pid(), pid, "the capture process was restarted");
+    wait_until("ready again", Duration::from_secs(60), || {
+        probe
+            .samples
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(_, s, _)| *s == 200)
+    })
+    .await?;
+    let samples = probe.finish().await;
+    for reason in tally.refused.keys() {
+        assert!(
+            reason == "503 buffer_unavailable" || reason == "503 buffer_full",
+            "unexpected refusal {reason}: {:?}",
+            tally.refused
+        );
+    }
+    assert!(
+        tally.refused.contains_key("503 buffer_unavailable"),
+        "the full disk was never reported as such: {:?}",
+        tally.refused
+    );
+    let seen = wait_delivered(&kafka, "events", &tally.acked, Duration::from_secs(120)).await?;
+    cap.terminate()?;
+    let exit = cap.wait_exit(Duration::from_secs(60)).await?;
+    assert!(exit.success(), "exit status {exit}");
+    let integrity = integrity_check(disk.path())?;
+    let dups: usize = seen.values().map(|n| n - 1).sum();
+    eprintln!(
+        "full disk: {} acked ({} before the disk filled), refusals {:?}, transport errors {}, \
+         200s resumed {:?} after kafka returned; readiness flaps while full {} (of {} samples), \
+         in the whole run {}; {} duplicates in kafka; integrity {integrity}",
+        tally.acked.len(),
+        acked_when_full,
+        tally.refused,
+        tally.errors,
+        resumed_after,
+        flaps(&samples, full_at, kafka_back),
+        samples
+            .iter()
+            .filter(|(t, _, _)| *t >= full_at && *t < kafka_back)
+            .count(),
+        flaps(&samples, full_at, Instant::now()),
+        dups
+    );
+    assert_eq!(integrity, "ok", "buffer file damaged by the full disk");
+    Ok(())
+}
+
+/// Item 10: disk writes failing with EIO during commits (strace answers
+/// SQLite's `pwrite64`/`fdatasync` with EIO): 503 and unready, nothing
+/// acknowledged that Kafka does not get, and recovery once writes work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_errors_refuse_then_recover_by_themselves() -> Result<()> {
+    if let Some(why) = DiskFaults::unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let cap = CaptureProcess::start(&buf, &kafka.bootstrap(), &["--retry-after-secs", "1"]).await?;
+    let pid = cap.pid().context("capture not running")?;
+    let probe = ReadinessProbe::start(cap.url());
+    let clients = Clients::start(
+        4,
+        format!("{}/v1/events", cap.url()),
+        10,
+        200,
+        Duration::ZERO,
+    );
+    wait_until("acks before the fault", Duration::from_secs(30), || {
+        clients.acks() >= 500
+    })
+    .await?;
+    let faults = tokio::task::spawn_blocking(move || DiskFaults::inject(pid)).await??;
+    let failed_at = Instant::now();
+    let refused_then = clients.refusals();
+    wait_until("503s on the failed disk", Duration::from_secs(60), || {
+        clients.refusals() >= refused_then + 20
+    })
+    .await?;
+    wait_until("unready for disk failure", Duration::from_secs(30), || {
+        probe.saw_unready(failed_at, "disk failure")
+    })
+    .await?;
+    let acks_during = clients.acks();
+    tokio::task::spawn_blocking(move || faults.heal()).await??;
+    let healed_at = Instant::now();
+    wait_until(
+        "200s after the disk healed",
+        Duration::from_secs(60),
+        || clients.acks() >= acks_during + 500,
+    )
+    .await?;
+    let resumed_after = healed_at.elapsed();
+    let tally = clients.finish().await;
+    wait_until("ready again", Duration::from_secs(30), || {
+        probe
+            .samples
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(_, s, _)| *s == 200)
+    })
+    .await?;
+    let samples = probe.finish().await;
+    for reason in tally.refused.keys() {
+        assert_eq!(
+            reason, "503 buffer_unavailable",
+            "unexpected refusal: {:?}",
+            tally.refused
+        );
+    }
+    let seen = wait_delivered(&kafka, "events", &tally.acked, Duration::from_secs(120)).await?;
+    eprintln!(
+        "io errors: {} acked, refusals {:?}, transport errors {}, 200s resumed {:?} after healing, \
+         readiness flaps while failing {}, {} records in kafka",
+        tally.acked.len(),
+        tally.refused,
+        tally.errors,
+        resumed_after,
+        flaps(&samples, failed_at, healed_at),
+        seen.len()
+    );
+    assert_eq!(cap.pid(), Some(pid), "the capture process was restarted");
+    Ok(())
+}
+
+/// A broker that refuses to create topics on first use, so a topic exists
+/// only once a test creates it.
+async fn broker_without_auto_create() -> Result<KafkaBroker> {
+    KafkaBroker::start_with(KafkaOptions {
+        auto_create_topics: false,
+        ..KafkaOptions::default()
+    })
+    .await
+}
+
+/// librdkafka reports an unknown topic after this long (default 30 s).
+const PROPAGATION: [&str; 2] = ["--kafka-property", "topic.metadata.propagation.max.ms=1000"];
+
+/// Item 3: a topic created a few seconds late is retried within the poison
+/// window, not dead-lettered. Before the fix the first `UnknownTopic` sent
+/// every event to dead letters at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_topic_is_retried_within_the_poison_window() -> Result<()> {
+    let kafka = broker_without_auto_create().await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let mut args = vec![
+        "--stream",
+        "default=late.topic",
+        "--poison-retry-window-secs",
+        "60",
+    ];
+    args.extend(PROPAGATION);
+    let cap = CaptureProcess::start(&buf, &kafka.bootstrap(), &args).await?;
+    let client = reqwest::Client::new();
+    let mut want = HashSet::new();
+    for _ in 0..5 {
+        let batch = events_with_pad(10, 50);
+        let (status, body) = post(&client, &format!("{}/v1/events", cap.url()), &batch).await?;
+        assert_eq!(status, 200, "{body}");
+        want.extend(uuids(&batch));
+    }
+    // The broker refused the topic at least twice before it is created.
+    wait_until("kafka to refuse the topic", Duration::from_secs(30), || {
+        cap.log_text().matches("kafka refused the topic").count() >= 2
+    })
+    .await?;
+    let s = inspect(&buf);
+    assert_eq!(
+        (s["events"].as_u64(), s["dead_letters"].as_u64()),
+        (Some(50), Some(0)),
+        "events dead-lettered while the topic was missing: {s}"
+    );
+    kafka.create_topic("late.topic", 1, &[]).await?;
+    let seen = wait_delivered(&kafka, "late.topic", &want, Duration::from_secs(60)).await?;
+    assert_eq!(seen.len(), 50);
+    wait_until("the buffer to empty", Duration::from_secs(30), || {
+        inspect(&buf)["events"] == 0
+    })
+    .await?;
+    assert_eq!(
+        inspect(&buf)["dead_letters"],
+        0,
+        "dead letters after delivery"
+    );
+    Ok(())
+}
+
+/// Item 3: events for a topic that never exists become dead letters once the
+/// poison window passes, while another stream keeps flowing. Dead letters not
+/// yet copied keep the buffer dirty on SIGTERM (before the fix the clean
+/// check counted only events and the volume was flipped with them); once the
+/// dead-letter topic exists (created late), they are copied, each with its
+/// reason, and only then does SIGTERM leave a clean buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_keep_the_volume_until_the_late_dead_letter_topic_has_them() -> Result<()> {
+    let kafka = broker_without_auto_create().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let mut args = vec![
+        "--stream",
+        "default=events",
+        "--stream",
+        "ghost=never.created",
+        "--poison-retry-window-secs",
+        "2",
+        "--dead-letter-topic",
+        "late.dlq",
+    ];
+    args.extend(PROPAGATION);
+    let mut cap = CaptureProcess::start(&buf, &kafka.bootstrap(), &args).await?;
+    let client = reqwest::Client::new();
+    let ghost = events_with_pad(5, 20);
+    let (status, body) = post(&client, &format!("{}/v1/events/ghost", cap.url()), &ghost).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_until("kafka to refuse the topic", Duration::from_secs(30), || {
+        cap.log_text().contains("kafka refused the topic")
+    })
+    .await?;
+    // The other stream flows while the ghost topic is refused.
+    let mut flowing = HashSet::new();
+    for _ in 0..5 {
+        let batch = events_with_pad(10, 20);
+        let (status, body) = post(&client, &format!("{}/v1/events", cap.url()), &batch).await?;
+        assert_eq!(status, 200, "{body}");
+        flowing.extend(uuids(&batch));
+    }
+    wait_delivered(&kafka, "events", &flowing, Duration::from_secs(30)).await?;
+    wait_until("five dead letters", Duration::from_secs(60), || {
+        let s = inspect(&buf);
+        s["dead_letters"] == 5 && s["events"] == 0
+    })
+    .await?;
+    cap.terminate()?;
+    let exit = cap.wait_exit(Duration::from_secs(30)).await?;
+    assert!(exit.success(), "exit status {exit}");
+    let s = capture::inspect(&buf)?;
+    assert_eq!(
+        (s["clean"].as_bool(), s["dead_letters"].as_u64()),
+        (Some(false), Some(5)),
+        "dead letters not copied anywhere must keep the buffer dirty: {s}"
+    );
+    assert!(
+        !cap.log_text().contains(DRAINED_CLEAN),
+        "the volume was declared clean with dead letters in it"
+    );
+    // Next start, and the dead-letter topic appears.
+    cap.restart().await?;
+    kafka.create_topic("late.dlq", 1, &[]).await?;
+    let want: HashSet<String> = uuids(&ghost).into_iter().collect();
+    wait_delivered(&kafka, "late.dlq", &want, Duration::from_secs(60)).await?;
+    let dlq = all_records(&kafka, "late.dlq").await?;
+    for r in &dlq {
+        let reason = String::from_utf8_lossy(r.header(REASON_HEADER).unwrap_or_default());
+        assert!(
+            reason.starts_with("unknown_topic"),
+            "dead letter {} has reason {reason:?}",
+            uuid_of(r)
+        );
+        assert_eq!(
+            r.header("holdfast-original-topic"),
+            Some(&b"never.created"[..])
+        );
+    }
+    wait_until(
+        "dead letters forgotten once copied",
+        Duration::from_secs(30),
+        || inspect(&buf)["dead_letters"] == 0,
+    )
+    .await?;
+    cap.terminate()?;
+    let exit = cap.wait_exit(Duration::from_secs(30)).await?;
+    assert!(exit.success(), "exit status {exit}");
+    let s = capture::inspect(&buf)?;
+    assert_eq!(
+        (
+            s["clean"].as_bool(),
+            s["events"].as_u64(),
+            s["dead_letters"].as_u64()
+        ),
+        (Some(true), Some(0), Some(0)),
+        "{s}"
+    );
+    assert!(cap.log_text().contains(DRAINED_CLEAN));
+    eprintln!(
+        "dead letters: {} copied to late.dlq ({} records)",
+        want.len(),
+        dlq.len()
+    );
+    Ok(())
+}
+
+/// Item 7: an oversized event in a direct stream fails its whole record
+/// batch at the broker; the 400 must blame that event (not the first
+/// innocent one, as before the fix) and say how many were delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_stream_blames_the_oversized_event_and_counts_deliveries() -> Result<()> {
+    let kafka = KafkaBroker::start().await?;
+    kafka
+        .create_topic("metrics", 1, &[("max.message.bytes", "2000")])
+        .await?;
+    let dir = tempdir();
+    let cap = CaptureProcess::start(
+        &dir.path().join("buf"),
+        &kafka.bootstrap(),
+        &["--stream", "default=events", "--stream", "m=metrics:direct"],
+    )
+    .await?;
+    let client = reqwest::Client::new();
+    let mut events = events_with_pad(5, 50);
+    events[2]["pad"] = json!("x".repeat(5000));
+    let (status, body) = post(&client, &format!("{}/v1/events/m", cap.url()), &events).await?;
+    eprintln!("direct stream with an oversized event: {status} {body}");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "rejected_by_kafka", "{body}");
+    assert_eq!(body["index"], 2, "the wrong event was blamed: {body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("4 of the request's 5 events were delivered"),
+        "{message}"
+    );
+    let ids = uuids(&events);
+    let innocent: HashSet<String> = [0, 1, 3, 4].iter().map(|i| ids[*i].clone()).collect();
+    let seen = wait_delivered(&kafka, "metrics", &innocent, Duration::from_secs(30)).await?;
+    assert!(
+        !seen.contains_key(&ids[2]),
+        "the oversized event is in kafka"
+    );
+    Ok(())
+}
+
+/// Item 6: a request larger than the whole quota can never succeed: 413,
+/// and the pod stays ready (before the fix: 503 and unready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_larger_than_the_quota_gets_413_and_the_pod_stays_ready() -> Result<()> {
+    let kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let cap =
+        CaptureProcess::start(&buf, &kafka.bootstrap(), &["--buffer-quota-bytes", "4096"]).await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/events", cap.url());
+    let (status, body) = post(&client, &url, &events_with_pad(10, 600)).await?;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"], "request_exceeds_quota", "{body}");
+    let ready = client.get(format!("{}/readyz", cap.url())).send().await?;
+    assert_eq!(ready.status(), 200, "{}", ready.text().await?);
+    assert_eq!(
+        inspect(&buf)["events"],
+        0,
+        "the refused request wrote events"
+    );
+    // A request that fits still goes through and reaches Kafka.
+    let small = events_with_pad(2, 50);
+    let (status, body) = post(&client, &url, &small).await?;
+    assert_eq!(status, 200, "{body}");
+    let want = uuids(&small).into_iter().collect();
+    wait_delivered(&kafka, "events", &want, Duration::from_secs(30)).await?;
+    let ready = client.get(format!("{}/readyz", cap.url())).send().await?;
+    assert_eq!(ready.status(), 200);
+    Ok(())
+}
