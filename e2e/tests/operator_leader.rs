@@ -161,8 +161,8 @@ async fn a_leader_whose_lease_is_taken_stops_at_once() -> anyhow::Result<()> {
                 "spec": {
                     "holderIdentity": "intruder",
                     "leaseDurationSeconds": 60,
-                    "renewTime": jiff::Timestamp::now().to_string(),
-                    "acquireTime": jiff::Timestamp::now().to_string(),
+                    "renewTime": micro_time_now(),
+                    "acquireTime": micro_time_now(),
                 },
             })),
         )
@@ -193,4 +193,11 @@ async fn a_leader_whose_lease_is_taken_stops_at_once() -> anyhow::Result<()> {
         took.as_secs_f64()
     );
     Ok(())
+}
+
+/// Now as a Kubernetes MicroTime (RFC 3339 with microseconds).
+fn micro_time_now() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        .to_string()
 }

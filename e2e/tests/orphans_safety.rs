@@ -24,6 +24,13 @@
 //!   so they drain the volume once Kafka returns and the finalizer lets
 //!   the cluster go. Before the fix each new flush Job was owned by the
 //!   cluster and deleted at once: recovery livelocked and the deletion hung.
+//! - `recreated_cluster_drains_old_volumes_only_on_opt_in` (item 7): a
+//!   cluster is deleted with its finalizer removed by hand while a volume
+//!   holds events, its claim is deleted (the PV is Released), and a cluster
+//!   of the same name is created again. The volume carries the first
+//!   instance's uid: it is reported and left alone until the new cluster
+//!   sets `orphanRecovery.adoptPreviousVolumes`, then drained. Before the
+//!   fix the new instance drained it at once (into whatever Kafka it had).
 //!
 //! Needs: `make e2e-bins`, `make kafka`, and the workspace binaries.
 
@@ -34,7 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use holdfast_e2e::kafka::KafkaBroker;
 use holdfast_e2e::kube::poll_until;
-use holdfast_operator::api::CLEAN_ANNOTATION;
+use holdfast_operator::api::{CLEAN_ANNOTATION, CLUSTER_UID_LABEL};
 use holdfast_operator::orphans::REMAINING_ANNOTATION;
 use holdfast_operator::orphans::job::flush_job_name;
 use k8s_openapi::api::core::v1::ResourceQuota;
@@ -317,6 +324,138 @@ async fn foreground_cascade_deletion_drains_every_volume_first() -> anyhow::Resu
             "Kafka back to drained+deleted {:.1}s; delete to cluster gone {:.1}s (incl. Kafka outage)",
             drained_in.as_secs_f64(),
             took.as_secs_f64()
+        ),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recreated_cluster_drains_old_volumes_only_on_opt_in() -> anyhow::Result<()> {
+    init_tracing();
+    let mut broker = KafkaBroker::start().await?;
+    broker.create_topic(TOPIC, 2, &[]).await?;
+    let scene = Scene::start("safe-adopt", &broker, 1).await?;
+    let volume = scene.volume_of("buffer-events-0").await?;
+    let first_uid = scene.ccs().get(&scene.name).await?.uid().context("uid")?;
+    poll_until(
+        "volume labelled with its instance",
+        Duration::from_secs(30),
+        || async {
+            let pv = scene.pvs().get(&volume).await.ok()?;
+            (pv.labels().get(CLUSTER_UID_LABEL) == Some(&first_uid)).then_some(())
+        },
+    )
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.stop().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scene
+        .ccs()
+        .delete(&scene.name, &DeleteParams::default())
+        .await?;
+    poll_until(
+        &format!("volume {volume} left Retain with events"),
+        Duration::from_secs(60),
+        || async {
+            let pv = scene.pvs().get(&volume).await.ok()?;
+            let remaining = pv.annotations().get(REMAINING_ANNOTATION)?.clone();
+            (remaining != "0").then_some(())
+        },
+    )
+    .await?;
+    let (acked, _) = load.finish().await?;
+    // The finalizer removed by hand, the old flush Jobs and the claim
+    // deleted: a Released volume of an instance that is gone.
+    scene
+        .ccs()
+        .patch(
+            &scene.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await?;
+    poll_until("first instance gone", Duration::from_secs(60), || async {
+        scene
+            .ccs()
+            .get_opt(&scene.name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    scene
+        .jobs()
+        .delete_collection(&DeleteParams::background(), &Default::default())
+        .await?;
+    scene
+        .claims()
+        .delete("buffer-events-0", &DeleteParams::default())
+        .await?;
+    // The same name again, zero pods, Kafka back.
+    let mut again = cluster(&scene.name, &broker.bootstrap(), 0)?;
+    again.metadata.namespace = Some(scene.ns.clone());
+    scene.ccs().create(&PostParams::default(), &again).await?;
+    broker.restart().await?;
+    let notes = poll_until(
+        "previous instance reported",
+        Duration::from_secs(60),
+        || async {
+            let notes = scene.events("VolumeUnrecoverable").await;
+            notes
+                .iter()
+                .any(|n| n.contains(&volume) && n.contains("previous instance"))
+                .then_some(notes)
+        },
+    )
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    let start = scene.operator.reconciles("orphans").await.unwrap_or(0.0);
+    poll_until(
+        "three more orphan passes",
+        Duration::from_secs(60),
+        || async {
+            let now = scene.operator.reconciles("orphans").await?;
+            (now >= start + 3.0).then_some(())
+        },
+    )
+    .await?;
+    ensure!(
+        scene
+            .jobs()
+            .get_opt(&flush_job_name(&volume))
+            .await?
+            .is_none()
+            && pv_state(&scene, &volume)
+                .await
+                .is_some_and(|(p, _)| p == "Retain"),
+        "the new instance drained or released a previous instance's volume: {notes:?}"
+    );
+    // Opting in drains it.
+    let adopted = Instant::now();
+    scene
+        .ccs()
+        .patch(
+            &scene.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"orphanRecovery": {"adoptPreviousVolumes": true}}})),
+        )
+        .await?;
+    let drained = scene.wait_volume_drained(&volume, RECOVERY).await?;
+    ensure_drained(&volume, &drained)?;
+    let (found, dups) = count_in_kafka(&broker, &acked).await?;
+    scene.operator.ensure_never_forbidden()?;
+    report(
+        "7 recreated cluster, previous instance's volume",
+        acked.len(),
+        found,
+        dups,
+        0,
+        &format!(
+            "kept and reported until opt-in; opt-in to drained+deleted {:.1}s",
+            adopted.elapsed().as_secs_f64()
         ),
     );
     Ok(())

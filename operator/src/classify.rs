@@ -25,8 +25,8 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 
 use crate::api::{
-    BUFFER_VOLUME, CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
-    NAMESPACE_LABEL,
+    BUFFER_VOLUME, CLEAN_ANNOTATION, CLUSTER_LABEL, CLUSTER_UID_LABEL, COMPONENT_LABEL,
+    CaptureCluster, NAMESPACE_LABEL,
 };
 use crate::flush::{
     CLAIM_ANNOTATION, FAILED_AT_ANNOTATION, FAILURES_ANNOTATION, FLUSH_COMPONENT, JobState,
@@ -423,6 +423,19 @@ pub fn decide(orphan: &Orphan, s: &Situation<'_>) -> Step {
         return Step::Report(format!(
             "orphan recovery is disabled (spec.orphanRecovery.enabled=false) on {}; it stays Retain",
             orphan.cluster
+        ));
+    }
+    // A volume first bound by another instance of this cluster (deleted and
+    // recreated under the same name) may hold events meant for another
+    // Kafka: drained only on the cluster's explicit opt-in.
+    if !orphan.clean
+        && !cluster.spec.orphan_recovery.adopt_previous_volumes
+        && let Some(owner) = s.volume.and_then(|v| v.labels().get(CLUSTER_UID_LABEL))
+        && cluster.metadata.uid.as_ref() != Some(owner)
+    {
+        return Step::Report(format!(
+            "it was written by a previous instance of CaptureCluster {}/{} (uid {owner}), which may have delivered to another Kafka; it stays Retain. To drain it into this cluster's Kafka set spec.orphanRecovery.adoptPreviousVolumes: true",
+            orphan.namespace, orphan.cluster
         ));
     }
     // The delay applies to releasing clean claims too: a quick scale down

@@ -35,8 +35,8 @@ use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use crate::api::{
-    BUFFER_VOLUME, CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
-    FIELD_MANAGER, NAMESPACE_LABEL,
+    BUFFER_VOLUME, CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, CLUSTER_UID_LABEL,
+    COMPONENT_LABEL, CaptureCluster, FIELD_MANAGER, NAMESPACE_LABEL,
 };
 use crate::runtime::{Context, Error, Result, backoff, patch_params};
 
@@ -45,9 +45,13 @@ pub const CONTROLLER: &str = "volume";
 
 /// What a PV bound to `claim` must look like, as a server-side apply patch,
 /// or `None` when it already does. Pure.
-pub fn build_volume_patch(claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> Option<Value> {
+pub fn build_volume_patch(
+    claim: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+    cluster_uid: Option<&str>,
+) -> Option<Value> {
     let cluster = claim.labels().get(CLUSTER_LABEL)?;
-    let wanted_labels = BTreeMap::from([
+    let mut wanted_labels = BTreeMap::from([
         (CLUSTER_LABEL.to_string(), cluster.clone()),
         (CLAIM_LABEL.to_string(), claim.name_any()),
         (
@@ -55,6 +59,16 @@ pub fn build_volume_patch(claim: &PersistentVolumeClaim, pv: &PersistentVolume) 
             claim.namespace().unwrap_or_default(),
         ),
     ]);
+    // The instance that first bound the volume, kept for good (also in every
+    // later apply, or server-side apply would drop it).
+    if let Some(uid) = pv
+        .labels()
+        .get(CLUSTER_UID_LABEL)
+        .map(String::as_str)
+        .or(cluster_uid)
+    {
+        wanted_labels.insert(CLUSTER_UID_LABEL.to_string(), uid.to_string());
+    }
     let labels_ok = wanted_labels
         .iter()
         .all(|(k, v)| pv.labels().get(k) == Some(v));
@@ -206,7 +220,8 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
     {
         return force_retain(&ctx, &claim, &pv, &pod, &patch).await;
     }
-    let Some(patch) = build_volume_patch(&claim, &pv) else {
+    let uid = cluster_uid(&ctx, &claim).await?;
+    let Some(patch) = build_volume_patch(&claim, &pv, uid.as_deref()) else {
         return Ok(Action::await_change());
     };
     let before = pv
@@ -250,6 +265,21 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
         info!(pv = %volume, claim = %claim_name, "volume labelled");
     }
     Ok(Action::await_change())
+}
+
+/// The uid of the CaptureCluster that `claim` belongs to, if it exists.
+async fn cluster_uid(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<Option<String>> {
+    let (Some(name), Some(ns)) = (claim.labels().get(CLUSTER_LABEL), claim.namespace()) else {
+        return Ok(None);
+    };
+    let cluster = Api::<CaptureCluster>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::Api {
+            what: format!("get capturecluster {ns}/{name}"),
+            source,
+        })?;
+    Ok(cluster.and_then(|c| c.uid()))
 }
 
 /// The live capture pod that mounts `claim` (a StatefulSet claim is
@@ -374,7 +404,7 @@ mod tests {
 
     #[test]
     fn a_deleting_volume_is_set_to_retain_and_labelled() {
-        let patch = build_volume_patch(&claim(), &pv("Delete")).unwrap();
+        let patch = build_volume_patch(&claim(), &pv("Delete"), None).unwrap();
         assert_eq!(patch["spec"]["persistentVolumeReclaimPolicy"], "Retain");
         assert_eq!(patch["metadata"]["labels"][CLUSTER_LABEL], "events");
         assert_eq!(patch["metadata"]["labels"][CLAIM_LABEL], "buffer-events-0");
@@ -386,16 +416,27 @@ mod tests {
     #[test]
     fn a_retained_labelled_volume_needs_nothing() {
         let mut v = pv("Retain");
-        let labels = build_volume_patch(&claim(), &v).unwrap()["metadata"]["labels"].clone();
+        let labels = build_volume_patch(&claim(), &v, None).unwrap()["metadata"]["labels"].clone();
         v.metadata.labels = serde_json::from_value(labels).unwrap();
-        assert_eq!(build_volume_patch(&claim(), &v), None);
+        assert_eq!(build_volume_patch(&claim(), &v, None), None);
+    }
+
+    #[test]
+    fn a_volume_is_labelled_with_the_first_instance_that_bound_it() {
+        let patch = build_volume_patch(&claim(), &pv("Retain"), Some("uid-new")).unwrap();
+        assert_eq!(patch["metadata"]["labels"][CLUSTER_UID_LABEL], "uid-new");
+        // Bound earlier by another instance of the same name: kept.
+        let mut old = pv("Retain");
+        old.metadata.labels = Some([(CLUSTER_UID_LABEL.to_string(), "uid-old".to_string())].into());
+        let patch = build_volume_patch(&claim(), &old, Some("uid-new")).unwrap();
+        assert_eq!(patch["metadata"]["labels"][CLUSTER_UID_LABEL], "uid-old");
     }
 
     #[test]
     fn a_clean_volume_keeps_its_policy_and_only_gets_labels() {
         let mut v = pv("Delete");
         v.metadata.annotations = Some([(CLEAN_ANNOTATION.to_string(), "true".to_string())].into());
-        let patch = build_volume_patch(&claim(), &v).unwrap();
+        let patch = build_volume_patch(&claim(), &v, None).unwrap();
         assert!(patch.get("spec").is_none());
         assert_eq!(patch["metadata"]["labels"][CLUSTER_LABEL], "events");
     }
@@ -404,7 +445,7 @@ mod tests {
     fn a_claim_without_the_cluster_label_is_not_ours() {
         let mut c = claim();
         c.metadata.labels = None;
-        assert_eq!(build_volume_patch(&c, &pv("Delete")), None);
+        assert_eq!(build_volume_patch(&c, &pv("Delete"), None), None);
     }
 
     #[test]
@@ -456,7 +497,7 @@ mod tests {
         v.metadata.annotations = Some([(CLEAN_ANNOTATION.to_string(), "true".to_string())].into());
         // Marked clean: the label-only patch leaves it Delete...
         assert!(
-            build_volume_patch(&claim(), &v)
+            build_volume_patch(&claim(), &v, None)
                 .unwrap()
                 .get("spec")
                 .is_none()
@@ -475,6 +516,6 @@ mod tests {
         // patch makes it Retain.
         assert_eq!(build_force_retain_patch(&pv("Retain")), None);
         assert_eq!(build_force_retain_patch(&pv("Delete")), None);
-        assert!(build_volume_patch(&claim(), &pv("Delete")).unwrap()["spec"].is_object());
+        assert!(build_volume_patch(&claim(), &pv("Delete"), None).unwrap()["spec"].is_object());
     }
 }

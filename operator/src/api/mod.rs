@@ -46,6 +46,11 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 /// Label: the tool managing the object (`holdfast-operator`).
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Label on a PV: the uid of the CaptureCluster instance whose claim it was
+/// first bound to. A cluster recreated under the same name is another
+/// instance: it drains such a volume only when it opts in
+/// (`spec.orphanRecovery.adoptPreviousVolumes`).
+pub const CLUSTER_UID_LABEL: &str = "holdfast.dev/cluster-uid";
 /// Annotation on a PV: `"true"` once its buffer was seen empty (clean drain).
 pub const CLEAN_ANNOTATION: &str = "holdfast.dev/clean";
 
@@ -392,6 +397,12 @@ pub struct OrphanRecoverySpec {
     #[serde(default = "default_parallel_jobs")]
     #[schemars(range(min = 1))]
     pub max_parallel_flush_jobs: u32,
+    /// Drain volumes left by a previous instance of this cluster (a
+    /// CaptureCluster deleted and recreated under the same name) into this
+    /// cluster's Kafka. Off by default: such volumes stay `Retain` and are
+    /// reported, since the new instance may deliver elsewhere.
+    #[serde(default)]
+    pub adopt_previous_volumes: bool,
 }
 
 impl Default for OrphanRecoverySpec {
@@ -400,6 +411,7 @@ impl Default for OrphanRecoverySpec {
             enabled: true,
             delay_seconds: default_orphan_delay(),
             max_parallel_flush_jobs: default_parallel_jobs(),
+            adopt_previous_volumes: false,
         }
     }
 }

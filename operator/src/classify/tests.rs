@@ -486,3 +486,46 @@ fn an_ordinal_the_statefulset_still_runs_is_wanted_whatever_the_resource_says() 
     assert_eq!(wanted_replicas(None, Some(&statefulset("events", 0, 3))), 3);
     assert_eq!(wanted_replicas(None, None), 0);
 }
+
+#[test]
+fn a_volume_of_a_previous_instance_is_drained_only_on_opt_in() {
+    let c = cluster("events", 1, json!({}));
+    let mut volume = pv("pv1", "Released", json!({}));
+    volume
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(CLUSTER_UID_LABEL.into(), "uid-of-an-earlier-events".into());
+    let orphan = Orphan {
+        kind: OrphanKind::ReleasedVolume,
+        namespace: "ns".into(),
+        cluster: "events".into(),
+        volume: Some("pv1".into()),
+        claim: recovery_claim_name("pv1"),
+        claim_exists: false,
+        claim_bound: false,
+        clean: false,
+    };
+    let situation = |c: &CaptureCluster, v: &PersistentVolume| {
+        decide(
+            &orphan,
+            &Situation {
+                cluster: Some(c),
+                volume: Some(v),
+                job: None,
+                orphaned_for: Duration::from_secs(600),
+                now: jiff::Timestamp::now(),
+                slot_free: true,
+            },
+        )
+    };
+    match situation(&c, &volume) {
+        Step::Report(why) => assert!(why.contains("adoptPreviousVolumes"), "{why}"),
+        other => panic!("expected a report, got {other:?}"),
+    }
+    let adopting = cluster("events", 1, json!({"adoptPreviousVolumes": true}));
+    assert_eq!(situation(&adopting, &volume), Step::Rebind);
+    // Its own volume is drained as usual.
+    let own = pv("pv1", "Released", json!({}));
+    assert_eq!(situation(&c, &own), Step::Rebind);
+}

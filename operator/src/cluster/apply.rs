@@ -20,7 +20,7 @@ use crate::runtime::{Context, Result, api_err, apply_cluster_object, apply_objec
 
 use super::build::{self, Names};
 use super::conditions::{self, Wanted};
-use super::status::{count_active_flush_jobs, patch_status, volume_report};
+use super::status::{count_active_flush_jobs, orphans_of, patch_status};
 
 /// Fields of the volumeClaimTemplate that cannot change once the
 /// StatefulSet exists, compared with the spec.
@@ -126,17 +126,15 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
         .as_ref()
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
-    let report = volume_report(cluster, ns, ctx).await?;
-    let orphaned = i32::try_from(report.orphaned.len()).unwrap_or(i32::MAX);
+    // The same definition orphan recovery acts on: a claim whose pod is
+    // only restarting (rolling update) is not an orphan, so the count and
+    // the Warning do not flicker.
+    let orphans = orphans_of(ctx, ns, &name).await?;
+    let orphaned = i32::try_from(orphans.len()).unwrap_or(i32::MAX);
     let status = cluster.status.clone().unwrap_or_default();
     if orphaned != status.orphaned_volumes {
         // Until orphan recovery drains them, say which volumes wait.
-        let list = report
-            .orphaned
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = orphans.iter().cloned().collect::<Vec<_>>().join(", ");
         if orphaned > 0 {
             warn!(cluster = %key(cluster), volumes = %list, "volumes without a pod may hold events");
             ctx.publish(

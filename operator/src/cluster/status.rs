@@ -5,17 +5,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
-    BUFFER_VOLUME, CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
+    CLAIM_LABEL, CLEAN_ANNOTATION, CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster,
     CaptureClusterStatus, FIELD_MANAGER, NAMESPACE_LABEL,
 };
 use crate::flush::{FLUSH_COMPONENT, JobState, job_state};
-use crate::runtime::{Context, Result, api_err, key};
+use crate::runtime::{Context, Result, api_err, inventory, key};
 
 pub(super) async fn patch_status(
     cluster: &CaptureCluster,
@@ -70,16 +70,26 @@ pub async fn count_active_flush_jobs(client: &Client, ns: &str, name: &str) -> R
 pub struct VolumeReport {
     /// PVs of the cluster not marked clean (may hold events).
     pub dirty: BTreeSet<String>,
-    /// Dirty PVs that no pod uses: their claim's pod is gone (scaled away,
-    /// cluster deleted) or their claim is gone (Released PV).
-    pub orphaned: BTreeSet<String>,
 }
 
-/// Classifies a cluster's volumes from its claims, the names of its pods,
-/// the PVs bound to the claims (by name) and the PVs labelled for it. Pure.
+/// The cluster's orphans that may hold events, by the one definition
+/// recovery uses ([`crate::classify::find`]): a claim whose ordinal is
+/// still wanted (rolling update, restart) is never one. Volume names, or
+/// `claim <name>` for a claim without a volume.
+pub(super) async fn orphans_of(ctx: &Context, ns: &str, name: &str) -> Result<BTreeSet<String>> {
+    let inv = inventory(&ctx.client, Some(ns)).await?;
+    Ok(crate::classify::find(&inv)
+        .orphans
+        .into_iter()
+        .filter(|o| o.cluster == name && !o.clean)
+        .map(|o| o.volume.unwrap_or_else(|| format!("claim {}", o.claim)))
+        .collect())
+}
+
+/// The volumes of a cluster that may hold events, from its claims, the PVs
+/// bound to them (by name) and the PVs labelled for it. Pure.
 pub fn classify_volumes(
     claims: &[PersistentVolumeClaim],
-    pods: &BTreeSet<String>,
     bound: &BTreeMap<String, PersistentVolume>,
     labelled: &[PersistentVolume],
 ) -> VolumeReport {
@@ -96,21 +106,12 @@ pub fn classify_volumes(
         if !holds_events(pv) {
             continue;
         }
-        report.dirty.insert(volume.clone());
-        // StatefulSet claims are `<template>-<pod>`.
-        let pod = claim
-            .name_any()
-            .strip_prefix(&format!("{BUFFER_VOLUME}-"))
-            .map(str::to_string);
-        if pod.is_none_or(|p| !pods.contains(&p)) {
-            report.orphaned.insert(volume);
-        }
+        report.dirty.insert(volume);
     }
     for pv in labelled {
         let volume = pv.name_any();
         if !seen.contains(&volume) && pv.labels().contains_key(CLAIM_LABEL) && holds_events(pv) {
-            report.dirty.insert(volume.clone());
-            report.orphaned.insert(volume);
+            report.dirty.insert(volume);
         }
     }
     report
@@ -125,21 +126,12 @@ pub(super) async fn volume_report(
     let name = cluster.name_any();
     let selector = format!("{CLUSTER_LABEL}={name}");
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let claims = claims
         .list(&ListParams::default().labels(&selector))
         .await
         .map_err(api_err(format!("list claims of {}", key(cluster))))?
         .items;
-    let pods: BTreeSet<String> = pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(api_err(format!("list pods of {}", key(cluster))))?
-        .items
-        .iter()
-        .map(|p| p.name_any())
-        .collect();
     let mut bound = BTreeMap::new();
     for volume in claims
         .iter()
@@ -161,7 +153,7 @@ pub(super) async fn volume_report(
         .await
         .map_err(api_err(format!("list volumes of {}", key(cluster))))?
         .items;
-    Ok(classify_volumes(&claims, &pods, &bound, &labelled))
+    Ok(classify_volumes(&claims, &bound, &labelled))
 }
 
 #[cfg(test)]
@@ -192,14 +184,13 @@ mod tests {
     }
 
     #[test]
-    fn volumes_without_a_pod_that_are_not_clean_are_orphans() {
+    fn every_volume_not_marked_clean_may_hold_events() {
         let claims = [
             claim("buffer-events-0", Some("pv0")),
             claim("buffer-events-1", Some("pv1")),
             claim("buffer-events-2", Some("pv2")),
             claim("buffer-events-3", None),
         ];
-        let pods = BTreeSet::from(["events-0".to_string()]);
         let bound = [
             ("pv0".to_string(), pv("pv0", false, None)),
             ("pv1".to_string(), pv("pv1", false, None)),
@@ -212,10 +203,9 @@ mod tests {
             pv("pv8", true, Some("buffer-events-8")),
             pv("pv0", false, Some("buffer-events-0")),
         ];
-        let report = classify_volumes(&claims, &pods, &bound, &labelled);
+        let report = classify_volumes(&claims, &bound, &labelled);
         let names = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>();
         assert_eq!(names(&report.dirty), ["pv0", "pv1", "pv9"]);
-        assert_eq!(names(&report.orphaned), ["pv1", "pv9"]);
     }
 
     #[test]

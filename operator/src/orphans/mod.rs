@@ -56,16 +56,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, ListParams};
+use kube::ResourceExt;
 use kube::runtime::events::EventType;
-use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::api::{CLUSTER_LABEL, COMPONENT_LABEL, CaptureCluster, NAMESPACE_LABEL};
-use crate::runtime::{Context, Error, Result, api_err, scoped};
+use crate::runtime::{Context, Error, Result};
 
 use find::{Inventory, Orphan, Situation, Step};
 pub use metrics::{OrphanMetrics, ResultLabel};
@@ -156,55 +151,9 @@ pub async fn run(
 /// How long a pass waits after a change for the changes that come with it.
 const COALESCE: Duration = Duration::from_millis(150);
 
-/// Lists what one pass needs.
-pub async fn inventory(client: &Client, namespace: Option<&str>) -> Result<Inventory> {
-    let labelled = ListParams::default().labels(CLUSTER_LABEL);
-    let clusters = scoped::<CaptureCluster>(client, namespace)
-        .list(&ListParams::default())
-        .await
-        .map_err(api_err("list captureclusters"))?
-        .items;
-    let claims = scoped::<PersistentVolumeClaim>(client, namespace)
-        .list(&labelled)
-        .await
-        .map_err(api_err("list claims"))?
-        .items;
-    let pods = scoped::<Pod>(client, namespace)
-        .list(&labelled)
-        .await
-        .map_err(api_err("list pods"))?
-        .items;
-    let jobs = scoped::<Job>(client, namespace)
-        .list(&ListParams::default().labels(&format!("{COMPONENT_LABEL}={FLUSH_COMPONENT}")))
-        .await
-        .map_err(api_err("list flush jobs"))?
-        .items;
-    let mut volumes = Api::<PersistentVolume>::all(client.clone())
-        .list(&labelled)
-        .await
-        .map_err(api_err("list volumes"))?
-        .items;
-    if let Some(ns) = namespace {
-        volumes.retain(|pv| pv.labels().get(NAMESPACE_LABEL).map(String::as_str) == Some(ns));
-    }
-    let statefulsets = scoped::<StatefulSet>(client, namespace)
-        .list(&labelled)
-        .await
-        .map_err(api_err("list statefulsets"))?
-        .items;
-    Ok(Inventory {
-        statefulsets,
-        clusters,
-        claims,
-        volumes,
-        pods,
-        jobs,
-    })
-}
-
 /// One pass; returns how soon a waiting orphan's timer runs out, if any.
 async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Option<Duration>> {
-    let inv = inventory(&ctx.client, config.namespace.as_deref()).await?;
+    let inv = crate::runtime::inventory(&ctx.client, config.namespace.as_deref()).await?;
     let findings = find::find(&inv);
     let cluster_of = |ns: &str, name: &str| {
         inv.clusters

@@ -5,6 +5,7 @@
 //! `cluster` and `orphans` depend on it and never on each other.
 
 pub mod apply;
+mod inventory;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::api::{CaptureCluster, FIELD_MANAGER};
 use crate::metrics::Metrics;
 
 pub use apply::{apply_cluster_object, apply_object};
+pub use inventory::inventory;
 
 /// Errors of a reconciliation or of an orphan-recovery step.
 #[derive(Debug, thiserror::Error)]
