@@ -32,10 +32,12 @@ const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// Delivered events are settled at least this often while a batch is in flight.
 const SETTLE_INTERVAL: Duration = Duration::from_millis(5);
 /// ... or as soon as this many are waiting.
-const SETTLE_MAX_EVENTS: usize = 500;
-/// Most events sent to Kafka and not yet settled in the buffer: the most a
-/// SIGKILL can make a later drainer send twice.
-pub const UNSETTLED_WINDOW: usize = 1000;
+const SETTLE_MAX_EVENTS: usize = 1000;
+/// Most events sent to Kafka and not yet acknowledged. With
+/// [`SETTLE_MAX_EVENTS`] waiting and as many committing, it bounds what a
+/// SIGKILL can make a later drainer send twice (3,000 events; in practice a
+/// few hundred, see `e2e/tests/capture_sigkill.rs`).
+pub const IN_FLIGHT_WINDOW: usize = 1000;
 /// On stop, deliveries in flight get this long to be acknowledged and settled.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Failed settlement commits before a settlement is given up (and its
@@ -275,12 +277,19 @@ impl Forwarder {
         let mut delivered_total: Vec<usize> = Vec::new();
         let mut tick = tokio::time::interval(SETTLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One settlement commits while the next deliveries are sent and acknowledged.
+        let mut settling: Option<
+            std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>,
+        > = None;
+        let this = &*self;
         loop {
-            // Keep at most UNSETTLED_WINDOW events between "sent" and "settled":
-            // that is all a kill can make us send twice.
+            // At most IN_FLIGHT_WINDOW events sent and not yet acknowledged,
+            // SETTLE_MAX_EVENTS acknowledged and waiting, and one settlement
+            // committing: all a kill can make a later drainer send twice.
             while next < batch.len()
                 && stop_deadline.is_none()
-                && in_flight.len() + delivered_now.len() < UNSETTLED_WINDOW
+                && in_flight.len() < IN_FLIGHT_WINDOW
+                && delivered_now.len() < SETTLE_MAX_EVENTS
             {
                 if *stop.borrow() {
                     // Not sent: these stay in the buffer for the next drainer.
@@ -296,10 +305,15 @@ impl Forwarder {
                 }
                 next += 1;
             }
-            if in_flight.is_empty()
-                && delivered_now.is_empty()
-                && (next >= batch.len() || stop_deadline.is_some())
+            let sent_all = next >= batch.len() || stop_deadline.is_some();
+            if settling.is_none()
+                && !delivered_now.is_empty()
+                && (delivered_now.len() >= SETTLE_MAX_EVENTS || (in_flight.is_empty() && sent_all))
             {
+                let list = std::mem::take(&mut delivered_now);
+                settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
+            }
+            if in_flight.is_empty() && delivered_now.is_empty() && settling.is_none() && sent_all {
                 break;
             }
             let deadline =
@@ -310,15 +324,16 @@ impl Forwarder {
                     Some((i, Ok(Ok(_)))) => {
                         delivered_now.push((batch[i].seq, batch[i].event.size()));
                         delivered_total.push(i);
-                        if in_flight.is_empty() || delivered_now.len() >= SETTLE_MAX_EVENTS {
-                            self.settle_delivered(&mut delivered_now, batch, stop).await;
-                        }
                     }
                     Some((i, Ok(Err((e, _))))) => failures.push((i, e)),
                     Some((i, Err(_canceled))) => failures.push((i, KafkaError::Canceled)),
                 },
-                _ = tick.tick(), if !delivered_now.is_empty() => {
-                    self.settle_delivered(&mut delivered_now, batch, stop).await;
+                _ = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
+                    settling = None;
+                }
+                _ = tick.tick(), if settling.is_none() && !delivered_now.is_empty() => {
+                    let list = std::mem::take(&mut delivered_now);
+                    settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
                 }
                 _ = stop.changed(), if stop_deadline.is_none() => {
                     stop_deadline = Some(Instant::now() + STOP_GRACE);
@@ -329,7 +344,12 @@ impl Forwarder {
                 }
             }
         }
-        self.settle_delivered(&mut delivered_now, batch, stop).await;
+        if let Some(pending) = settling.take() {
+            pending.await;
+        }
+        drop(settling);
+        let rest = std::mem::take(&mut delivered_now);
+        this.settle_list(rest, batch, stop.clone()).await;
         if stop_deadline.is_some() {
             // Stopping: no lone retries; unsettled events stay buffered.
             let retried = batch.len() - delivered_total.len();
@@ -348,36 +368,35 @@ impl Forwarder {
         Ok(round)
     }
 
-    /// Settles what Kafka acknowledged (see [`settle`](Self::settle)).
-    async fn settle_delivered(
+    /// Settles what Kafka acknowledged (see [`settle`](Self::settle)) and
+    /// counts it as delivered once committed.
+    async fn settle_list(
         &self,
-        delivered: &mut Vec<(i64, u64)>,
+        list: Vec<(i64, u64)>,
         batch: &[StoredEvent],
-        stop: &watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
-        if delivered.is_empty() {
+        if list.is_empty() {
             return;
         }
-        let list = std::mem::take(delivered);
-        if !self.settle(list.clone(), Vec::new(), stop).await {
-            self.unsettled
-                .fetch_add(list.len(), std::sync::atomic::Ordering::Relaxed);
-        } else {
-            let mut by_topic: HashMap<&str, u64> = HashMap::new();
-            for (seq, _) in &list {
-                // The batch is read in sequence order.
-                if let Ok(i) = batch.binary_search_by_key(seq, |s| s.seq) {
-                    *by_topic.entry(batch[i].event.topic.as_str()).or_default() += 1;
-                }
+        if !self.settle(list.clone(), Vec::new(), &stop).await {
+            self.unsettled.fetch_add(list.len(), Ordering::Relaxed);
+            return;
+        }
+        let mut by_topic: HashMap<&str, u64> = HashMap::new();
+        for (seq, _) in &list {
+            // The batch is read in sequence order.
+            if let Ok(i) = batch.binary_search_by_key(seq, |s| s.seq) {
+                *by_topic.entry(batch[i].event.topic.as_str()).or_default() += 1;
             }
-            for (topic, n) in by_topic {
-                self.metrics
-                    .delivered
-                    .get_or_create(&TopicLabel {
-                        topic: topic.to_owned(),
-                    })
-                    .inc_by(n);
-            }
+        }
+        for (topic, n) in by_topic {
+            self.metrics
+                .delivered
+                .get_or_create(&TopicLabel {
+                    topic: topic.to_owned(),
+                })
+                .inc_by(n);
         }
     }
 
