@@ -782,6 +782,26 @@ pub async fn create_topic(
     }
 }
 
+/// Records currently in `topic` (sum over partitions of high minus low
+/// watermark): duplicates included, so more than the distinct events.
+pub async fn record_count(bootstrap: &str, topic: &str) -> Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || -> Result<usize> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut total = 0;
+        for p in md.topics()[0].partitions() {
+            let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+            total += (hi - lo) as usize;
+        }
+        Ok(total)
+    })
+    .await?
+}
+
 /// Whether `error` (from [`create_topic`]) says the topic already exists.
 pub fn is_topic_exists(error: &anyhow::Error) -> bool {
     matches!(

@@ -59,23 +59,9 @@ fn tally(records: &[Record]) -> (HashMap<String, usize>, usize) {
     (seen, dups)
 }
 
-/// Records currently in `topic` (sum over partitions of high - low watermark).
+/// Records currently in `topic`, duplicates included.
 async fn records_in(bootstrap: &str, topic: &str) -> Result<usize> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || -> Result<usize> {
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()?;
-        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let mut total = 0;
-        for p in md.topics()[0].partitions() {
-            let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-            total += (hi - lo) as usize;
-        }
-        Ok(total)
-    })
-    .await?
+    holdfast_e2e::kafka::record_count(bootstrap, topic).await
 }
 
 async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) {

@@ -407,16 +407,21 @@ fn apply_settlements(
         }
         tx.commit()
     })();
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            // Commands not reached before the failure are failed by the caller
-            // through `answers`; the rest are failed here.
-            let err = AppendError::Disk(e.to_string());
-            commands.for_each(|c| c.fail(&err));
-            Err((e, n))
-        }
-    }
+    fail_rest(result, commands, n)
+}
+
+/// Commands reached before a failure are failed by the caller through their
+/// answers; the ones not reached yet are failed here.
+fn fail_rest(
+    result: rusqlite::Result<()>,
+    rest: impl Iterator<Item = Command>,
+    n: usize,
+) -> Result<(), (rusqlite::Error, usize)> {
+    result.map_err(|e| {
+        let err = AppendError::Disk(e.to_string());
+        rest.for_each(|c| c.fail(&err));
+        (e, n)
+    })
 }
 
 fn answers_unexpected(cmd: Command) {
@@ -563,12 +568,5 @@ fn apply_appends(
         }
         tx.commit()
     })();
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let err = AppendError::Disk(e.to_string());
-            commands.for_each(|c| c.fail(&err));
-            Err((e, n))
-        }
-    }
+    fail_rest(result, commands, n)
 }

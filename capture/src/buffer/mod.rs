@@ -317,24 +317,28 @@ pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>> {
         .optional()?)
 }
 
+/// Columns of `events` as [`stored_event`] reads them.
+const EVENT_COLUMNS: &str = "seq, uuid, topic, key, payload, captured_at_ms";
+
+fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        seq: r.get(0)?,
+        event: NewEvent {
+            uuid: r.get(1)?,
+            topic: r.get(2)?,
+            key: r.get(3)?,
+            payload: r.get(4)?,
+            captured_at_ms: r.get(5)?,
+        },
+    })
+}
+
 /// Reads up to `limit` of the oldest events with `seq > after`.
 pub fn read_batch(conn: &Connection, after: i64, limit: usize) -> Result<Vec<StoredEvent>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, uuid, topic, key, payload, captured_at_ms FROM events
-         WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![after, limit as i64], |r| {
-        Ok(StoredEvent {
-            seq: r.get(0)?,
-            event: NewEvent {
-                uuid: r.get(1)?,
-                topic: r.get(2)?,
-                key: r.get(3)?,
-                payload: r.get(4)?,
-                captured_at_ms: r.get(5)?,
-            },
-        })
-    })?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![after, limit as i64], stored_event)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -347,24 +351,15 @@ pub fn read_batch_bounded(
     exclude_topics: &[&str],
 ) -> Result<Vec<StoredEvent>> {
     let exclude = serde_json::to_string(exclude_topics).unwrap_or_else(|_| "[]".into());
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, uuid, topic, key, payload, captured_at_ms FROM events
-         WHERE topic NOT IN (SELECT value FROM json_each(?1)) ORDER BY seq LIMIT ?2",
-    )?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+         WHERE topic NOT IN (SELECT value FROM json_each(?1)) ORDER BY seq LIMIT ?2"
+    ))?;
     let mut rows = stmt.query(params![exclude, limit as i64])?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
     while let Some(r) = rows.next()? {
-        let event = StoredEvent {
-            seq: r.get(0)?,
-            event: NewEvent {
-                uuid: r.get(1)?,
-                topic: r.get(2)?,
-                key: r.get(3)?,
-                payload: r.get(4)?,
-                captured_at_ms: r.get(5)?,
-            },
-        };
+        let event = stored_event(r)?;
         bytes += event.event.size();
         if !out.is_empty() && bytes > max_bytes {
             break;
