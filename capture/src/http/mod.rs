@@ -264,7 +264,14 @@ async fn respond(s: &AppState, stream: &str, headers: &HeaderMap, body: Body) ->
             s.metrics.reject(e.reason());
             // Refused before its body was read: read and drop the body (bounded)
             // so that closing does not reset the connection under the answer.
-            if let Some(body) = body {
+            // A client waiting for `100 Continue` has sent no body: reading it
+            // would only invite the upload.
+            let expects_continue = headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if let Some(body) = body
+                && !expects_continue
+            {
                 limits::discard(body, s.cfg.max_body_bytes, s.cfg.body_read_timeout).await;
             }
             e.into_response()

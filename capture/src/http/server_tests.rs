@@ -331,3 +331,18 @@ async fn requests_refused_before_their_body_is_read_keep_the_connection_usable()
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert_eq!(buffered(&f), 1);
 }
+
+#[tokio::test]
+async fn a_client_expecting_100_continue_is_refused_without_uploading() {
+    let f = fixture_with(&["tok"], u64::MAX, &[]);
+    let srv = start(&f).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 3000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (resp, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    assert!(!resp.contains("100 Continue"), "{resp}");
+}
