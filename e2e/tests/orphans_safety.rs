@@ -412,6 +412,29 @@ async fn recreated_cluster_drains_old_volumes_only_on_opt_in() -> anyhow::Result
     )
     .await
     .with_context(|| scene.operator.log_text())?;
+    // The stuck orphan explains itself in status (item 12).
+    let cc = poll_until(
+        "OrphansStuck in status",
+        Duration::from_secs(60),
+        || async {
+            let cc = scene.ccs().get(&scene.name).await.ok()?;
+            let (status, _, message) = condition(&cc, "OrphansStuck")?;
+            (status == "True" && message.contains(&volume)).then_some(cc)
+        },
+    )
+    .await
+    .with_context(|| scene.operator.log_text())?;
+    let status = cc.status.clone().unwrap_or_default();
+    let entry = status
+        .volumes
+        .iter()
+        .find(|v| v.volume == volume)
+        .context("no status.volumes entry for the stuck volume")?;
+    ensure!(
+        entry.phase == "Stuck" && entry.reason.contains("adoptPreviousVolumes"),
+        "status entry does not say why: {entry:?}"
+    );
+    eprintln!("{}", describe(&cc));
     let start = scene.operator.reconciles("orphans").await.unwrap_or(0.0);
     poll_until(
         "three more orphan passes",
@@ -459,4 +482,40 @@ async fn recreated_cluster_drains_old_volumes_only_on_opt_in() -> anyhow::Result
         ),
     );
     Ok(())
+}
+
+/// `kubectl get capturecluster` and the status part of `kubectl describe`,
+/// as a user would see them.
+fn describe(cc: &holdfast_operator::api::CaptureCluster) -> String {
+    let status = cc.status.clone().unwrap_or_default();
+    let cond = |t: &str| condition(cc, t).map(|c| c.0).unwrap_or_default();
+    let mut out = format!(
+        "$ kubectl get capturecluster\nNAME     DESIRED   READY   STATUS   ORPHANS   STUCK\n{:<8} {:<9} {:<7} {:<8} {:<9} {}\n\n$ kubectl describe capturecluster {} (status)\n",
+        cc.name_any(),
+        cc.spec.replicas,
+        status.ready_replicas,
+        condition(cc, "Ready").map(|c| c.1).unwrap_or_default(),
+        status.orphaned_volumes,
+        cond("OrphansStuck"),
+        cc.name_any()
+    );
+    for c in &status.conditions {
+        out.push_str(&format!(
+            "  Condition {:<18} {:<5} {:<16} {}\n",
+            c.type_, c.status, c.reason, c.message
+        ));
+    }
+    for v in &status.volumes {
+        out.push_str(&format!(
+            "  Volume {} (claim {}, {}): {} - {} (failures {}, next retry {})\n",
+            v.volume,
+            v.claim,
+            v.kind,
+            v.phase,
+            v.reason,
+            v.failures,
+            v.next_retry.as_deref().unwrap_or("-")
+        ));
+    }
+    out
 }

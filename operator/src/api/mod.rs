@@ -82,6 +82,7 @@ pub const HTTP_PORT: i32 = 8080;
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Orphans","type":"integer","jsonPath":".status.orphanedVolumes"}"#,
+    printcolumn = r#"{"name":"Stuck","type":"string","jsonPath":".status.conditions[?(@.type==\"OrphansStuck\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -448,6 +449,31 @@ pub struct CaptureClusterStatus {
     /// Flush Jobs draining this cluster's orphaned volumes now.
     #[serde(default)]
     pub active_flush_jobs: i32,
+    /// Where each orphaned volume that may hold events stands.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeRecoveryStatus>,
+}
+
+/// Where one orphaned volume's recovery stands (`status.volumes`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRecoveryStatus {
+    /// The PV (or `claim/<name>` for a claim without one).
+    pub volume: String,
+    /// The claim a flush Job mounts.
+    pub claim: String,
+    /// `claim-without-pod` or `released-volume`.
+    pub kind: String,
+    /// `Pending`, `Draining`, `Retrying`, `Waiting`, `Drained` or `Stuck`.
+    pub phase: String,
+    /// Why it is in that phase, and for `Stuck` what unblocks it.
+    pub reason: String,
+    /// Flush Jobs that failed on it in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// When the next flush Job may start (after failures), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry: Option<String>,
 }
 
 /// Condition type: every pod is ready and the spec is applied.
@@ -456,6 +482,11 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_SPEC_VALID: &str = "SpecValid";
 /// Condition type: the cluster is being deleted and its volumes drained.
 pub const CONDITION_DRAINING: &str = "Draining";
+/// Condition type: orphaned volumes are being drained.
+pub const CONDITION_ORPHANS_RECOVERING: &str = "OrphansRecovering";
+/// Condition type: an orphaned volume cannot be drained without a human
+/// (True names the volumes and why), or its flush Jobs keep failing.
+pub const CONDITION_ORPHANS_STUCK: &str = "OrphansStuck";
 
 /// Kafka properties the operator sets itself (or that exactly-once mode
 /// derives from the volume); a spec may not override them.

@@ -13,13 +13,15 @@ use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::{
-    BUFFER_VOLUME, CONDITION_DRAINING, CONDITION_READY, CONDITION_SPEC_VALID, CaptureCluster,
-    CaptureClusterStatus, InvalidSpec, quantity_bytes,
+    BUFFER_VOLUME, CONDITION_DRAINING, CONDITION_ORPHANS_RECOVERING, CONDITION_ORPHANS_STUCK,
+    CONDITION_READY, CONDITION_SPEC_VALID, CaptureCluster, CaptureClusterStatus, InvalidSpec,
+    quantity_bytes,
 };
 use crate::runtime::{Context, Result, api_err, apply_cluster_object, apply_object, key};
 
 use super::build::{self, Names};
 use super::conditions::{self, Wanted};
+use super::orphan_status;
 use super::status::{count_active_flush_jobs, orphans_of, patch_status};
 
 /// Fields of the volumeClaimTemplate that cannot change once the
@@ -129,12 +131,13 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
     // The same definition orphan recovery acts on: a claim whose pod is
     // only restarting (rolling update) is not an orphan, so the count and
     // the Warning do not flicker.
-    let orphans = orphans_of(ctx, ns, &name).await?;
+    let states = orphans_of(ctx, cluster).await?;
+    let orphans: Vec<String> = states.iter().map(|s| s.volume.clone()).collect();
     let orphaned = i32::try_from(orphans.len()).unwrap_or(i32::MAX);
     let status = cluster.status.clone().unwrap_or_default();
     if orphaned != status.orphaned_volumes {
         // Until orphan recovery drains them, say which volumes wait.
-        let list = orphans.iter().cloned().collect::<Vec<_>>().join(", ");
+        let list = orphans.join(", ");
         if orphaned > 0 {
             warn!(cluster = %key(cluster), volumes = %list, "volumes without a pod may hold events");
             ctx.publish(
@@ -201,6 +204,38 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
         now,
     );
     conds = conditions::remove(&conds, CONDITION_DRAINING);
+    let (is_stuck, stuck_message) = orphan_status::stuck(&states);
+    conds = conditions::set(
+        &conds,
+        Wanted {
+            type_: CONDITION_ORPHANS_STUCK,
+            status: is_stuck,
+            reason: if is_stuck {
+                "NeedsAttention"
+            } else {
+                "NoneStuck"
+            },
+            message: stuck_message,
+        },
+        generation,
+        now,
+    );
+    let recovering = states.iter().filter(|s| s.phase != "Stuck").count();
+    conds = conditions::set(
+        &conds,
+        Wanted {
+            type_: CONDITION_ORPHANS_RECOVERING,
+            status: recovering > 0,
+            reason: if recovering > 0 {
+                "FlushJobs"
+            } else {
+                "NoOrphans"
+            },
+            message: format!("{recovering} orphaned volume(s) being drained"),
+        },
+        generation,
+        now,
+    );
     patch_status(
         cluster,
         ns,
@@ -211,6 +246,7 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
             conditions: conds,
             orphaned_volumes: orphaned,
             active_flush_jobs: count_active_flush_jobs(&ctx.client, ns, &name).await?,
+            volumes: states,
         },
     )
     .await?;

@@ -17,6 +17,7 @@ mod apply;
 pub mod build;
 mod cleanup;
 pub mod conditions;
+pub mod orphan_status;
 pub mod status;
 
 use std::sync::Arc;

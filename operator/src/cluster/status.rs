@@ -76,14 +76,17 @@ pub struct VolumeReport {
 /// recovery uses ([`crate::classify::find`]): a claim whose ordinal is
 /// still wanted (rolling update, restart) is never one. Volume names, or
 /// `claim <name>` for a claim without a volume.
-pub(super) async fn orphans_of(ctx: &Context, ns: &str, name: &str) -> Result<BTreeSet<String>> {
-    let inv = inventory(&ctx.client, Some(ns)).await?;
-    Ok(crate::classify::find(&inv)
-        .orphans
-        .into_iter()
-        .filter(|o| o.cluster == name && !o.clean)
-        .map(|o| o.volume.unwrap_or_else(|| format!("claim {}", o.claim)))
-        .collect())
+pub(super) async fn orphans_of(
+    ctx: &Context,
+    cluster: &CaptureCluster,
+) -> Result<Vec<crate::api::VolumeRecoveryStatus>> {
+    let ns = cluster.namespace().unwrap_or_default();
+    let inv = inventory(&ctx.client, Some(&ns)).await?;
+    Ok(super::orphan_status::volume_states(
+        &inv,
+        cluster,
+        jiff::Timestamp::now(),
+    ))
 }
 
 /// The volumes of a cluster that may hold events, from its claims, the PVs
