@@ -131,6 +131,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             durability: cfg.durability,
             quota: cfg.quota_bytes,
             commit_timeout: cfg.commit_timeout,
+            // Half the reserve: once released, it always holds a checkpoint.
+            max_wal_bytes: cfg.disk_reserve_bytes / 2,
         },
         Some(commit_observer(&metrics)),
     )?;

@@ -302,7 +302,6 @@ async fn os_mode_loses_acknowledged_events_on_power_cut() -> Result<()> {
 /// window is the first start of a fresh volume, between the switch to WAL
 /// and the first WAL sync. Here the same on-disk state is built directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: serve exits on a hot rollback journal (quarantine::check opens read-only)"]
 async fn serve_starts_on_a_buffer_with_a_hot_rollback_journal() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let live = dir.path().join("live");

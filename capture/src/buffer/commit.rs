@@ -161,6 +161,7 @@ pub(super) struct Session {
     conn: Option<Connection>,
     path: PathBuf,
     durability: Durability,
+    wal_pages: i64,
     state: Arc<BufferState>,
     /// `meta` may hold a clean mark, so the next append must remove it.
     marked_clean: bool,
@@ -171,12 +172,14 @@ impl Session {
         conn: Connection,
         path: PathBuf,
         durability: Durability,
+        wal_pages: i64,
         state: Arc<BufferState>,
     ) -> Self {
         Self {
             conn: Some(conn),
             path,
             durability,
+            wal_pages,
             state,
             marked_clean: true,
         }
@@ -188,6 +191,8 @@ impl Session {
         if self.conn.is_none() {
             let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
             let conn = super::open_writer(dir, self.durability)
+                .map_err(|e| AppendError::Disk(e.to_string()))?;
+            conn.pragma_update(None, "wal_autocheckpoint", self.wal_pages)
                 .map_err(|e| AppendError::Disk(e.to_string()))?;
             self.conn = Some(conn);
         }

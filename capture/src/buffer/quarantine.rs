@@ -112,6 +112,7 @@ pub fn check(dir: &Path) -> Result<Verdict> {
     if let Some(why) = super::salvage::pages::wal_damage(&wal).map_err(data_dir_error(&wal))? {
         return Ok(Verdict::Damaged(why));
     }
+    roll_back_hot_journal(&db)?;
     match quick_check(&db) {
         Ok(problems) if problems.is_empty() => Ok(Verdict::Sound),
         Ok(problems) => Ok(Verdict::Damaged(format!(
@@ -125,6 +126,26 @@ pub fn check(dir: &Path) -> Result<Verdict> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// A power cut right after a volume's first start can leave the rollback
+/// journal of the switch to WAL mode behind. A read-only connection cannot
+/// roll it back (`SQLITE_READONLY_ROLLBACK`), so open the file for writing
+/// once and let SQLite do it, exactly as the writer's open would.
+fn roll_back_hot_journal(db: &Path) -> Result<()> {
+    let mut journal = db.as_os_str().to_owned();
+    journal.push("-journal");
+    let journal = PathBuf::from(journal);
+    if len_of(&journal)
+        .map_err(data_dir_error(&journal))?
+        .unwrap_or(0)
+        == 0
+    {
+        return Ok(());
+    }
+    let conn = Connection::open(db)?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+    Ok(())
 }
 
 /// `PRAGMA quick_check` on a read-only connection: the problems it lists

@@ -413,6 +413,7 @@ async fn a_hung_commit_answers_stalled_in_time_and_clears_when_the_disk_answers(
             durability: Durability::Fsync,
             quota: u64::MAX,
             commit_timeout: std::time::Duration::from_millis(200),
+            max_wal_bytes: 0,
         },
         None,
     )

@@ -15,7 +15,7 @@
 //! handles it, every later append is refused, so an emptiness check that
 //! passed stays true.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -224,6 +224,21 @@ pub struct WriterOptions {
     pub quota: u64,
     /// How long an append may wait for its commit before answering `Stalled`.
     pub commit_timeout: Duration,
+    /// Keep the WAL under this many bytes by checkpointing (0: SQLite's
+    /// default policy of this crate, 2000 pages). Set it under the disk
+    /// reserve: on a full disk, releasing the reserve must leave room for a
+    /// checkpoint to complete, or the WAL never restarts and no delete can
+    /// ever commit.
+    pub max_wal_bytes: u64,
+}
+
+/// WAL pages allowed before the writer checkpoints, for a WAL limit in bytes.
+fn wal_pages(max_wal_bytes: u64) -> i64 {
+    if max_wal_bytes == 0 {
+        return 2000;
+    }
+    // SQLite's default page size; the WAL holds a few more bytes a frame.
+    ((max_wal_bytes / 4096) as i64).clamp(16, 2000)
 }
 
 impl WriterOptions {
@@ -233,6 +248,7 @@ impl WriterOptions {
             durability,
             quota: u64::MAX,
             commit_timeout: Duration::from_secs(3600),
+            max_wal_bytes: 0,
         }
     }
 }
@@ -251,6 +267,7 @@ impl GroupCommitWriter {
                 durability,
                 quota,
                 commit_timeout: Duration::from_secs(10),
+                max_wal_bytes: 0,
             },
             observer,
         )
@@ -263,7 +280,9 @@ impl GroupCommitWriter {
         observer: Option<CommitObserver>,
     ) -> Result<(Self, WriterHandle)> {
         super::quarantine::quarantine_if_damaged(dir)?;
+        let wal_pages = wal_pages(opts.max_wal_bytes);
         let conn = super::open_writer(dir, opts.durability)?;
+        conn.pragma_update(None, "wal_autocheckpoint", wal_pages)?;
         let (events, bytes) = super::totals(&conn)?;
         let (dead, dead_bytes) = super::dead_letter_totals(&conn)?;
         let state = Arc::new(BufferState::default());
@@ -291,7 +310,11 @@ impl GroupCommitWriter {
         let path = dir.join(super::DB_FILE);
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
-            .spawn(move || run(conn, path, opts.durability, rx, state, appended, observer))
+            .spawn(move || {
+                let session =
+                    commit::Session::new(conn, path, opts.durability, wal_pages, state.clone());
+                run(session, rx, state, appended, observer)
+            })
             .map_err(|source| Error::DataDir {
                 path: dir.to_owned(),
                 source,
@@ -347,15 +370,12 @@ fn start_checkpointer(
 }
 
 fn run(
-    conn: rusqlite::Connection,
-    path: PathBuf,
-    durability: Durability,
+    mut session: commit::Session,
     mut rx: mpsc::Receiver<Command>,
     state: Arc<BufferState>,
     appended: Arc<Notify>,
     observer: Option<CommitObserver>,
 ) {
-    let mut session = commit::Session::new(conn, path, durability, state.clone());
     let mut last_probe: Option<Instant> = None;
     let mut batch: Vec<Command> = Vec::with_capacity(256);
     while let Some(first) = rx.blocking_recv() {

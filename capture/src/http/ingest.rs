@@ -345,9 +345,10 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
     let uuid = match fields.uuid.map(RawValue::get) {
         None | Some("null") => uuid::Uuid::now_v7().to_string(),
         Some(v) => {
-            let parsed = serde_json::from_str::<&str>(v)
+            // An owned String: a uuid written with JSON escapes is still a uuid.
+            let parsed = serde_json::from_str::<String>(v)
                 .ok()
-                .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                .and_then(|s| uuid::Uuid::parse_str(&s).ok())
                 .ok_or_else(|| {
                     bad(
                         "invalid_uuid",
