@@ -165,6 +165,9 @@ pub(super) struct Session {
     state: Arc<BufferState>,
     /// `meta` may hold a clean mark, so the next append must remove it.
     marked_clean: bool,
+    /// When a settlement last failed: while the forwarder fights for space
+    /// to delete what Kafka took, appends must not take that space first.
+    pub(super) settle_failed_at: Option<std::time::Instant>,
 }
 
 impl Session {
@@ -182,6 +185,7 @@ impl Session {
             wal_pages,
             state,
             marked_clean: true,
+            settle_failed_at: None,
         }
     }
 
@@ -251,6 +255,7 @@ impl Session {
             Ok(conn) => apply_settlements(conn, commands, &mut t, &mut answers, &mut deleted_any)
                 .map_err(|(e, n)| self.failed(&e, n, "settlement")),
         };
+        self.settle_failed_at = result.is_err().then(std::time::Instant::now);
         match result {
             Ok(()) => {
                 t.store(&state);

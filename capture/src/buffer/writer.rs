@@ -393,9 +393,14 @@ fn run(
             }
         }
         // While the disk is failed, appends are refused without a transaction,
-        // but one round per interval probes whether it works again.
+        // but one round per interval probes whether it works again, unless
+        // the forwarder's deletes failed lately: the space they need (the
+        // released reserve, freed pages) must not go to new events first.
+        let settling_blocked = session
+            .settle_failed_at
+            .is_some_and(|t| t.elapsed() < DISK_PROBE_INTERVAL * 4);
         let refuse_appends = state.disk_failed.load(Ordering::Relaxed)
-            && last_probe.is_some_and(|t| t.elapsed() < DISK_PROBE_INTERVAL);
+            && (settling_blocked || last_probe.is_some_and(|t| t.elapsed() < DISK_PROBE_INTERVAL));
         if state.disk_failed.load(Ordering::Relaxed) && !refuse_appends {
             last_probe = Some(Instant::now());
         }
