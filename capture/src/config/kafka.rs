@@ -1,0 +1,159 @@
+//! Kafka settings shared by `serve` and `flush`, and the checks that keep
+//! them from weakening the delivery guarantee (`acks=all`, idempotence).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{Error, Result};
+
+/// Kafka connection settings shared by `serve` and `flush`.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port,...).
+    #[arg(long, env = "HOLDFAST_KAFKA_BOOTSTRAP")]
+    pub kafka_bootstrap: String,
+    /// Extra librdkafka producer property, `key=value` (repeatable; TLS/SASL settings go here).
+    /// In the environment: several separated by newlines.
+    #[arg(
+        long = "kafka-property",
+        env = "HOLDFAST_KAFKA_PROPERTIES",
+        value_delimiter = '\n'
+    )]
+    pub kafka_properties: Vec<String>,
+    /// Topic that also receives events Kafka rejected for good, with reason headers.
+    #[arg(long, env = "HOLDFAST_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// Events read from the buffer per Kafka batch.
+    #[arg(long, env = "HOLDFAST_FORWARD_BATCH_EVENTS", default_value_t = 5000)]
+    pub forward_batch_events: usize,
+    /// Bytes read from the buffer per Kafka batch (at least one event is always read).
+    #[arg(long, env = "HOLDFAST_FORWARD_BATCH_BYTES", default_value_t = 16 << 20)]
+    pub forward_batch_bytes: u64,
+    /// How long an event whose topic is unknown or not authorised is retried
+    /// before it is judged poison (a topic created late, an ACL propagating).
+    #[arg(long, env = "HOLDFAST_POISON_RETRY_WINDOW_SECS", default_value_t = 300)]
+    pub poison_retry_window_secs: u64,
+    /// How long librdkafka may try one message before it is reported failed (ms).
+    #[arg(
+        long,
+        env = "HOLDFAST_KAFKA_MESSAGE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub kafka_message_timeout_ms: u64,
+}
+
+/// Validated Kafka settings.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub bootstrap: String,
+    /// Extra librdkafka properties, applied last (so they win).
+    pub properties: BTreeMap<String, String>,
+    /// Dead-letter topic, if any.
+    pub dead_letter_topic: Option<String>,
+    /// Events per forward batch.
+    pub batch_events: usize,
+    /// Bytes per forward batch.
+    pub batch_bytes: u64,
+    /// Retry window for topic-level errors before dead-lettering.
+    pub poison_retry_window: Duration,
+    /// librdkafka `message.timeout.ms`.
+    pub message_timeout: Duration,
+}
+
+impl KafkaArgs {
+    /// Validates into [`KafkaConfig`].
+    pub fn validate(&self) -> Result<KafkaConfig> {
+        let mut properties = BTreeMap::new();
+        for value in self
+            .kafka_properties
+            .iter()
+            .filter(|v| !v.trim().is_empty())
+        {
+            let (k, v) = value
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| Error::KafkaProperty {
+                    value: value.clone(),
+                })?;
+            properties.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        for (key, value) in &properties {
+            check_property(key, value)?;
+        }
+        if self.forward_batch_bytes == 0 {
+            return Err(Error::Range {
+                flag: "--forward-batch-bytes",
+                expected: "at least 1",
+                value: 0,
+            });
+        }
+        if self.forward_batch_events == 0 {
+            return Err(Error::Range {
+                flag: "--forward-batch-events",
+                expected: "at least 1",
+                value: 0,
+            });
+        }
+        Ok(KafkaConfig {
+            bootstrap: self.kafka_bootstrap.clone(),
+            properties,
+            dead_letter_topic: self.dead_letter_topic.clone().filter(|t| !t.is_empty()),
+            batch_events: self.forward_batch_events,
+            batch_bytes: self.forward_batch_bytes,
+            poison_retry_window: Duration::from_secs(self.poison_retry_window_secs),
+            message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
+        })
+    }
+}
+
+/// librdkafka's default `message.max.bytes`.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: u64 = 1_000_000;
+/// Room a record needs beyond the event itself: the Holdfast headers
+/// (uuid, capture time), the record and batch framing.
+pub const RECORD_OVERHEAD_BYTES: u64 = 1024;
+
+impl KafkaConfig {
+    /// The largest record the producer will send (`message.max.bytes`).
+    pub fn message_max_bytes(&self) -> u64 {
+        self.properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
+    }
+}
+
+/// Refuses producer properties that would weaken `acks=all` or idempotence,
+/// or that Holdfast sets itself.
+fn check_property(key: &str, value: &str) -> Result<()> {
+    let v = value.trim().to_ascii_lowercase();
+    let why = match key {
+        "acks" | "request.required.acks" | "request.acks" if v != "all" && v != "-1" => {
+            Some("a 200 is only final once every in-sync replica has the event; acks must stay all")
+        }
+        "enable.idempotence" if v != "true" => Some(
+            "the idempotent producer keeps retries from duplicating or reordering events; it must stay on",
+        ),
+        "max.in.flight.requests.per.connection" | "max.in.flight"
+            if v.parse::<u64>().map_or(true, |n| n > 5) =>
+        {
+            Some("the idempotent producer allows at most 5 requests in flight")
+        }
+        "retries" | "message.send.max.retries" if v == "0" => {
+            Some("without retries a broker blip fails events that would have been delivered")
+        }
+        "transactional.id" => Some("Holdfast derives transactional ids itself"),
+        "enable.gapless.guarantee" if v == "false" => None,
+        _ => None,
+    };
+    match why {
+        Some(why) => Err(Error::UnsafeProperty {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
