@@ -184,7 +184,7 @@ async fn peak_rss_stays_bounded_under_the_worst_request_alone_and_64_at_once() -
     let phase_secs: u64 = std::env::var("HOLDFAST_RSS_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(30);
     let accepted = Arc::new(AtomicUsize::new(0));
     let busy = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
