@@ -17,15 +17,16 @@ use crate::metrics::Metrics;
 const COPY_BATCH: usize = 500;
 
 /// One pass: copies up to [`COPY_BATCH`] dead letters and forgets those the
-/// dead-letter topic acknowledged. Failures are logged and left for later.
+/// dead-letter topic acknowledged. Failures are logged and left for later;
+/// returns whether the pass went through without one.
 pub(super) async fn copy_dead_letters(
-    producer: &KafkaProducer,
-    writer: &WriterHandle,
-    reader: &Arc<std::sync::Mutex<Connection>>,
-    dlq: &str,
-    metrics: &Metrics,
-) {
-    let reader = reader.clone();
+    producer: KafkaProducer,
+    writer: WriterHandle,
+    reader: Arc<std::sync::Mutex<Connection>>,
+    dlq: String,
+    metrics: Arc<Metrics>,
+) -> bool {
+    let dlq = dlq.as_str();
     let rows = tokio::task::spawn_blocking(move || {
         let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
         buffer::dead_letters(&conn, 0, COPY_BATCH, &DeadLetterFilter::default())
@@ -35,10 +36,11 @@ pub(super) async fn copy_dead_letters(
         Ok(Ok(rows)) => rows,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not read dead letters");
-            return;
+            return false;
         }
-        Err(_) => return,
+        Err(_) => return false,
     };
+    let mut all_ok = true;
     let mut pending = Vec::with_capacity(rows.len());
     for row in &rows {
         let event = buffer::NewEvent {
@@ -66,6 +68,7 @@ pub(super) async fn copy_dead_letters(
             Ok(fut) => pending.push((row.seq, fut)),
             Err((e, _)) => {
                 tracing::warn!(seq = row.seq, dlq, error = %e, "could not queue a dead letter for the dead-letter topic");
+                all_ok = false;
                 break;
             }
         }
@@ -75,21 +78,24 @@ pub(super) async fn copy_dead_letters(
         match fut.await {
             Ok(Ok(_)) => copied.push(seq),
             Ok(Err((e, _))) => {
+                all_ok = false;
                 tracing::warn!(seq, dlq, error = %e, "could not copy a dead letter to the dead-letter topic; retrying later")
             }
-            Err(_) => {}
+            Err(_) => all_ok = false,
         }
     }
     if copied.is_empty() {
-        return;
+        return all_ok;
     }
     let n = copied.len() as u64;
     match writer.dead_letters_copied(copied).await {
         Ok(()) => {
             metrics.dead_letters_copied.inc_by(n);
+            all_ok
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not record dead letters as copied; they will be copied again")
+            tracing::warn!(error = %e, "could not record dead letters as copied; they will be copied again");
+            false
         }
     }
 }

@@ -85,6 +85,11 @@ pub struct Forwarder {
     parked: HashMap<String, Parked>,
     /// Delivered events of the current batch whose settlement was given up.
     unsettled: std::sync::atomic::AtomicUsize,
+    /// Copies to the dead-letter topic run beside the main queue, so a
+    /// missing or refusing dead-letter topic never holds up delivery.
+    dlq_copy: Option<tokio::task::JoinHandle<bool>>,
+    dlq_retry_at: Instant,
+    dlq_delay: Duration,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -111,6 +116,9 @@ impl Forwarder {
             metrics,
             parked: HashMap::new(),
             unsettled: Default::default(),
+            dlq_copy: None,
+            dlq_retry_at: Instant::now(),
+            dlq_delay: Duration::ZERO,
         })
     }
 
@@ -134,6 +142,43 @@ impl Forwarder {
         .map_err(Into::into)
     }
 
+    /// Starts a pass copying dead letters to the dead-letter topic, unless one
+    /// is running or the last one failed too recently (backoff up to a minute).
+    fn copy_dead_letters_in_background(&mut self) {
+        let Some(dlq) = self.cfg.dead_letter_topic.clone() else {
+            return;
+        };
+        if let Some(task) = &self.dlq_copy {
+            if !task.is_finished() {
+                return;
+            }
+            let ok = self
+                .dlq_copy
+                .take()
+                .and_then(futures::FutureExt::now_or_never)
+                .and_then(|joined| joined.ok())
+                .unwrap_or(false);
+            self.dlq_delay = if ok {
+                Duration::ZERO
+            } else {
+                (self.dlq_delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+            };
+            self.dlq_retry_at = Instant::now() + self.dlq_delay;
+        }
+        if self.writer.state.dead_letters.load(Ordering::Relaxed) == 0
+            || Instant::now() < self.dlq_retry_at
+        {
+            return;
+        }
+        self.dlq_copy = Some(tokio::spawn(super::dlq::copy_dead_letters(
+            self.producer.get(),
+            self.writer.clone(),
+            self.reader.clone(),
+            dlq,
+            self.metrics.clone(),
+        )));
+    }
+
     /// Nothing left that this forwarder could still deliver.
     fn drained(&self) -> bool {
         let s = &self.writer.state;
@@ -155,18 +200,7 @@ impl Forwarder {
             if *stop.borrow() {
                 return Ok(());
             }
-            if let Some(dlq) = self.cfg.dead_letter_topic.clone()
-                && self.writer.state.dead_letters.load(Ordering::Relaxed) > 0
-            {
-                super::dlq::copy_dead_letters(
-                    &self.producer.get(),
-                    &self.writer,
-                    &self.reader,
-                    &dlq,
-                    &self.metrics,
-                )
-                .await;
-            }
+            self.copy_dead_letters_in_background();
             let outcome = match self.read().await {
                 Err(e) => Err(e),
                 Ok(batch) if batch.is_empty() => {
