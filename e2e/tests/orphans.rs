@@ -641,11 +641,18 @@ async fn failed_flush_jobs_back_off_and_retry_until_kafka_returns() -> anyhow::R
     )
     .await
     .with_context(|| scene.operator.log_text())?;
-    let failed = scene.events("FlushJobFailed").await;
-    ensure!(
-        failed.iter().any(|n| n.contains(&volume)),
-        "no FlushJobFailed event: {failed:?}"
-    );
+    // The operator records the failure on the PV first and publishes the
+    // Event after it: wait for the Event rather than read it once.
+    poll_until(
+        "a FlushJobFailed event naming the volume",
+        Duration::from_secs(30),
+        || async {
+            let failed = scene.events("FlushJobFailed").await;
+            failed.iter().any(|n| n.contains(&volume)).then_some(())
+        },
+    )
+    .await
+    .with_context(|| format!("no FlushJobFailed event: {:?}", scene.operator.log_text()))?;
     let failed_metric = scene
         .operator
         .metric("holdfast_operator_flush_jobs_total{result=\"failed\"}")
