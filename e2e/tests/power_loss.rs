@@ -218,7 +218,7 @@ async fn power_cuts(durability: &str, cuts: usize) -> Result<Outcome> {
     .with_context(|| cap.log_tail())?;
 
     let acked = std::mem::take(&mut *acked.lock().unwrap());
-    let total = records_in(&kafka.bootstrap(), "events").await?;
+    let total = holdfast_e2e::kafka::record_count(&kafka.bootstrap(), "events").await?;
     let records = kafka
         .consume("events", total, Duration::from_secs(60))
         .await?;
@@ -242,25 +242,6 @@ async fn power_cuts(durability: &str, cuts: usize) -> Result<Outcome> {
         outcome.acked, outcome.lost, outcome.duplicates, outcome.failed_requests
     );
     Ok(outcome)
-}
-
-/// Records in `topic` (sum of high - low watermarks).
-async fn records_in(bootstrap: &str, topic: &str) -> Result<usize> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || -> Result<usize> {
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()?;
-        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let mut total = 0;
-        for p in md.topics()[0].partitions() {
-            let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-            total += (hi - lo) as usize;
-        }
-        Ok(total)
-    })
-    .await?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
