@@ -17,6 +17,12 @@
 //!   alone because `pv.kubernetes.io/provisioned-by` names an external
 //!   provisioner.
 //!
+//! - The class [`NETWORK_STORAGE_CLASS`] (same provisioner) plays network
+//!   storage (a cloud disk that can attach on any node): its PVs are
+//!   `hostPath` directories with no node affinity, so a volume whose node
+//!   is lost can be mounted on another node (what the out-of-service taint
+//!   allows in production).
+//!
 //! It is level-triggered: every watch event on claims or volumes, and a tick
 //! every two seconds, reconciles everything, so a missed event or a failed
 //! request only delays the work.
@@ -28,9 +34,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    LocalVolumeSource, Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
-    VolumeNodeAffinity,
+    HostPathVolumeSource, LocalVolumeSource, Node, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+    PersistentVolumeSpec, VolumeNodeAffinity,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -44,6 +50,11 @@ use tokio::task::JoinHandle;
 pub const PROVISIONER: &str = "holdfast.dev/test-hostpath";
 /// The test StorageClass (also the cluster's default class).
 pub const STORAGE_CLASS: &str = "holdfast-test";
+/// A second class of the same provisioner whose volumes attach anywhere
+/// (network storage): no node affinity.
+pub const NETWORK_STORAGE_CLASS: &str = "holdfast-test-network";
+/// StorageClass parameter naming the topology of its volumes.
+const TOPOLOGY_PARAMETER: &str = "topology";
 /// Annotation naming the provisioner of a PV.
 const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 /// Annotation the PV controller puts on claims an external provisioner must serve.
@@ -102,17 +113,33 @@ pub fn build_storage_class() -> StorageClass {
     }
 }
 
-/// Creates the test StorageClass unless it exists.
+/// The network StorageClass: like the default one, but its volumes have
+/// no node affinity (not the default class).
+pub fn build_network_storage_class() -> StorageClass {
+    StorageClass {
+        metadata: ObjectMeta {
+            name: Some(NETWORK_STORAGE_CLASS.into()),
+            ..Default::default()
+        },
+        parameters: Some(BTreeMap::from([(
+            TOPOLOGY_PARAMETER.to_string(),
+            "network".to_string(),
+        )])),
+        ..build_storage_class()
+    }
+}
+
+/// Creates the test StorageClasses unless they exist.
 pub async fn ensure_storage_class(client: &Client) -> Result<()> {
     let classes: Api<StorageClass> = Api::all(client.clone());
-    match classes
-        .create(&PostParams::default(), &build_storage_class())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(api("create storage class")(e)),
+    for class in [build_storage_class(), build_network_storage_class()] {
+        match classes.create(&PostParams::default(), &class).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(api("create storage class")(e)),
+        }
     }
+    Ok(())
 }
 
 /// The running provisioner; stops when dropped.
@@ -315,6 +342,12 @@ async fn build_volume_for(
         .and_then(|r| r.requests.as_ref())
         .and_then(|r| r.get("storage"))
         .cloned();
+    let network = class
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get(TOPOLOGY_PARAMETER))
+        .is_some_and(|t| t == "network");
+    let path = volumes.join(&name).display().to_string();
     Ok(Some(PersistentVolume {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -343,11 +376,15 @@ async fn build_volume_for(
                 uid: Some(uid.clone()),
                 ..Default::default()
             }),
-            local: Some(LocalVolumeSource {
-                path: volumes.join(&name).display().to_string(),
+            local: (!network).then(|| LocalVolumeSource {
+                path: path.clone(),
                 fs_type: None,
             }),
-            node_affinity: Some(VolumeNodeAffinity {
+            host_path: network.then(|| HostPathVolumeSource {
+                path: path.clone(),
+                type_: None,
+            }),
+            node_affinity: (!network).then(|| VolumeNodeAffinity {
                 required: Some(NodeSelector {
                     node_selector_terms: vec![NodeSelectorTerm {
                         match_expressions: Some(vec![NodeSelectorRequirement {

@@ -17,6 +17,7 @@ use crate::api::{
     CONDITION_READY, CONDITION_SPEC_VALID, CaptureCluster, CaptureClusterStatus, InvalidSpec,
     quantity_bytes,
 };
+use crate::runtime::nodes::{CONDITION_NODE_LOST, LostPod, REASON_NODE_LOST};
 use crate::runtime::{Context, Result, api_err, apply_cluster_object, apply_object, key};
 
 use super::build::{self, Names};
@@ -131,7 +132,7 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
     // The same definition orphan recovery acts on: a claim whose pod is
     // only restarting (rolling update) is not an orphan, so the count and
     // the Warning do not flicker.
-    let states = orphans_of(ctx, cluster).await?;
+    let (states, lost) = orphans_of(ctx, cluster).await?;
     let orphans: Vec<String> = states.iter().map(|s| s.volume.clone()).collect();
     let orphaned = i32::try_from(orphans.len()).unwrap_or(i32::MAX);
     let status = cluster.status.clone().unwrap_or_default();
@@ -220,6 +221,7 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
         generation,
         now,
     );
+    conds = node_lost(cluster, ctx, &conds, &lost, generation, now).await;
     let recovering = states.iter().filter(|s| s.phase != "Stuck").count();
     conds = conditions::set(
         &conds,
@@ -251,8 +253,75 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
     )
     .await?;
     // Owned objects wake us on change; the periodic pass catches drift in
-    // what we do not watch (Roles, RoleBindings).
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // what we do not watch (Roles, RoleBindings). Nodes are not watched:
+    // while a pod is stranded on a lost node, look again soon.
+    if lost.is_empty() {
+        Ok(Action::requeue(Duration::from_secs(300)))
+    } else {
+        Ok(Action::requeue(NODE_LOST_RECHECK))
+    }
+}
+
+/// How soon a cluster with pods on a lost node is looked at again.
+const NODE_LOST_RECHECK: Duration = Duration::from_secs(15);
+
+/// `conds` with the `NodeLost` condition: `True` while a pod of the
+/// cluster is on a node that is not `Ready`, naming each pod, its node,
+/// since when, and the remedy. A Warning Event (with how long) is posted
+/// whenever that list changes.
+async fn node_lost(
+    cluster: &CaptureCluster,
+    ctx: &Context,
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    lost: &[LostPod],
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    if lost.is_empty() {
+        return conditions::set(
+            conds,
+            Wanted {
+                type_: CONDITION_NODE_LOST,
+                status: false,
+                reason: "NodesReady",
+                message: "every pod of the cluster is on a Ready node".into(),
+            },
+            generation,
+            now,
+        );
+    }
+    let message = lost
+        .iter()
+        .map(LostPod::condition_text)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let known = conds
+        .iter()
+        .any(|c| c.type_ == CONDITION_NODE_LOST && c.status == "True" && c.message == message);
+    if !known {
+        for pod in lost {
+            warn!(cluster = %key(cluster), pod = %pod.pod, node = %pod.node, terminating = pod.terminating, "pod on a lost node");
+            ctx.publish(
+                cluster,
+                EventType::Warning,
+                REASON_NODE_LOST,
+                "Inspect",
+                pod.event_text(now),
+            )
+            .await;
+        }
+    }
+    conditions::set(
+        conds,
+        Wanted {
+            type_: CONDITION_NODE_LOST,
+            status: true,
+            reason: "PodsOnLostNode",
+            message,
+        },
+        generation,
+        now,
+    )
 }
 
 /// Records an invalid spec without applying anything.

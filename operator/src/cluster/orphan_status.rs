@@ -13,6 +13,10 @@ use crate::api::{CaptureCluster, VolumeRecoveryStatus};
 use crate::classify::{self, Inventory, Situation, Step};
 use crate::flush::{flush_job_name, job_failure};
 use crate::runtime::backoff;
+use crate::runtime::nodes::LostPod;
+
+/// `status.volumes` kind of a volume held by a pod on a lost node.
+pub const KIND_NODE_LOST: &str = "pod-on-lost-node";
 
 /// Flush Jobs failing this many times in a row make the volume count as stuck.
 pub const STUCK_AFTER_FAILURES: u32 = 3;
@@ -88,6 +92,51 @@ pub fn volume_states(
             }
         })
         .collect()
+}
+
+/// `states` with the volumes of `cluster`'s pods on lost nodes marked
+/// `Stuck` (see [`crate::runtime::nodes`]): an entry already there (a
+/// flush Job's claim) gets the reason, a volume not there yet (its claim
+/// is still in use, so it is no orphan yet) is added. Only pods that block
+/// recovery ([`LostPod::blocks_recovery`]) count. Pure.
+pub fn with_lost_pods(
+    mut states: Vec<VolumeRecoveryStatus>,
+    inv: &Inventory,
+    cluster: &CaptureCluster,
+    lost: &[LostPod],
+) -> Vec<VolumeRecoveryStatus> {
+    let ns = cluster.namespace().unwrap_or_default();
+    let name = cluster.name_any();
+    for pod in lost
+        .iter()
+        .filter(|l| l.namespace == ns && l.cluster == name && l.blocks_recovery())
+    {
+        for claim in &pod.claims {
+            let reason = pod.condition_text();
+            if let Some(state) = states.iter_mut().find(|s| &s.claim == claim) {
+                state.phase = "Stuck".into();
+                state.reason = reason;
+                continue;
+            }
+            let volume = inv
+                .claims
+                .iter()
+                .find(|c| c.namespace().as_deref() == Some(ns.as_str()) && &c.name_any() == claim)
+                .and_then(|c| c.spec.as_ref()?.volume_name.clone())
+                .unwrap_or_else(|| format!("claim/{claim}"));
+            states.push(VolumeRecoveryStatus {
+                volume,
+                claim: claim.clone(),
+                kind: KIND_NODE_LOST.into(),
+                phase: "Stuck".into(),
+                reason,
+                failures: 0,
+                next_retry: None,
+            });
+        }
+    }
+    states.sort_by(|a, b| a.volume.cmp(&b.volume));
+    states
 }
 
 /// `(stuck, message)` of the `OrphansStuck` condition: the volumes that
@@ -179,5 +228,53 @@ mod tests {
             "{message}"
         );
         assert!(!stuck(&states[..0]).0);
+    }
+
+    #[test]
+    fn a_volume_held_by_a_pod_on_a_lost_node_is_stuck_and_says_how_to_unblock() {
+        let claim: k8s_openapi::api::core::v1::PersistentVolumeClaim =
+            serde_json::from_value(json!({
+                "metadata": {"name": "buffer-events-1", "namespace": "ns"},
+                "spec": {"volumeName": "pv-1"},
+            }))
+            .unwrap();
+        let inv = Inventory {
+            clusters: vec![cluster()],
+            claims: vec![claim],
+            ..Default::default()
+        };
+        let lost = |pod: &str, terminating: bool| LostPod {
+            namespace: "ns".into(),
+            cluster: "events".into(),
+            pod: pod.into(),
+            node: "node-1".into(),
+            claims: vec![format!("buffer-{pod}")],
+            terminating,
+            flush: false,
+            since: None,
+            node_status: "Unknown".into(),
+            out_of_service: false,
+        };
+        // A wanted pod that is only unreachable is the NodeLost condition's
+        // business; a terminating one strands its volume.
+        let states = with_lost_pods(
+            Vec::new(),
+            &inv,
+            &inv.clusters[0],
+            &[lost("events-1", true), lost("events-0", false)],
+        );
+        assert_eq!(states.len(), 1, "{states:?}");
+        assert_eq!(states[0].volume, "pv-1");
+        assert_eq!(states[0].kind, KIND_NODE_LOST);
+        assert_eq!(states[0].phase, "Stuck");
+        assert!(
+            states[0]
+                .reason
+                .contains("node.kubernetes.io/out-of-service"),
+            "{}",
+            states[0].reason
+        );
+        let (is_stuck, message) = stuck(&states);
+        assert!(is_stuck && message.contains("events-1"), "{message}");
     }
 }

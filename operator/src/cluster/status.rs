@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -15,7 +15,9 @@ use crate::api::{
     CaptureClusterStatus, FIELD_MANAGER, NAMESPACE_LABEL,
 };
 use crate::flush::{FLUSH_COMPONENT, JobState, job_state};
+use crate::runtime::nodes::{self, LostPod};
 use crate::runtime::{Context, Result, api_err, inventory, key};
+use tracing::warn;
 
 pub(super) async fn patch_status(
     cluster: &CaptureCluster,
@@ -74,19 +76,61 @@ pub struct VolumeReport {
 
 /// The cluster's orphans that may hold events, by the one definition
 /// recovery uses ([`crate::classify::find`]): a claim whose ordinal is
-/// still wanted (rolling update, restart) is never one. Volume names, or
-/// `claim <name>` for a claim without a volume.
+/// still wanted (rolling update, restart) is never one. Volumes held by a
+/// pod stranded on a lost node are added as `Stuck`
+/// ([`super::orphan_status::with_lost_pods`]); the stranded pods are
+/// returned for the `NodeLost` condition and Event.
 pub(super) async fn orphans_of(
     ctx: &Context,
     cluster: &CaptureCluster,
-) -> Result<Vec<crate::api::VolumeRecoveryStatus>> {
+) -> Result<(Vec<crate::api::VolumeRecoveryStatus>, Vec<LostPod>)> {
     let ns = cluster.namespace().unwrap_or_default();
     let inv = inventory(&ctx.client, Some(&ns)).await?;
-    Ok(super::orphan_status::volume_states(
-        &inv,
-        cluster,
-        jiff::Timestamp::now(),
-    ))
+    let lost = lost_pods_of(ctx, cluster, &inv.pods).await;
+    let states = super::orphan_status::volume_states(&inv, cluster, jiff::Timestamp::now());
+    let states = super::orphan_status::with_lost_pods(states, &inv, cluster, &lost);
+    Ok((states, lost))
+}
+
+/// The cluster's pods on nodes that are not `Ready`. Only the nodes of
+/// pods that are not ready or are terminating are read (the node
+/// controller marks the pods of a lost node not ready), so a healthy
+/// cluster costs no request. A node that cannot be read is skipped (and
+/// logged): this is reporting, never a reason to fail a reconciliation.
+async fn lost_pods_of(ctx: &Context, cluster: &CaptureCluster, pods: &[Pod]) -> Vec<LostPod> {
+    let name = cluster.name_any();
+    let ours: Vec<Pod> = pods
+        .iter()
+        .filter(|p| p.labels().get(CLUSTER_LABEL) == Some(&name))
+        .cloned()
+        .collect();
+    let suspects: BTreeSet<String> = ours
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some() || !pod_ready(p))
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    if suspects.is_empty() {
+        return Vec::new();
+    }
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let mut nodes = Vec::new();
+    for node in suspects {
+        match api.get_opt(&node).await {
+            Ok(Some(n)) => nodes.push(n),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(node = %node, error = %e, "cannot read node; pods on lost nodes are not reported");
+            }
+        }
+    }
+    nodes::lost_pods(&ours, &nodes)
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// The volumes of a cluster that may hold events, from its claims, the PVs

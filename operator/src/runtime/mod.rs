@@ -6,6 +6,7 @@
 
 pub mod apply;
 mod inventory;
+pub mod nodes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
