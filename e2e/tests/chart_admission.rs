@@ -1,7 +1,9 @@
 //! The chart against the real API server: every rendered document passes a
 //! server-side dry-run, and the chart's ValidatingAdmissionPolicy fences a
-//! capture ServiceAccount to the reclaim policy and `holdfast.dev/*`
-//! annotations of PersistentVolumes claimed in its own namespace.
+//! capture pod (its ServiceAccount, with a token bound to the pod) to the
+//! reclaim policy and `holdfast.dev/*` annotations of the one
+//! PersistentVolume bound to its own claim: not its sibling pods' volumes,
+//! not other applications' volumes in its namespace, not other namespaces'.
 //!
 //! Needs: `make e2e-bins` (control plane and helm).
 
@@ -12,8 +14,8 @@ use chart_support::{
     TIMEOUT, apply, describe, init_tracing, install_crds, monitoring_crds, template,
 };
 use holdfast_e2e::kube::{self as harness, poll_until};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{PersistentVolume, ServiceAccount};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -113,20 +115,51 @@ fn pv(name: &str, claim: Option<(&str, &str)>) -> anyhow::Result<PersistentVolum
     }))?)
 }
 
+/// Creates ServiceAccount `namespace/name`.
+async fn create_service_account(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        )
+        .await?;
+    Ok(())
+}
+
+/// A pod `namespace/name` running as ServiceAccount `sa`, held back from
+/// scheduling (it exists only so that tokens can be bound to it).
+async fn held_pod(client: &Client, namespace: &str, name: &str, sa: &str) -> anyhow::Result<Pod> {
+    Ok(Api::<Pod>::namespaced(client.clone(), namespace)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {
+                    "serviceAccountName": sa,
+                    "schedulingGates": [{"name": "holdfast.dev/never"}],
+                    "containers": [{"name": "capture", "image": "example.invalid/none"}],
+                },
+            }))?,
+        )
+        .await?)
+}
+
 /// A client authenticated as ServiceAccount `namespace/name` with a token
-/// from the TokenRequest API.
+/// from the TokenRequest API, bound to `pod` as the kubelet binds the
+/// tokens it projects (the token then names the pod in its extra claims),
+/// or bound to nothing.
 async fn service_account_client(
     h: &harness::Harness,
     client: &Client,
     namespace: &str,
     name: &str,
+    pod: Option<&Pod>,
 ) -> anyhow::Result<Client> {
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    sas.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}}))?,
-    )
-    .await?;
     let token = sas
         .create_token_request(
             name,
@@ -135,7 +168,12 @@ async fn service_account_client(
                 spec: TokenRequestSpec {
                     audiences: vec![],
                     expiration_seconds: Some(3600),
-                    ..Default::default()
+                    bound_object_ref: pod.map(|p| BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: p.metadata.name.clone(),
+                        uid: p.metadata.uid.clone(),
+                    }),
                 },
                 ..Default::default()
             },
@@ -159,8 +197,7 @@ async fn outcome<T>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
--> anyhow::Result<()> {
+async fn admission_policy_fences_capture_pods_to_their_own_volume() -> anyhow::Result<()> {
     init_tracing();
     let h = harness::shared().await;
     let admin = h.client()?;
@@ -209,17 +246,31 @@ async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
             )
             .await?;
     }
-    let capture = service_account_client(h, &admin, &own, "events-capture").await?;
-    let not_capture = service_account_client(h, &admin, &own, "reporter").await?;
+    create_service_account(&admin, &own, "events-capture").await?;
+    create_service_account(&admin, &own, "reporter").await?;
+    // Two pods of CaptureCluster `events`; each patches its own volume
+    // with a token bound to it, as the kubelet projects it.
+    let pod0 = held_pod(&admin, &own, "events-0", "events-capture").await?;
+    let pod1 = held_pod(&admin, &own, "events-1", "events-capture").await?;
+    let capture = service_account_client(h, &admin, &own, "events-capture", Some(&pod0)).await?;
+    let sibling = service_account_client(h, &admin, &own, "events-capture", Some(&pod1)).await?;
+    let unbound = service_account_client(h, &admin, &own, "events-capture", None).await?;
+    let not_capture = service_account_client(h, &admin, &own, "reporter", None).await?;
 
     let pvs_admin: Api<PersistentVolume> = Api::all(admin.clone());
     let mine = format!("{own}-mine");
+    let siblings = format!("{own}-sibling");
+    let app = format!("{own}-app");
     let theirs = format!("{own}-theirs");
     let unclaimed = format!("{own}-unclaimed");
     let probe = format!("{own}-probe");
     for volume in [
         pv(&probe, None)?,
         pv(&mine, Some((&own, "buffer-events-0")))?,
+        pv(&siblings, Some((&own, "buffer-events-1")))?,
+        // Another application's volume in the same namespace.
+        pv(&app, Some((&own, "data-postgres-0")))?,
+        // The same claim name in another namespace.
         pv(&theirs, Some((&other, "buffer-events-0")))?,
         pv(&unclaimed, None)?,
     ] {
@@ -278,26 +329,61 @@ async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
             .map(String::as_str)
             == Some("true")
     );
+    // The sibling pod may change its own volume, too.
+    let retain = json!({"spec": {"persistentVolumeReclaimPolicy": "Retain"}});
+    outcome(Api::<PersistentVolume>::all(sibling).patch(
+        &siblings,
+        &params,
+        &merge(retain.clone()),
+    ))
+    .await
+    .map_err(|m| anyhow::anyhow!("pod events-1 was refused its own volume: {m}"))?;
 
     // Everything else is denied by the policy, naming why.
+    let clean = json!({"metadata": {"annotations": {"holdfast.dev/clean": "true"}}});
+    let delete_policy = json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}});
     let denied: Vec<(&str, &str, Value, &str)> = vec![
         (
-            "reclaim policy of another namespace's volume",
+            "reclaim policy of the sibling pod's volume",
+            &siblings,
+            delete_policy.clone(),
+            "is claimed by",
+        ),
+        (
+            "holdfast annotation of the sibling pod's volume",
+            &siblings,
+            clean.clone(),
+            "own claim",
+        ),
+        (
+            "reclaim policy of another application's volume",
+            &app,
+            delete_policy.clone(),
+            "data-postgres-0",
+        ),
+        (
+            "reclaim policy of the same claim name in another namespace",
             &theirs,
-            json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}}),
-            "claimed in",
+            delete_policy.clone(),
+            "is claimed by",
         ),
         (
             "holdfast annotation of another namespace's volume",
             &theirs,
-            json!({"metadata": {"annotations": {"holdfast.dev/clean": "true"}}}),
-            "claimed in",
+            clean.clone(),
+            "own claim",
         ),
         (
             "an unclaimed volume",
             &unclaimed,
-            json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}}),
+            delete_policy.clone(),
             "not claimed",
+        ),
+        (
+            "the claim reference's namespace",
+            &mine,
+            json!({"spec": {"claimRef": {"namespace": other.clone()}}}),
+            "own claim",
         ),
         (
             "another annotation",
@@ -318,9 +404,9 @@ async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
             "finalizers",
         ),
         (
-            "the claim reference",
+            "the claim reference's uid",
             &mine,
-            json!({"spec": {"claimRef": {"name": "buffer-other-0"}}}),
+            json!({"spec": {"claimRef": {"uid": "7f0b8d4e-0000-4000-8000-000000000000"}}}),
             "spec.claimRef",
         ),
         (
@@ -344,13 +430,23 @@ async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
     ];
     for (what, name, patch, reason) in &denied {
         match outcome(pvs.patch(name, &params, &merge(patch.clone()))).await {
-            Ok(()) => bail!("a capture service account could change {what}"),
+            Ok(()) => bail!("capture pod events-0 could change {what}"),
             Err(m) => ensure!(
                 m.contains(policy_name) && m.contains(reason),
                 "changing {what} was refused, but not by the policy for '{reason}': {m}"
             ),
         }
     }
+    // A token not bound to a pod (a legacy or hand-made token) changes
+    // nothing, not even a volume of its namespace named like a capture claim.
+    let unbound_patch =
+        outcome(Api::<PersistentVolume>::all(unbound).patch(&mine, &params, &merge(retain))).await;
+    ensure!(
+        unbound_patch
+            .as_ref()
+            .is_err_and(|m| m.contains(policy_name) && m.contains("bound to its pod")),
+        "unbound token: {unbound_patch:?}"
+    );
     let status_patch =
         outcome(pvs.patch_status(&mine, &params, &merge(json!({"status": {"message": "hi"}}))))
             .await;
@@ -367,7 +463,7 @@ async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
     );
     let create = outcome(pvs.create(
         &PostParams::default(),
-        &pv(&format!("{own}-new"), Some((&own, "x")))?,
+        &pv(&format!("{own}-new"), Some((&own, "buffer-events-0")))?,
     ))
     .await;
     ensure!(
@@ -389,14 +485,23 @@ async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
             == Some("storage-team")
     );
     ensure!(kept.finalizers().iter().all(|f| f != "example.com/hold"));
-    let theirs_now = pvs_admin.get(&theirs).await?;
-    ensure!(
-        theirs_now
-            .spec
-            .and_then(|s| s.persistent_volume_reclaim_policy)
-            .as_deref()
-            == Some("Retain")
-    );
+    for name in [&siblings, &app, &theirs] {
+        let now = pvs_admin.get(name).await?;
+        ensure!(
+            now.spec
+                .as_ref()
+                .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+                == Some("Retain"),
+            "{name} lost Retain"
+        );
+        ensure!(
+            now.annotations()
+                .get("holdfast.dev/clean")
+                .map(String::as_str)
+                == Some("false"),
+            "{name} was marked clean"
+        );
+    }
 
     // Other identities are not affected: a ServiceAccount not named
     // *-capture (same RBAC) and the admin may change what they are allowed to.
@@ -416,7 +521,7 @@ async fn admission_policy_fences_capture_service_accounts_to_their_own_volumes()
     .await
     .map_err(|m| anyhow::anyhow!("the admin was refused: {m}"))?;
 
-    for name in [&mine, &theirs, &unclaimed, &probe] {
+    for name in [&mine, &siblings, &app, &theirs, &unclaimed, &probe] {
         let _ = pvs_admin.delete(name, &DeleteParams::default()).await;
     }
     Ok(())
