@@ -502,9 +502,11 @@ async fn invalid_spec_names_the_field_and_applies_nothing() -> anyhow::Result<()
         .expect_err("negative replicas accepted");
     ensure!(err.to_string().contains("spec.replicas"), "{err}");
 
-    // What only the reconciler can check: a condition names the field.
+    // What only the reconciler checks (the CRD's CEL rules cover the
+    // cross-field checks, e2e/tests/operator_api.rs): a condition names
+    // the field.
     let mut bad = cluster("quota", "kafka:9092", 1)?;
-    bad.spec.storage.buffer_quota_bytes = Some(128 << 20);
+    bad.spec.kafka.bootstrap_servers = "no-port".into();
     ccs.create(&PostParams::default(), &bad).await?;
     let (reason, message) = poll_until("SpecValid=False", TIMEOUT, || async {
         let cc = ccs.get("quota").await.ok()?;
@@ -514,10 +516,7 @@ async fn invalid_spec_names_the_field_and_applies_nothing() -> anyhow::Result<()
     .await
     .with_context(|| operator.log_text())?;
     ensure!(reason == "InvalidSpec");
-    ensure!(
-        message.contains("spec.storage.bufferQuotaBytes"),
-        "{message}"
-    );
+    ensure!(message.contains("spec.kafka.bootstrapServers"), "{message}");
     // Nothing was applied.
     let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -537,7 +536,7 @@ async fn invalid_spec_names_the_field_and_applies_nothing() -> anyhow::Result<()
                 e.reason.as_deref() == Some("InvalidSpec")
                     && e.note
                         .as_deref()
-                        .is_some_and(|n| n.contains("spec.storage.bufferQuotaBytes"))
+                        .is_some_and(|n| n.contains("spec.kafka.bootstrapServers"))
             })
             .then_some(())
     })
@@ -547,7 +546,11 @@ async fn invalid_spec_names_the_field_and_applies_nothing() -> anyhow::Result<()
     ccs.patch(
         "quota",
         &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"replicas": 0, "storage": {"bufferQuotaBytes": 32 << 20}}})),
+        &Patch::Merge(json!({"spec": {
+            "replicas": 0,
+            "kafka": {"bootstrapServers": "kafka:9092"},
+            "storage": {"bufferQuotaBytes": 32 << 20},
+        }})),
     )
     .await?;
     poll_until("fixed spec applied", TIMEOUT, || async {

@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    NodeAffinity, ObjectFieldSelector, PersistentVolume, PodSecurityContext, Probe, SeccompProfile,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    NodeAffinity, ObjectFieldSelector, PersistentVolume, PodSecurityContext, PodSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api::{BUFFER_MOUNT_PATH, BUFFER_VOLUME, CaptureCluster, CaptureClusterSpec};
@@ -71,6 +72,74 @@ pub fn volume_affinity(volume: &PersistentVolume) -> Option<Affinity> {
         }),
         ..Default::default()
     })
+}
+
+/// The capture pods' scheduling fields on `pod`: node selector, affinity,
+/// tolerations, priority class, image pull Secrets, and topology spread
+/// constraints (one without a `labelSelector` gets `selector`, the pods'
+/// own labels: a spread over no pods would be no spread).
+pub fn with_capture_scheduling(
+    mut pod: PodSpec,
+    spec: &CaptureClusterSpec,
+    selector: &BTreeMap<String, String>,
+) -> PodSpec {
+    pod.node_selector = spec.node_selector.clone();
+    pod.affinity = spec.affinity.clone();
+    pod.tolerations = spec.tolerations.clone();
+    pod.priority_class_name = spec.priority_class_name.clone();
+    pod.image_pull_secrets = spec.image_pull_secrets.clone();
+    pod.topology_spread_constraints = spec.topology_spread_constraints.clone().map(|all| {
+        all.into_iter()
+            .map(|mut c| {
+                c.label_selector.get_or_insert_with(|| LabelSelector {
+                    match_labels: Some(selector.clone()),
+                    ..Default::default()
+                });
+                c
+            })
+            .collect()
+    });
+    pod
+}
+
+/// A flush Job's scheduling fields on `pod`, inherited from the capture
+/// pods: tolerations, priority class and image pull Secrets always (it
+/// runs where they run, as urgently, from the same registry).
+///
+/// Node choice: a volume with node affinity (a local volume) lives on one
+/// node, so the Job is pinned there by the PV's affinity alone; the pods'
+/// node selector and node affinity could only make it unschedulable there
+/// (e.g. after a spec change). Otherwise it inherits them. Pod
+/// (anti-)affinity and topology spread are not inherited: they place
+/// replicas relative to each other, and a flush Job is not a replica (a
+/// required anti-affinity against capture pods would keep it off every
+/// node that runs one).
+pub fn with_flush_scheduling(
+    mut pod: PodSpec,
+    spec: &CaptureClusterSpec,
+    volume: &PersistentVolume,
+) -> PodSpec {
+    pod.tolerations = spec.tolerations.clone();
+    pod.priority_class_name = spec.priority_class_name.clone();
+    pod.image_pull_secrets = spec.image_pull_secrets.clone();
+    match volume_affinity(volume) {
+        Some(pinned) => {
+            pod.affinity = Some(pinned);
+            pod.node_selector = None;
+        }
+        None => {
+            pod.node_selector = spec.node_selector.clone();
+            pod.affinity = spec
+                .affinity
+                .as_ref()
+                .and_then(|a| a.node_affinity.clone())
+                .map(|node_affinity| Affinity {
+                    node_affinity: Some(node_affinity),
+                    ..Default::default()
+                });
+        }
+    }
+    pod
 }
 
 /// The properties as `HOLDFAST_KAFKA_PROPERTIES` wants them (one per line).

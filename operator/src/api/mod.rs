@@ -3,10 +3,17 @@
 //! agree on.
 //!
 //! The schema carries what the API server can check by itself (required
-//! fields, enums, minimums, patterns); [`CaptureClusterSpec::validate`]
-//! checks the rest (cross-field rules, quantities, reserved Kafka
-//! properties) and names the offending field, so the reconciler can refuse a
-//! spec without applying anything.
+//! fields, enums, minimums, patterns, and the CEL rules of [`cel`]:
+//! cross-field checks, quantities, reserved Kafka properties, immutable
+//! storage fields), so `kubectl apply` refuses a bad spec at once;
+//! [`CaptureClusterSpec::validate`] checks it all again and names the
+//! offending field, so the reconciler can refuse a spec (stored before a
+//! rule existed, or one CEL cannot express) without applying anything.
+//!
+//! `spec.replicas` is also the `scale` subresource (`kubectl scale`,
+//! HorizontalPodAutoscaler): `status.replicas` counts the StatefulSet's pods
+//! and `status.selector` selects them. Scaling down is safe: orphaned
+//! volumes are drained.
 //!
 //! Contract with the capture pod (orphan recovery builds on it): a PV whose
 //! annotation [`CLEAN_ANNOTATION`] is `"true"` holds no events. The pod sets
@@ -16,13 +23,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod cel;
 mod validate;
 
 pub use validate::{InvalidSpec, quantity_bytes};
@@ -83,9 +93,16 @@ pub const HTTP_PORT: i32 = 8080;
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Orphans","type":"integer","jsonPath":".status.orphanedVolumes"}"#,
     printcolumn = r#"{"name":"Stuck","type":"string","jsonPath":".status.conditions[?(@.type==\"OrphansStuck\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    validation = cel::name_rule()
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = cel::spec_rules)]
 pub struct CaptureClusterSpec {
     /// Number of capture pods.
     #[serde(default = "default_replicas")]
@@ -109,13 +126,25 @@ pub struct CaptureClusterSpec {
     /// Affinity of the capture pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// PriorityClass of the capture pods (and of their flush Jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// How the capture pods spread over zones or nodes. A constraint
+    /// without `labelSelector` selects this cluster's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// Secrets for pulling the image (capture pods and flush Jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
     /// Where and how events are delivered.
     pub kafka: KafkaSpec,
     /// Streams (name → topic, mode); empty means one stream `default` to topic `events`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(transform = cel::streams_list)]
     pub streams: Vec<StreamSpec>,
     /// Stream of `POST /v1/events`; defaults to the first stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 249))]
     pub default_stream: Option<String>,
     /// JSON pointer (e.g. `/user/id`) for the partition key of events without `key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +201,7 @@ impl ImagePullPolicy {
 /// Kafka settings.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = cel::kafka_rules)]
 pub struct KafkaSpec {
     /// Bootstrap servers, `host:port[,host:port...]`.
     #[schemars(length(min = 1))]
@@ -197,6 +227,7 @@ pub struct KafkaSpec {
 /// TLS material for Kafka, from one Secret mounted in the pod.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = cel::tls_rules)]
 pub struct KafkaTls {
     /// Secret in the CaptureCluster's namespace.
     #[schemars(length(min = 1))]
@@ -305,6 +336,7 @@ impl StreamMode {
 /// The buffer volume of each pod.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = cel::storage_rules)]
 pub struct StorageSpec {
     /// Size of each pod's claim (a quantity, e.g. `10Gi`).
     pub size: Quantity,
@@ -439,6 +471,13 @@ pub struct CaptureClusterStatus {
     /// Capture pods that pass their readiness probe.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Capture pods the StatefulSet has (the `scale` subresource's status).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Label selector of the capture pods, as a string (the `scale`
+    /// subresource's selector, for HorizontalPodAutoscalers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// Standard conditions: `Ready`, `SpecValid`, `Draining`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

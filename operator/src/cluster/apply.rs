@@ -245,6 +245,8 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
         CaptureClusterStatus {
             observed_generation: generation,
             ready_replicas: ready,
+            replicas: sts.status.as_ref().map_or(0, |s| s.replicas),
+            selector: Some(build::selector_string(cluster)),
             conditions: conds,
             orphaned_volumes: orphaned,
             active_flush_jobs: count_active_flush_jobs(&ctx.client, ns, &name).await?,

@@ -77,6 +77,16 @@ pub fn selector_labels(cluster: &CaptureCluster) -> BTreeMap<String, String> {
     ])
 }
 
+/// [`selector_labels`] as a label selector string (`status.selector`, for
+/// the `scale` subresource).
+pub fn selector_string(cluster: &CaptureCluster) -> String {
+    selector_labels(cluster)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Labels of every object the operator makes for a cluster.
 pub fn labels(cluster: &CaptureCluster) -> BTreeMap<String, String> {
     let mut labels = selector_labels(cluster);
@@ -377,18 +387,19 @@ pub fn build_statefulset(cluster: &CaptureCluster, replicas: i32) -> StatefulSet
                     labels: Some(labels(cluster)),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(names.capture),
-                    automount_service_account_token: Some(true),
-                    termination_grace_period_seconds: Some(spec.shutdown_grace_period_seconds),
-                    security_context: Some(podspec::pod_security_context()),
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    node_selector: spec.node_selector.clone(),
-                    tolerations: spec.tolerations.clone(),
-                    affinity: spec.affinity.clone(),
-                    ..Default::default()
-                }),
+                spec: Some(podspec::with_capture_scheduling(
+                    PodSpec {
+                        service_account_name: Some(names.capture),
+                        automount_service_account_token: Some(true),
+                        termination_grace_period_seconds: Some(spec.shutdown_grace_period_seconds),
+                        security_context: Some(podspec::pod_security_context()),
+                        containers: vec![container],
+                        volumes: Some(volumes),
+                        ..Default::default()
+                    },
+                    spec,
+                    &selector_labels(cluster),
+                )),
             },
             volume_claim_templates: Some(vec![claim]),
             ..Default::default()

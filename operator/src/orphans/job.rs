@@ -7,7 +7,9 @@
 //! volume, SASL `secretKeyRef` environment: the same derivation as the
 //! StatefulSet's, [`podspec::kafka_properties`]), mounts the claim at the
 //! buffer path, and is pinned to the PV's node when the PV has node
-//! affinity (local volumes). It runs as the same non-root user with a
+//! affinity (local volumes); otherwise it inherits the pods' node selector
+//! and node affinity. Tolerations, priority class and image pull Secrets
+//! are the pods' ([`podspec::with_flush_scheduling`]). It runs as the same non-root user with a
 //! read-only root file system, without an API token: it needs none (the
 //! operator flips the volume when the Job succeeds).
 
@@ -145,16 +147,18 @@ pub fn build_flush_job(input: &FlushJobInput<'_>) -> Job {
                     annotations: Some(annotations),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(podspec::pod_security_context()),
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    affinity: volume_affinity(volume),
-                    tolerations: spec.tolerations.clone(),
-                    ..Default::default()
-                }),
+                spec: Some(podspec::with_flush_scheduling(
+                    PodSpec {
+                        restart_policy: Some("Never".into()),
+                        automount_service_account_token: Some(false),
+                        security_context: Some(podspec::pod_security_context()),
+                        containers: vec![container],
+                        volumes: Some(volumes),
+                        ..Default::default()
+                    },
+                    spec,
+                    volume,
+                )),
             },
             ..Default::default()
         }),
@@ -310,6 +314,76 @@ pub(crate) mod tests {
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    }
+
+    fn scheduled() -> CaptureCluster {
+        cluster(json!({
+            "nodeSelector": {"pool": "capture"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+            "affinity": {
+                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [
+                        {"key": "zone", "operator": "In", "values": ["a"]},
+                    ]}],
+                }},
+                "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "capture"}},
+                    "topologyKey": "kubernetes.io/hostname",
+                }]},
+            },
+            "priorityClassName": "holdfast-high",
+            "imagePullSecrets": [{"name": "registry"}],
+            "topologySpreadConstraints": [{
+                "maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+            }],
+        }))
+    }
+
+    #[test]
+    fn flush_job_inherits_the_pods_scheduling_fields() {
+        let c = scheduled();
+        // A network volume: no node of its own.
+        let pv = local_pv("net-1", None);
+        let job = build_flush_job(&FlushJobInput {
+            cluster: &c,
+            volume: &pv,
+            claim: "c",
+            flush_timeout_secs: 60,
+        });
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.node_selector, c.spec.node_selector);
+        assert_eq!(pod.tolerations, c.spec.tolerations);
+        assert_eq!(pod.priority_class_name.as_deref(), Some("holdfast-high"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        let affinity = pod.affinity.unwrap();
+        assert_eq!(
+            affinity.node_affinity,
+            c.spec.affinity.as_ref().unwrap().node_affinity
+        );
+        // Replica placement is not a flush Job's: it would keep the Job off
+        // every node that runs a capture pod.
+        assert_eq!(affinity.pod_anti_affinity, None);
+        assert_eq!(pod.topology_spread_constraints, None);
+    }
+
+    #[test]
+    fn flush_job_on_a_local_volume_keeps_its_node_pin_and_inherits_the_rest() {
+        let c = scheduled();
+        let pv = local_pv("local-1", Some("holdfast-node-2"));
+        let job = build_flush_job(&FlushJobInput {
+            cluster: &c,
+            volume: &pv,
+            claim: "c",
+            flush_timeout_secs: 60,
+        });
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        // Pinned by the PV alone: the pods' node constraints could only
+        // make it unschedulable on the one node that has the data.
+        assert_eq!(pod.affinity, volume_affinity(&pv));
+        assert_eq!(pod.node_selector, None);
+        assert_eq!(pod.tolerations, c.spec.tolerations);
+        assert_eq!(pod.priority_class_name.as_deref(), Some("holdfast-high"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
     }
 
     #[test]

@@ -404,3 +404,49 @@ fn capture_pods_get_their_volume_access_through_a_labelled_cluster_binding() {
                 == "metadata.namespace"
     }));
 }
+
+#[test]
+fn statefulset_pods_carry_the_scheduling_fields() {
+    let c = cluster_with(serde_json::json!({
+        "nodeSelector": {"pool": "capture"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 1,
+            "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"},
+        }]}},
+        "priorityClassName": "holdfast-high",
+        "imagePullSecrets": [{"name": "registry"}],
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"},
+            {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": {"team": "web"}}},
+        ],
+    }));
+    let sts = build_statefulset(&c, 3);
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.node_selector, c.spec.node_selector);
+    assert_eq!(pod.tolerations, c.spec.tolerations);
+    assert_eq!(pod.affinity, c.spec.affinity);
+    assert_eq!(pod.priority_class_name.as_deref(), Some("holdfast-high"));
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+    let spread = pod.topology_spread_constraints.unwrap();
+    // Without a selector a constraint counts this cluster's pods...
+    assert_eq!(
+        spread[0].label_selector.as_ref().unwrap().match_labels,
+        Some(selector_labels(&c))
+    );
+    // ...and one the user gave is kept.
+    assert_eq!(
+        spread[1].label_selector.as_ref().unwrap().match_labels,
+        Some(BTreeMap::from([("team".to_string(), "web".to_string())]))
+    );
+}
+
+#[test]
+fn selector_string_selects_the_pods() {
+    let c = cluster();
+    assert_eq!(
+        selector_string(&c),
+        "app.kubernetes.io/component=capture,app.kubernetes.io/name=holdfast,holdfast.dev/cluster=events"
+    );
+}
