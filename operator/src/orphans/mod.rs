@@ -296,6 +296,13 @@ fn flush_pod_running(inv: &Inventory, ns: &str, job: &str) -> bool {
 /// A failed step: logged and counted; the next pass retries (a conflict is
 /// another writer landing first, and is expected).
 fn failed(ctx: &Context, what: &str, e: &Error) {
+    if namespace_terminating(e) {
+        // Kubernetes refuses new claims and Jobs in a namespace being
+        // deleted; the cluster's deletion says so (`Draining` condition
+        // `NamespaceTerminating`, Events on the PVs) and how to unblock.
+        debug!(target = %what, error = %e, "namespace is being deleted: no recovery there");
+        return;
+    }
     ctx.metrics.reconcile_failed(CONTROLLER, e.reason());
     if e.reason() == "conflict" {
         debug!(target = %what, error = %e, "orphan step raced another writer; retrying next pass");
@@ -304,9 +311,40 @@ fn failed(ctx: &Context, what: &str, e: &Error) {
     }
 }
 
+/// Whether `e` is the API server refusing new content in a namespace that
+/// is being deleted.
+fn namespace_terminating(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Api {
+            source: kube::Error::Api(status),
+            ..
+        } if status.code == 403 && status.message.contains("because it is being terminated")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_by_a_terminating_namespace_is_recognised() {
+        let refused = |message: &str| Error::Api {
+            what: "create claim".into(),
+            source: kube::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "status": "Failure", "message": message, "reason": "Forbidden", "code": 403,
+                }))
+                .unwrap(),
+            ),
+        };
+        assert!(namespace_terminating(&refused(
+            "persistentvolumeclaims \"x\" is forbidden: unable to create new content in namespace ns because it is being terminated"
+        )));
+        assert!(!namespace_terminating(&refused(
+            "persistentvolumeclaims is forbidden: User \"op\" cannot create resource"
+        )));
+    }
 
     #[test]
     fn bounded_names_are_dns_labels_and_keep_distinct_volumes_apart() {
