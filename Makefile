@@ -20,9 +20,10 @@ demo:
 kafka:
 	bash e2e/kafka/fetch.sh
 
-## e2e-bins: build kube-apiserver, controller-manager, scheduler, etcd, helm from pinned Go modules (once)
+## e2e-bins: build kube-apiserver, controller-manager, scheduler, etcd, helm, promtool from pinned Go modules (once)
 e2e-bins:
 	bash e2e/bins.sh
+	bash e2e/promtool.sh
 
 ## test: every test, unit and end-to-end (real Kafka, real Kubernetes control plane)
 test: build kafka e2e-bins
@@ -42,7 +43,7 @@ crds:
 ## chart: lint and render the Helm chart (schema, CRD and RBAC copies, image name)
 chart: e2e-bins
 	"$$(bash e2e/bins.sh)/helm" lint --strict charts/holdfast
-	$(CARGO) test -p holdfast-e2e --test chart_render
+	$(CARGO) test -p holdfast-e2e --test chart_render --test chart_rbac --test chart_rules
 
 ## image: build and run-check holdfast/holdfast:<appVersion> with buildah (root; installs buildah and debootstrap)
 image:

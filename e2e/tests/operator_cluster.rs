@@ -420,9 +420,19 @@ async fn capture_cluster_runs_delivers_retains_scales_rolls_and_drains() -> anyh
 
     // Deletion: scaled to zero, the last pod drains and marks its volume
     // clean, then the finalizer waits for the volume that is not, and says so.
-    let binding = format!("holdfast-capture-{ns}-{name}");
+    // The pods' PV access: their ServiceAccount is a subject of the one
+    // capture ClusterRoleBinding (named like the role it binds).
     let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    ensure!(bindings.get_opt(&binding).await?.is_some());
+    let capture_sa = format!("{name}-capture");
+    let bound = || async {
+        let binding = bindings.get_opt("holdfast-capture").await?;
+        anyhow::Ok(binding.and_then(|b| b.subjects).is_some_and(|subjects| {
+            subjects
+                .iter()
+                .any(|s| s.name == capture_sa && s.namespace.as_deref() == Some(ns.as_str()))
+        }))
+    };
+    ensure!(bound().await?, "capture ServiceAccount not bound");
     ccs.delete(name, &DeleteParams::default()).await?;
     let message = poll_until("deletion waits for the stuck volume", TIMEOUT, || async {
         let cc = ccs.get(name).await.ok()?;
@@ -461,7 +471,7 @@ async fn capture_cluster_runs_delivers_retains_scales_rolls_and_drains() -> anyh
     })
     .await
     .with_context(|| operator.log_text())?;
-    ensure!(bindings.get_opt(&binding).await?.is_none());
+    ensure!(!bound().await?, "capture ServiceAccount still bound");
     operator.ensure_never_forbidden()?;
     Ok(())
 }

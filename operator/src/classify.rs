@@ -381,6 +381,11 @@ pub struct Situation<'a> {
     pub slot_free: bool,
 }
 
+/// Flush Jobs failing this many times in a row make the volume count as
+/// stuck (the `OrphansStuck` condition and
+/// `holdfast_operator_cluster_stuck_volumes` alike).
+pub const STUCK_AFTER_FAILURES: u32 = 3;
+
 /// Failures recorded on a PV and when the last one was.
 pub fn failures(volume: &PersistentVolume) -> (u32, Option<jiff::Timestamp>) {
     let n = volume

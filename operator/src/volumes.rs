@@ -352,7 +352,15 @@ async fn force_retain(
 }
 
 fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failed(CONTROLLER, error.reason());
+    match claim.labels().get(CLUSTER_LABEL) {
+        Some(cluster) => ctx.metrics.cluster_failed(
+            CONTROLLER,
+            error.reason(),
+            &claim.namespace().unwrap_or_default(),
+            cluster,
+        ),
+        None => ctx.metrics.reconcile_failed(CONTROLLER, error.reason()),
+    }
     let key = format!(
         "claim:{}/{}",
         claim.namespace().unwrap_or_default(),

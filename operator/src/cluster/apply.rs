@@ -18,7 +18,7 @@ use crate::api::{
     quantity_bytes,
 };
 use crate::runtime::nodes::{CONDITION_NODE_LOST, LostPod, REASON_NODE_LOST};
-use crate::runtime::{Context, Result, api_err, apply_cluster_object, apply_object, key};
+use crate::runtime::{Context, Result, api_err, apply_object, key};
 
 use super::build::{self, Names};
 use super::conditions::{self, Wanted};
@@ -110,11 +110,7 @@ pub(super) async fn apply(cluster: &CaptureCluster, ns: &str, ctx: &Context) -> 
     apply_object(ctx, ns, &build::build_service_account(cluster)).await?;
     apply_object(ctx, ns, &build::build_role(cluster)).await?;
     apply_object(ctx, ns, &build::build_role_binding(cluster)).await?;
-    apply_cluster_object(
-        ctx,
-        &build::build_cluster_role_binding(cluster, &ctx.capture_cluster_role),
-    )
-    .await?;
+    super::capture_binding::bind(ctx, cluster).await?;
     apply_object(ctx, ns, &build::build_headless_service(cluster)).await?;
     apply_object(ctx, ns, &build::build_client_service(cluster)).await?;
     apply_object(ctx, ns, &build::build_pod_disruption_budget(cluster)).await?;

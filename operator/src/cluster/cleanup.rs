@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, ListParams, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -134,21 +133,7 @@ pub(super) async fn cleanup(cluster: &CaptureCluster, ns: &str, ctx: &Context) -
     }
     // The pods needed their PV access to mark their volumes; now nothing
     // of the cluster runs.
-    ctx.may_write(|| format!("delete clusterrolebinding {}", names.cluster_binding))?;
-    let bindings: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-    match bindings
-        .delete(&names.cluster_binding, &Default::default())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => {
-            return Err(api_err(format!(
-                "delete clusterrolebinding {}",
-                names.cluster_binding
-            ))(e));
-        }
-    }
+    super::capture_binding::unbind(ctx, cluster).await?;
     info!(cluster = %key(cluster), "every volume is clean: releasing the finalizer");
     ctx.publish(
         cluster,

@@ -15,6 +15,7 @@
 
 mod apply;
 pub mod build;
+pub mod capture_binding;
 mod cleanup;
 pub mod conditions;
 pub mod orphan_status;
@@ -131,7 +132,12 @@ pub async fn reconcile(cluster: Arc<CaptureCluster>, ctx: Arc<Context>) -> Resul
 
 /// Counts the error and retries with exponential backoff per object.
 pub fn error_policy(cluster: Arc<CaptureCluster>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failed(CONTROLLER, error.reason());
+    ctx.metrics.cluster_failed(
+        CONTROLLER,
+        error.reason(),
+        &cluster.namespace().unwrap_or_default(),
+        &cluster.name_any(),
+    );
     let failures = ctx.failed(&key(&*cluster));
     let delay = backoff(failures);
     warn!(

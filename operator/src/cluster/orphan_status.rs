@@ -19,7 +19,7 @@ use crate::runtime::nodes::LostPod;
 pub const KIND_NODE_LOST: &str = "pod-on-lost-node";
 
 /// Flush Jobs failing this many times in a row make the volume count as stuck.
-pub const STUCK_AFTER_FAILURES: u32 = 3;
+pub use crate::classify::STUCK_AFTER_FAILURES;
 
 /// The entries of `status.volumes` for `cluster`. Pure.
 pub fn volume_states(

@@ -106,10 +106,13 @@ struct Memory {
 }
 
 impl Memory {
-    /// Records phase `phase` of orphan `key` once, `since` its detection.
-    fn phase(&mut self, ctx: &Context, key: &str, phase: &'static str, since: Duration) {
-        if self.timed.entry(key.to_string()).or_default().insert(phase) {
+    /// Records phase `phase` of `orphan` once, `since` its detection.
+    fn phase(&mut self, ctx: &Context, orphan: &Orphan, phase: &'static str, since: Duration) {
+        if self.timed.entry(orphan.key()).or_default().insert(phase) {
             ctx.metrics.orphans.phase(phase, since);
+            ctx.metrics
+                .clusters
+                .phase(&orphan.namespace, &orphan.cluster, phase, since);
         }
     }
 }
@@ -178,7 +181,12 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
                     .await;
                 }
             }
-            Err(e) => failed(ctx, &format!("job {}/{}", stop.namespace, stop.job), &e),
+            Err(e) => failed(
+                ctx,
+                &format!("job {}/{}", stop.namespace, stop.job),
+                (&stop.namespace, &stop.cluster),
+                &e,
+            ),
         }
     }
 
@@ -192,6 +200,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
     let mut active = find::active_jobs(&inv.jobs);
     let mut holding = 0i64;
     let mut unrecoverable = 0i64;
+    let mut tally = metrics::Tally::new(&inv);
     for orphan in &findings.orphans {
         let key = orphan.key();
         let first_seen = *memory.first_seen.entry(key.clone()).or_insert(now_instant);
@@ -219,6 +228,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
                 slot_free: running < max,
             },
         );
+        tally.orphan(orphan, volume, &step, orphaned_for);
         let target = Target {
             orphan,
             cluster,
@@ -229,7 +239,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
         if let Some(job) = job
             && flush_pod_running(&inv, &orphan.namespace, &job.name_any())
         {
-            memory.phase(ctx, &key, "pod_running", orphaned_for);
+            memory.phase(ctx, orphan, "pod_running", orphaned_for);
         }
         let result = match &step {
             Step::Wait(why) => {
@@ -245,12 +255,12 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
                 let started = steps::start_job(ctx, config, &target).await;
                 if started.is_ok() {
                     *active.entry(slot).or_insert(0) += 1;
-                    memory.phase(ctx, &key, "job_created", orphaned_for);
+                    memory.phase(ctx, orphan, "job_created", orphaned_for);
                 }
                 started
             }
             Step::Finish => {
-                memory.phase(ctx, &key, "drained", orphaned_for);
+                memory.phase(ctx, orphan, "drained", orphaned_for);
                 steps::finish(ctx, &target, orphaned_for).await
             }
             Step::RecordFailure => steps::record_failure(ctx, &target, now).await,
@@ -265,12 +275,12 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
         match result {
             Ok(()) => {
                 if matches!(step, Step::Finish | Step::Release) {
-                    memory.phase(ctx, &key, "released", orphaned_for);
+                    memory.phase(ctx, orphan, "released", orphaned_for);
                     memory.first_seen.remove(&key);
                     memory.timed.remove(&key);
                 }
             }
-            Err(e) => failed(ctx, &key, &e),
+            Err(e) => failed(ctx, &key, (&orphan.namespace, &orphan.cluster), &e),
         }
     }
     let m = &ctx.metrics.orphans;
@@ -278,6 +288,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
     m.unrecoverable_volumes.set(unrecoverable);
     m.active_flush_jobs
         .set(i64::from(active.values().copied().sum::<u32>()));
+    ctx.metrics.clusters.publish(tally.figures());
     Ok(next)
 }
 
@@ -293,9 +304,9 @@ fn flush_pod_running(inv: &Inventory, ns: &str, job: &str) -> bool {
     })
 }
 
-/// A failed step: logged and counted; the next pass retries (a conflict is
-/// another writer landing first, and is expected).
-fn failed(ctx: &Context, what: &str, e: &Error) {
+/// A failed step of a cluster's recovery: logged and counted; the next pass
+/// retries (a conflict is another writer landing first, and is expected).
+fn failed(ctx: &Context, what: &str, (namespace, cluster): (&str, &str), e: &Error) {
     if namespace_terminating(e) {
         // Kubernetes refuses new claims and Jobs in a namespace being
         // deleted; the cluster's deletion says so (`Draining` condition
@@ -303,7 +314,8 @@ fn failed(ctx: &Context, what: &str, e: &Error) {
         debug!(target = %what, error = %e, "namespace is being deleted: no recovery there");
         return;
     }
-    ctx.metrics.reconcile_failed(CONTROLLER, e.reason());
+    ctx.metrics
+        .cluster_failed(CONTROLLER, e.reason(), namespace, cluster);
     if e.reason() == "conflict" {
         debug!(target = %what, error = %e, "orphan step raced another writer; retrying next pass");
     } else {
