@@ -121,8 +121,11 @@ fn metrics_dead_copied(metrics: &Metrics) -> u64 {
 /// Runs the capture pod until SIGTERM/SIGINT.
 pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let _lock = DirLock::acquire(&cfg.data_dir)?;
-    if let Err(e) = buffer::ensure_reserve(&cfg.data_dir, cfg.disk_reserve_bytes) {
-        tracing::warn!(error = %e, bytes = cfg.disk_reserve_bytes, "could not set the disk reserve aside");
+    // Half the reserve is a file, released if the disk fills anyway; the
+    // other half is kept free by refusing appends before they would take it.
+    let reserve_file = cfg.disk_reserve_bytes / 2;
+    if let Err(e) = buffer::ensure_reserve(&cfg.data_dir, reserve_file) {
+        tracing::warn!(error = %e, bytes = reserve_file, "could not set the disk reserve aside");
     }
     let metrics = Arc::new(Metrics::new());
     let (writer_thread, writer) = GroupCommitWriter::start_with(
@@ -133,6 +136,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             commit_timeout: cfg.commit_timeout,
             // Half the reserve: once released, it always holds a checkpoint.
             max_wal_bytes: cfg.disk_reserve_bytes / 2,
+            keep_free_bytes: cfg.disk_reserve_bytes - reserve_file,
         },
         Some(commit_observer(&metrics)),
     )?;

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
+use super::room::{self, DiskGuard, Room};
 use super::writer::{AppendError, BufferState, SealReport};
 use super::{NewEvent, now_ms};
 use crate::config::Durability;
@@ -162,6 +163,7 @@ pub(super) struct Session {
     path: PathBuf,
     durability: Durability,
     wal_pages: i64,
+    guard: DiskGuard,
     state: Arc<BufferState>,
     /// `meta` may hold a clean mark, so the next append must remove it.
     marked_clean: bool,
@@ -176,16 +178,34 @@ impl Session {
         path: PathBuf,
         durability: Durability,
         wal_pages: i64,
+        keep_free: u64,
         state: Arc<BufferState>,
     ) -> Self {
-        Self {
-            conn: Some(conn),
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let guard = DiskGuard::new(dir, keep_free, Default::default());
+        let mut session = Self {
+            conn: None,
             path,
             durability,
             wal_pages,
+            guard,
             state,
             marked_clean: true,
             settle_failed_at: None,
+        };
+        session.conn = session.watched(conn);
+        session
+    }
+
+    /// The connection with the WAL hook installed; `None` (reopened on use)
+    /// if that failed.
+    fn watched(&self, mut conn: Connection) -> Option<Connection> {
+        match room::watch_wal(&mut conn, self.wal_pages, self.guard.wal_frames()) {
+            Ok(()) => Some(conn),
+            Err(e) => {
+                tracing::error!(error = %e, "could not watch the buffer's WAL");
+                None
+            }
         }
     }
 
@@ -196,11 +216,11 @@ impl Session {
             let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
             let conn = super::open_writer(dir, self.durability)
                 .map_err(|e| AppendError::Disk(e.to_string()))?;
-            conn.pragma_update(None, "wal_autocheckpoint", self.wal_pages)
-                .map_err(|e| AppendError::Disk(e.to_string()))?;
-            self.conn = Some(conn);
+            self.conn = self.watched(conn);
         }
-        Ok(self.conn.as_mut().expect("connection just opened"))
+        self.conn
+            .as_mut()
+            .ok_or_else(|| AppendError::Disk("the buffer could not be reopened".into()))
     }
 
     fn failed(&mut self, e: &rusqlite::Error, commands: usize, what: &str) -> AppendError {
@@ -211,6 +231,25 @@ impl Session {
             self.conn = None;
         }
         AppendError::Disk(e.to_string())
+    }
+
+    /// Unready once an append was refused for room on the volume; ready again
+    /// only when another `keep_free` bytes of events would fit, so a pod at
+    /// the edge does not flap.
+    fn update_disk_low(&self, refused: bool, mut room_left: Room) {
+        if refused {
+            if !self.state.disk_low.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    keep_free = self.guard.keep_free(),
+                    "the volume is nearly full: refusing events until delivery frees space"
+                );
+            }
+        } else if self.state.disk_low.load(Ordering::Relaxed)
+            && room_left.take(self.guard.keep_free())
+        {
+            self.state.disk_low.store(false, Ordering::Relaxed);
+            tracing::info!("room on the volume again: accepting events");
+        }
     }
 
     fn committed(&self, refused: bool) {
@@ -286,19 +325,27 @@ impl Session {
         let mut answers = Vec::with_capacity(commands.len());
         let mut round = AppendRound::default();
         let marked_clean = self.marked_clean;
-        let result = match self.connection() {
+        let mut room = Room::unlimited();
+        let result = match self.connection().map(|_| ()) {
             Err(e) => Err(e),
-            Ok(conn) => apply_appends(
-                conn,
-                commands,
-                &state,
-                refuse_appends,
-                marked_clean,
-                &mut t,
-                &mut answers,
-                &mut round,
-            )
-            .map_err(|(e, n)| self.failed(&e, n, "append")),
+            Ok(()) => {
+                let conn = self.conn.as_mut().expect("connection opened above");
+                if !refuse_appends {
+                    room = self.guard.measure(conn);
+                }
+                apply_appends(
+                    conn,
+                    commands,
+                    &state,
+                    refuse_appends,
+                    marked_clean,
+                    &mut t,
+                    &mut answers,
+                    &mut round,
+                    &mut room,
+                )
+                .map_err(|(e, n)| self.failed(&e, n, "append"))
+            }
         };
         match result {
             Ok(()) => {
@@ -319,6 +366,9 @@ impl Session {
                     self.committed(round.refused_for_room);
                 } else {
                     update_over_quota(&state, round.refused_for_room);
+                }
+                if !refuse_appends {
+                    self.update_disk_low(round.refused_for_disk, room);
                 }
                 answers.into_iter().for_each(Answer::send);
                 (true, round.appended)
@@ -450,6 +500,8 @@ struct AppendRound {
     wrote: bool,
     /// An append was refused because the quota had no room left for it.
     refused_for_room: bool,
+    /// An append was refused because the volume had no room left for it.
+    refused_for_disk: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -462,9 +514,11 @@ fn apply_appends(
     t: &mut Totals,
     answers: &mut Vec<Answer>,
     round: &mut AppendRound,
+    room: &mut Room,
 ) -> Result<(), (rusqlite::Error, usize)> {
     let n = commands.len();
     let quota = state.quota.load(Ordering::Relaxed);
+    let keep_free = room.keep_free;
     let mut commands = commands.into_iter();
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
@@ -498,11 +552,15 @@ fn apply_appends(
                                 quota,
                                 needed,
                             })
+                        } else if !room.take(room::cost(&events)) {
+                            Some(AppendError::DiskFull { keep_free })
                         } else {
                             None
                         };
                         round.refused_for_room |=
                             matches!(refusal, Some(AppendError::QuotaExceeded { .. }));
+                        round.refused_for_disk |=
+                            matches!(refusal, Some(AppendError::DiskFull { .. }));
                         if let Some(err) = refusal {
                             answers.push(Answer::Seq(reply, Err(err)));
                             continue;

@@ -29,6 +29,7 @@
 
 mod commit;
 pub mod quarantine;
+mod room;
 pub mod salvage;
 pub mod writer;
 

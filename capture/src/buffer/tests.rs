@@ -414,6 +414,7 @@ async fn a_hung_commit_answers_stalled_in_time_and_clears_when_the_disk_answers(
             quota: u64::MAX,
             commit_timeout: std::time::Duration::from_millis(200),
             max_wal_bytes: 0,
+            keep_free_bytes: 0,
         },
         None,
     )
@@ -443,5 +444,59 @@ async fn a_hung_commit_answers_stalled_in_time_and_clears_when_the_disk_answers(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(!h.state.commit_stalled.load(Ordering::Relaxed));
+    stop(w, h).await;
+}
+
+/// The volume's room is measured before appends: keeping more free than the
+/// volume has refuses every append (nothing written, the pod unready), while
+/// the forwarder's settlements still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_that_would_take_the_room_kept_for_deletes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |keep_free_bytes| {
+        GroupCommitWriter::start_with(
+            dir.path(),
+            WriterOptions {
+                durability: Durability::Fsync,
+                quota: u64::MAX,
+                commit_timeout: std::time::Duration::from_secs(10),
+                max_wal_bytes: 0,
+                keep_free_bytes,
+            },
+            None,
+        )
+        .unwrap()
+    };
+    let (w, h) = open(1);
+    let last = h.append(vec![ev(1)]).await.unwrap();
+    stop(w, h).await;
+
+    let (w, h) = open(u64::MAX / 8);
+    let refused = h.append(vec![ev(2)]).await;
+    assert!(
+        matches!(refused, Err(AppendError::DiskFull { .. })),
+        "{refused:?}"
+    );
+    assert!(
+        h.state.disk_low.load(Ordering::Relaxed),
+        "unready while the volume has no room"
+    );
+    h.settle(vec![(last, ev(1).size())], vec![])
+        .await
+        .expect("deletes still commit");
+    assert_eq!(h.state.events.load(Ordering::Relaxed), 0);
+    stop(w, h).await;
+
+    let (w, h) = open(1);
+    h.append(vec![ev(3)]).await.unwrap();
+    let conn = open_reader(dir.path()).unwrap();
+    let uuids: Vec<String> = conn
+        .prepare("SELECT uuid FROM events")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(uuids, [ev(3).uuid], "the refused append wrote nothing");
     stop(w, h).await;
 }

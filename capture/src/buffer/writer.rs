@@ -45,6 +45,12 @@ pub enum AppendError {
     /// The request alone is larger than the whole quota: no retry can succeed.
     #[error("request needs {needed} bytes, more than the whole buffer quota of {quota}")]
     LargerThanQuota { quota: u64, needed: u64 },
+    /// The volume is nearly full: the room left is kept for deleting what
+    /// Kafka took; retrying once delivery freed space succeeds.
+    #[error(
+        "the volume is nearly full: {keep_free} bytes are kept free for delivery; retry once events are delivered"
+    )]
+    DiskFull { keep_free: u64 },
     /// The commit failed (disk full, I/O error), or the disk is known failed.
     #[error("buffer commit failed: {0}")]
     Disk(String),
@@ -78,6 +84,8 @@ pub struct BufferState {
     pub over_quota: AtomicBool,
     /// The last commit failed (unready).
     pub disk_failed: AtomicBool,
+    /// Appends were refused for room on the volume (unready until there is room again).
+    pub disk_low: AtomicBool,
     /// A commit took longer than the commit timeout (unready until one finishes).
     pub commit_stalled: AtomicBool,
     /// Sealed for shutdown: appends are refused.
@@ -230,6 +238,9 @@ pub struct WriterOptions {
     /// checkpoint to complete, or the WAL never restarts and no delete can
     /// ever commit.
     pub max_wal_bytes: u64,
+    /// Appends are refused when they would leave less than this much free on
+    /// the volume past what a checkpoint needs (0: no check). See [`super::room`].
+    pub keep_free_bytes: u64,
 }
 
 /// WAL pages allowed before the writer checkpoints, for a WAL limit in bytes.
@@ -249,6 +260,7 @@ impl WriterOptions {
             quota: u64::MAX,
             commit_timeout: Duration::from_secs(3600),
             max_wal_bytes: 0,
+            keep_free_bytes: 0,
         }
     }
 }
@@ -268,6 +280,7 @@ impl GroupCommitWriter {
                 quota,
                 commit_timeout: Duration::from_secs(10),
                 max_wal_bytes: 0,
+                keep_free_bytes: 0,
             },
             observer,
         )
@@ -282,7 +295,6 @@ impl GroupCommitWriter {
         super::quarantine::quarantine_if_damaged(dir)?;
         let wal_pages = wal_pages(opts.max_wal_bytes);
         let conn = super::open_writer(dir, opts.durability)?;
-        conn.pragma_update(None, "wal_autocheckpoint", wal_pages)?;
         let (events, bytes) = super::totals(&conn)?;
         let (dead, dead_bytes) = super::dead_letter_totals(&conn)?;
         let state = Arc::new(BufferState::default());
@@ -311,8 +323,14 @@ impl GroupCommitWriter {
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
             .spawn(move || {
-                let session =
-                    commit::Session::new(conn, path, opts.durability, wal_pages, state.clone());
+                let session = commit::Session::new(
+                    conn,
+                    path,
+                    opts.durability,
+                    wal_pages,
+                    opts.keep_free_bytes,
+                    state.clone(),
+                );
                 run(session, rx, state, appended, observer)
             })
             .map_err(|source| Error::DataDir {

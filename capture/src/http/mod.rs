@@ -209,6 +209,8 @@ pub fn unready_reason(s: &AppState) -> Option<&'static str> {
         Some("shutting down")
     } else if buf.over_quota.load(Ordering::Relaxed) {
         Some("buffer over quota")
+    } else if buf.disk_low.load(Ordering::Relaxed) {
+        Some("volume nearly full")
     } else if (buf.disk_failed.load(Ordering::Relaxed)
         || buf.commit_stalled.load(Ordering::Relaxed))
         && s.cfg.on_disk_failure == OnDiskFailure::Reject
@@ -396,6 +398,7 @@ async fn accept(
             match s.writer.append(events).await {
                 Ok(_) => {}
                 Err(AppendError::QuotaExceeded { .. }) => return Err(unavailable("buffer_full")),
+                Err(AppendError::DiskFull { .. }) => return Err(unavailable("disk_full")),
                 Err(AppendError::LargerThanQuota { quota, needed }) => {
                     return Err(ApiError::Rejected(Rejection {
                         status: StatusCode::PAYLOAD_TOO_LARGE,
