@@ -3,8 +3,9 @@
 //! ClusterRole with cluster-scoped resources only. The operator reconciles a
 //! CaptureCluster (ServiceAccount, Role, StatefulSet, status, its capture
 //! ServiceAccount added to the capture ClusterRoleBinding) and lets it go on
-//! deletion (subject removed, finalizer released) without one request
-//! refused; the same identity is refused pods of another namespace and any
+//! deletion (subject removed, finalizer released, its
+//! `holdfast_operator_cluster_*{namespace, cluster}` series gone) without
+//! one request refused; the same identity is refused pods of another namespace and any
 //! ClusterRoleBinding but the capture one.
 //!
 //! Needs: `make e2e-bins` and the workspace binaries (`cargo build --bins`).
@@ -150,6 +151,16 @@ async fn operator_runs_a_cluster_under_the_charts_namespaced_rbac() -> anyhow::R
     .await
     .with_context(|| operator.log_text())?;
 
+    // Its per-cluster series, labelled with the cluster's namespace.
+    let series = format!(
+        "holdfast_operator_cluster_desired_replicas{{namespace=\"{ns}\",cluster=\"events\"}} 0"
+    );
+    poll_until("per-cluster metrics published", TIMEOUT, || async {
+        operator.metrics().await?.contains(&series).then_some(())
+    })
+    .await
+    .with_context(|| operator.log_text())?;
+
     ccs.delete("events", &DeleteParams::default()).await?;
     poll_until("cluster deleted through its finalizer", TIMEOUT, || async {
         matches!(ccs.get_opt("events").await, Ok(None)).then_some(())
@@ -160,6 +171,10 @@ async fn operator_runs_a_cluster_under_the_charts_namespaced_rbac() -> anyhow::R
         bound().await == Some(false),
         "capture ServiceAccount still bound"
     );
+    poll_until("per-cluster metrics removed", TIMEOUT, || async {
+        (!operator.metrics().await?.contains("cluster=\"events\"")).then_some(())
+    })
+    .await?;
     operator.ensure_never_forbidden()?;
 
     // The same identity outside its namespace and its one binding.
