@@ -17,6 +17,15 @@
 //!   `topologySpreadConstraints` (with the pods' selector filled in) and
 //!   `imagePullSecrets`. The pods select no node, so nothing runs (no Kafka
 //!   needed).
+//! - `unlabelled_volume_of_a_vanished_claim_is_found_through_its_claim_ref`
+//!   (item 7): two `Released` PVs that never got a Holdfast label (their
+//!   claims `buffer-events-<n>` were deleted first), one older than the
+//!   CaptureCluster and one newer. Both are found through `claimRef` and
+//!   labelled; the newer one gets the cluster's uid and a flush Job at
+//!   once, the older one (maybe a previous instance's) is reported stuck
+//!   until `adoptPreviousVolumes`, then gets its Job. Before, recovery
+//!   (which finds volumes by label) never saw either. The flush pods
+//!   select no node: nothing runs, no Kafka needed.
 //!
 //! Needs: `make e2e-bins` and the workspace binaries.
 
@@ -24,9 +33,11 @@ mod operator_support;
 
 use anyhow::{Context, ensure};
 use holdfast_e2e::kube::{self as harness, poll_until, storage};
-use holdfast_operator::api::CaptureCluster;
+use holdfast_operator::api::{CLUSTER_LABEL, CLUSTER_UID_LABEL, CaptureCluster, UNKNOWN_INSTANCE};
+use holdfast_operator::flush::{flush_job_name, recovery_claim_name};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -353,6 +364,170 @@ async fn scale_subresource_drives_the_statefulset_with_the_scheduling_fields() -
     })
     .await
     .with_context(|| operator.log_text())?;
+    operator.ensure_never_forbidden()?;
+    Ok(())
+}
+
+/// A `Released` hostPath PV of the network class whose claim
+/// `buffer-events-<ordinal>` in `ns` is gone, with no label at all.
+fn orphaned_pv(
+    name: &str,
+    ns: &str,
+    ordinal: u32,
+    path: &std::path::Path,
+) -> anyhow::Result<PersistentVolume> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": "64Mi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": storage::NETWORK_STORAGE_CLASS,
+            "hostPath": {"path": path.display().to_string(), "type": "DirectoryOrCreate"},
+            "claimRef": {"namespace": ns, "name": format!("buffer-events-{ordinal}"),
+                "uid": uuid::Uuid::new_v4().to_string()},
+        },
+    }))?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlabelled_volume_of_a_vanished_claim_is_found_through_its_claim_ref() -> anyhow::Result<()>
+{
+    init_tracing();
+    let h = harness::shared().await;
+    let client = h.client()?;
+    install_cluster_wide(&client).await?;
+    let ns = h.namespace("api-claimref").await?;
+    let kubeconfig = operator_identity(h, &ns).await?;
+    let operator = Operator::start(h, &ns, &kubeconfig, "op-claimref")?;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let ccs: Api<CaptureCluster> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let dir = h.volumes_dir();
+    let released = |name: String| {
+        let pvs = pvs.clone();
+        async move {
+            poll_until(&format!("{name} Released"), TIMEOUT, || async {
+                let pv = pvs.get(&name).await.ok()?;
+                (pv.status.as_ref()?.phase.as_deref() == Some("Released")).then_some(pv)
+            })
+            .await
+        }
+    };
+
+    // Older than the cluster.
+    let old = format!("{ns}-old");
+    let old_pv = pvs
+        .create(
+            &PostParams::default(),
+            &orphaned_pv(&old, &ns, 1, &dir.join(&old))?,
+        )
+        .await?;
+    released(old.clone()).await?;
+    let old_created = old_pv
+        .metadata
+        .creation_timestamp
+        .context("no creationTimestamp")?
+        .0;
+    // Creation times have a resolution of a second: the cluster must be
+    // visibly younger.
+    poll_until(
+        "the clock passes the old volume's second",
+        TIMEOUT,
+        || async { (jiff::Timestamp::now().as_second() > old_created.as_second()).then_some(()) },
+    )
+    .await?;
+    let cc = ccs
+        .create(
+            &PostParams::default(),
+            &cluster(
+                "events",
+                spec(json!({
+                    "nodeSelector": {"holdfast.dev/test-no-node": "true"},
+                    "orphanRecovery": {"delaySeconds": 0},
+                })),
+            )?,
+        )
+        .await?;
+    let uid = cc.uid().context("cluster without uid")?;
+    // Newer than the cluster: provisioned for one of its claims.
+    let new = format!("{ns}-new");
+    pvs.create(
+        &PostParams::default(),
+        &orphaned_pv(&new, &ns, 2, &dir.join(&new))?,
+    )
+    .await?;
+    released(new.clone()).await?;
+
+    let labelled = |name: String| {
+        let pvs = pvs.clone();
+        async move {
+            poll_until(&format!("{name} labelled"), TIMEOUT, || async {
+                let pv = pvs.get(&name).await.ok()?;
+                let labels = pv.labels();
+                (labels.get(CLUSTER_LABEL).map(String::as_str) == Some("events"))
+                    .then(|| labels.get(CLUSTER_UID_LABEL).cloned())
+                    .flatten()
+            })
+            .await
+        }
+    };
+    let new_instance = labelled(new.clone())
+        .await
+        .with_context(|| operator.log_text())?;
+    ensure!(
+        new_instance == uid,
+        "{new} labelled {new_instance}, not {uid}"
+    );
+    let old_instance = labelled(old.clone())
+        .await
+        .with_context(|| operator.log_text())?;
+    ensure!(
+        old_instance == UNKNOWN_INSTANCE,
+        "{old} labelled {old_instance}"
+    );
+
+    // This instance's volume is recovered: rebound to a recovery claim
+    // and given a flush Job.
+    poll_until("flush Job of the new volume", TIMEOUT, || async {
+        jobs.get_opt(&flush_job_name(&new)).await.ok()?.map(|_| ())
+    })
+    .await
+    .with_context(|| operator.log_text())?;
+    ensure!(claims.get_opt(&recovery_claim_name(&new)).await?.is_some());
+    // The older one is reported and left alone until the opt-in.
+    let reason = poll_until("the old volume reported stuck", TIMEOUT, || async {
+        let cc = ccs.get("events").await.ok()?;
+        cc.status?
+            .volumes
+            .into_iter()
+            .find(|v| v.volume == old && v.phase == "Stuck")
+            .map(|v| v.reason)
+    })
+    .await
+    .with_context(|| operator.log_text())?;
+    ensure!(reason.contains("adoptPreviousVolumes"), "{reason}");
+    ensure!(jobs.get_opt(&flush_job_name(&old)).await?.is_none());
+    ccs.patch(
+        "events",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"orphanRecovery": {"adoptPreviousVolumes": true}}})),
+    )
+    .await?;
+    poll_until("flush Job of the adopted volume", TIMEOUT, || async {
+        jobs.get_opt(&flush_job_name(&old)).await.ok()?.map(|_| ())
+    })
+    .await
+    .with_context(|| operator.log_text())?;
+    let old_pv = pvs.get(&old).await?;
+    ensure!(
+        old_pv
+            .spec
+            .and_then(|s| s.persistent_volume_reclaim_policy)
+            .as_deref()
+            == Some("Retain")
+    );
     operator.ensure_never_forbidden()?;
     Ok(())
 }

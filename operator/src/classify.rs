@@ -26,7 +26,7 @@ use kube::ResourceExt;
 
 use crate::api::{
     BUFFER_VOLUME, CLEAN_ANNOTATION, CLUSTER_LABEL, CLUSTER_UID_LABEL, COMPONENT_LABEL,
-    CaptureCluster, NAMESPACE_LABEL,
+    CaptureCluster, NAMESPACE_LABEL, UNKNOWN_INSTANCE,
 };
 use crate::flush::{
     CLAIM_ANNOTATION, FAILED_AT_ANNOTATION, FAILURES_ANNOTATION, FLUSH_COMPONENT, JobState,
@@ -438,8 +438,14 @@ pub fn decide(orphan: &Orphan, s: &Situation<'_>) -> Step {
         && let Some(owner) = s.volume.and_then(|v| v.labels().get(CLUSTER_UID_LABEL))
         && cluster.metadata.uid.as_ref() != Some(owner)
     {
+        let writer = if owner == UNKNOWN_INSTANCE {
+            // Found through its claimRef, older than this instance.
+            "it may have been written by a previous instance of".to_string()
+        } else {
+            format!("it was written by a previous instance (uid {owner}) of")
+        };
         return Step::Report(format!(
-            "it was written by a previous instance of CaptureCluster {}/{} (uid {owner}), which may have delivered to another Kafka; it stays Retain. To drain it into this cluster's Kafka set spec.orphanRecovery.adoptPreviousVolumes: true",
+            "{writer} CaptureCluster {}/{}, which may have delivered to another Kafka; it stays Retain. To drain it into this cluster's Kafka set spec.orphanRecovery.adoptPreviousVolumes: true",
             orphan.namespace, orphan.cluster
         ));
     }

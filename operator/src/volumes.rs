@@ -8,6 +8,9 @@
 //! mounts, so a volume is corrected as soon as it is bound, whenever someone
 //! flips it back, and whenever a pod starts on it.
 //!
+//! A PV whose claim was deleted before it was labelled is found through its
+//! `claimRef` instead ([`claim_ref`]).
+//!
 //! Invariant 4 of the design, from both sides:
 //! - a volume no live pod uses is left alone once it carries
 //!   [`CLEAN_ANNOTATION`]` = "true"` (its pod saw the buffer empty and may
@@ -39,6 +42,8 @@ use crate::api::{
     COMPONENT_LABEL, CaptureCluster, FIELD_MANAGER, NAMESPACE_LABEL,
 };
 use crate::runtime::{Context, Error, Result, backoff, patch_params};
+
+pub mod claim_ref;
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "volume";
@@ -145,8 +150,24 @@ fn bound_to(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
         && (r.uid.is_none() || r.uid == claim.uid())
 }
 
-/// Runs the volume controller until `shutdown` resolves.
+/// Runs the volume controller, and the finder of volumes whose claim
+/// vanished before they were labelled ([`claim_ref`]), until `shutdown`
+/// resolves.
 pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
+    futures::join!(
+        claim_ref::run(ctx.clone(), namespace.clone(), shutdown.clone()),
+        run_claims(ctx, namespace, shutdown),
+    );
+}
+
+/// The volume controller proper: claims, their PVs and their pods.
+async fn run_claims(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,

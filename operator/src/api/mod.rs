@@ -61,6 +61,10 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// instance: it drains such a volume only when it opts in
 /// (`spec.orphanRecovery.adoptPreviousVolumes`).
 pub const CLUSTER_UID_LABEL: &str = "holdfast.dev/cluster-uid";
+/// [`CLUSTER_UID_LABEL`] of a volume whose instance is not known (found
+/// through its `claimRef` and older than the cluster): treated as another
+/// instance's.
+pub const UNKNOWN_INSTANCE: &str = "unknown";
 /// Annotation on a PV: `"true"` once its buffer was seen empty (clean drain).
 pub const CLEAN_ANNOTATION: &str = "holdfast.dev/clean";
 

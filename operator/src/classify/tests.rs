@@ -529,3 +529,66 @@ fn a_volume_of_a_previous_instance_is_drained_only_on_opt_in() {
     let own = pv("pv1", "Released", json!({}));
     assert_eq!(situation(&c, &own), Step::Rebind);
 }
+
+#[test]
+fn a_volume_found_through_its_claim_ref_is_recovered_like_a_labelled_one() {
+    use crate::volumes::claim_ref::{build_claim_ref_patch, released_claim_ref};
+    let mut c = cluster("events", 1, json!({}));
+    c.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-01-01T00:00:05Z".parse().unwrap(),
+    ));
+    // Its claim buffer-events-1 was deleted before the PV got any label.
+    let unlabelled = |created: &str| -> PersistentVolume {
+        serde_json::from_value(json!({
+            "metadata": {"name": "pv9", "creationTimestamp": created},
+            "spec": {"persistentVolumeReclaimPolicy": "Retain",
+                "claimRef": {"namespace": "ns", "name": "buffer-events-1", "uid": "gone"}},
+            "status": {"phase": "Released"},
+        }))
+        .unwrap()
+    };
+    // What the finder's patch makes of it.
+    let labelled = |pv: PersistentVolume| {
+        let found = released_claim_ref(&pv).expect("found through its claimRef");
+        let patch = build_claim_ref_patch(&pv, &found, &c);
+        let mut pv = pv;
+        pv.metadata.labels = serde_json::from_value(patch["metadata"]["labels"].clone()).unwrap();
+        pv
+    };
+    let decide_for = |c: &CaptureCluster, pv: &PersistentVolume| {
+        let inv = Inventory {
+            clusters: vec![c.clone()],
+            volumes: vec![pv.clone()],
+            ..Default::default()
+        };
+        let found = find(&inv);
+        assert_eq!(
+            names(&found),
+            vec![(
+                OrphanKind::ReleasedVolume,
+                recovery_claim_name("pv9"),
+                false
+            )]
+        );
+        decide(&found.orphans[0], &situation(Some(c), Some(pv), None))
+    };
+    // Before: invisible to recovery.
+    let inv = Inventory {
+        clusters: vec![c.clone()],
+        volumes: vec![unlabelled("2026-01-01T00:00:09Z")],
+        ..Default::default()
+    };
+    assert!(find(&inv).orphans.is_empty());
+    // Provisioned for this instance: recovered at once.
+    let own = labelled(unlabelled("2026-01-01T00:00:09Z"));
+    assert_eq!(decide_for(&c, &own), Step::Rebind);
+    // Older than this instance: maybe a previous one's, so only on opt-in.
+    let old = labelled(unlabelled("2026-01-01T00:00:01Z"));
+    match decide_for(&c, &old) {
+        Step::Report(why) => assert!(why.contains("adoptPreviousVolumes"), "{why}"),
+        other => panic!("expected a report, got {other:?}"),
+    }
+    let mut adopting = cluster("events", 1, json!({"adoptPreviousVolumes": true}));
+    adopting.metadata.creation_timestamp = c.metadata.creation_timestamp.clone();
+    assert_eq!(decide_for(&adopting, &old), Step::Rebind);
+}
