@@ -57,6 +57,11 @@ e2e: build kafka e2e-bins
 bench:
 	bash scripts/bench.sh
 
+## bench-operator: the operator at fleet scale (50 CaptureClusters, 1,000 claims and PVs): memory, API requests/min, reconcile latency, new orphan to flush Job
+.PHONY: bench-operator
+bench-operator: build e2e-bins
+	HOLDFAST_E2E_AUDIT=1 $(CARGO) test -p holdfast-e2e --test operator_fleet -- --ignored --nocapture
+
 ## fuzz: coverage-guided fuzzing of request decoding (FUZZ_SECONDS per target), then minimize capture/fuzz/corpus
 FUZZ_SECONDS ?= 150
 fuzz:

@@ -40,6 +40,15 @@ const SERVICE_IP: &str = "10.96.0.1";
 /// How long the control plane may take to answer `/readyz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// When this variable is set (to anything), kube-apiserver writes an audit
+/// log of the requests of every ServiceAccount (metadata level, JSON lines)
+/// to [`ControlPlane::audit_log`]: benchmarks count one component's
+/// requests from it (`make bench-operator`). Off by default.
+pub const AUDIT_ENV: &str = "HOLDFAST_E2E_AUDIT";
+
+/// The audit policy of [`AUDIT_ENV`]: ServiceAccounts' requests only.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [\"RequestReceived\"]\nrules:\n- level: Metadata\n  userGroups: [\"system:serviceaccounts\"]\n- level: None\n";
+
 /// Errors starting or talking to the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -277,7 +286,18 @@ impl ControlPlane {
 
         let pki = cp.pki.clone();
         let api_port = cp.api_port;
+        let audit = std::env::var_os(AUDIT_ENV).is_some();
+        let audit_policy = dir.join("audit-policy.yaml");
+        if audit {
+            std::fs::write(&audit_policy, AUDIT_POLICY).map_err(io_err(&audit_policy))?;
+        }
+        let audit_log = cp.audit_log();
         cp.spawn(&bin, "kube-apiserver", |c| {
+            if audit {
+                c.arg(format!("--audit-policy-file={}", audit_policy.display()))
+                    .arg(format!("--audit-log-path={}", audit_log.display()))
+                    .arg("--audit-log-format=json");
+            }
             c.arg(format!("--etcd-servers={etcd_url}"))
                 .arg(format!("--cert-dir={}", pki.dir.display()))
                 .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
@@ -363,6 +383,11 @@ impl ControlPlane {
         let process = Process::spawn(name, &bin.join(name), configure, &log)?;
         self.processes.push((process, log));
         Ok(())
+    }
+
+    /// Where kube-apiserver writes its audit log when [`AUDIT_ENV`] is set.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("logs").join("audit.log")
     }
 
     fn write_kubeconfig(&self) -> Result<()> {
