@@ -120,7 +120,17 @@ fn metrics_dead_copied(metrics: &Metrics) -> u64 {
 
 /// Runs the capture pod until SIGTERM/SIGINT.
 pub async fn serve(cfg: ServeConfig) -> Result<()> {
-    let _lock = DirLock::acquire(&cfg.data_dir)?;
+    // Bound first: probes are answered while the lock is awaited.
+    let listener = std::net::TcpListener::bind(cfg.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| Error::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let _lock = match crate::lockwait::acquire(&cfg.data_dir, &listener, shutdown_signal()).await? {
+        crate::lockwait::Acquired::Lock(lock) => lock,
+        crate::lockwait::Acquired::Stopped => return Ok(()),
+    };
     // Half the reserve is a file, released if the disk fills anyway; the
     // other half is kept free by refusing appends before they would take it.
     let reserve_file = cfg.disk_reserve_bytes / 2;
@@ -190,12 +200,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         None => VolumeGuard::local(),
     };
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| Error::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::server::serve(listener, state.clone(), async {
         let _ = close_rx.await;

@@ -11,5 +11,6 @@ pub mod config;
 pub mod dead_letters;
 pub mod forward;
 pub mod http;
+pub mod lockwait;
 pub mod metrics;
 pub mod volume;
