@@ -4,22 +4,91 @@
 //! called clean. Copies that fail are retried on the next pass.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use rdkafka::message::Header;
 use rdkafka::producer::FutureRecord;
 use rusqlite::Connection;
 
-use super::{KafkaProducer, ORIGINAL_TOPIC_HEADER, REASON_HEADER, headers};
+use super::{KafkaProducer, ORIGINAL_TOPIC_HEADER, REASON_HEADER, SharedProducer, headers};
 use crate::buffer::{self, DeadLetterFilter, WriterHandle};
+use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 
 /// Dead letters copied per pass.
 const COPY_BATCH: usize = 500;
 
+/// Runs copy passes beside the main queue, one at a time, backing off (1 s,
+/// doubling to a minute) after a pass that failed, so a missing or refusing
+/// dead-letter topic never holds up delivery.
+#[derive(Debug)]
+pub(super) struct DlqCopier {
+    task: Option<tokio::task::JoinHandle<bool>>,
+    retry_at: tokio::time::Instant,
+    delay: Duration,
+}
+
+impl Default for DlqCopier {
+    fn default() -> Self {
+        Self {
+            task: None,
+            retry_at: tokio::time::Instant::now(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+impl DlqCopier {
+    /// Starts a pass unless one is running, the last one failed too
+    /// recently, or there is nothing to copy.
+    pub(super) fn poll(
+        &mut self,
+        cfg: &KafkaConfig,
+        producer: &SharedProducer,
+        writer: &WriterHandle,
+        reader: &Arc<std::sync::Mutex<Connection>>,
+        metrics: &Arc<Metrics>,
+    ) {
+        let Some(dlq) = cfg.dead_letter_topic.clone() else {
+            return;
+        };
+        if let Some(task) = &self.task {
+            if !task.is_finished() {
+                return;
+            }
+            let ok = self
+                .task
+                .take()
+                .and_then(futures::FutureExt::now_or_never)
+                .and_then(|joined| joined.ok())
+                .unwrap_or(false);
+            self.delay = if ok {
+                Duration::ZERO
+            } else {
+                (self.delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+            };
+            self.retry_at = tokio::time::Instant::now() + self.delay;
+        }
+        if writer.state.dead_letters.load(Ordering::Relaxed) == 0
+            || tokio::time::Instant::now() < self.retry_at
+        {
+            return;
+        }
+        self.task = Some(tokio::spawn(copy_dead_letters(
+            producer.get(),
+            writer.clone(),
+            reader.clone(),
+            dlq,
+            metrics.clone(),
+        )));
+    }
+}
+
 /// One pass: copies up to [`COPY_BATCH`] dead letters and forgets those the
 /// dead-letter topic acknowledged. Failures are logged and left for later;
 /// returns whether the pass went through without one.
-pub(super) async fn copy_dead_letters(
+async fn copy_dead_letters(
     producer: KafkaProducer,
     writer: WriterHandle,
     reader: Arc<std::sync::Mutex<Connection>>,

@@ -22,6 +22,7 @@ use rusqlite::Connection;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::dlq::DlqCopier;
 use super::{ErrorClass, Result, SharedProducer, classify, enqueue, send_all};
 use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
@@ -87,9 +88,7 @@ pub struct Forwarder {
     unsettled: std::sync::atomic::AtomicUsize,
     /// Copies to the dead-letter topic run beside the main queue, so a
     /// missing or refusing dead-letter topic never holds up delivery.
-    dlq_copy: Option<tokio::task::JoinHandle<bool>>,
-    dlq_retry_at: Instant,
-    dlq_delay: Duration,
+    dlq: DlqCopier,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -116,9 +115,7 @@ impl Forwarder {
             metrics,
             parked: HashMap::new(),
             unsettled: Default::default(),
-            dlq_copy: None,
-            dlq_retry_at: Instant::now(),
-            dlq_delay: Duration::ZERO,
+            dlq: DlqCopier::default(),
         })
     }
 
@@ -142,41 +139,15 @@ impl Forwarder {
         .map_err(Into::into)
     }
 
-    /// Starts a pass copying dead letters to the dead-letter topic, unless one
-    /// is running or the last one failed too recently (backoff up to a minute).
+    /// Starts a pass copying dead letters (see [`DlqCopier`]).
     fn copy_dead_letters_in_background(&mut self) {
-        let Some(dlq) = self.cfg.dead_letter_topic.clone() else {
-            return;
-        };
-        if let Some(task) = &self.dlq_copy {
-            if !task.is_finished() {
-                return;
-            }
-            let ok = self
-                .dlq_copy
-                .take()
-                .and_then(futures::FutureExt::now_or_never)
-                .and_then(|joined| joined.ok())
-                .unwrap_or(false);
-            self.dlq_delay = if ok {
-                Duration::ZERO
-            } else {
-                (self.dlq_delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
-            };
-            self.dlq_retry_at = Instant::now() + self.dlq_delay;
-        }
-        if self.writer.state.dead_letters.load(Ordering::Relaxed) == 0
-            || Instant::now() < self.dlq_retry_at
-        {
-            return;
-        }
-        self.dlq_copy = Some(tokio::spawn(super::dlq::copy_dead_letters(
-            self.producer.get(),
-            self.writer.clone(),
-            self.reader.clone(),
-            dlq,
-            self.metrics.clone(),
-        )));
+        self.dlq.poll(
+            &self.cfg,
+            &self.producer,
+            &self.writer,
+            &self.reader,
+            &self.metrics,
+        );
     }
 
     /// Nothing left that this forwarder could still deliver.
