@@ -42,7 +42,10 @@ pub struct LostPod {
     pub terminating: bool,
     /// A flush Job's pod (its Job never finishes while the node is lost).
     pub flush: bool,
-    /// Since when the node is not `Ready` (its condition's transition).
+    /// Since when the node is lost: for `Unknown`, its `Ready` condition's
+    /// last heartbeat (frozen by the node controller when the kubelet went
+    /// silent); for `False` (a kubelet still reporting, so its heartbeat
+    /// moves), the condition's transition.
     pub since: Option<jiff::Timestamp>,
     /// `Unknown` (heartbeats stopped) or `False`.
     pub node_status: String,
@@ -50,7 +53,8 @@ pub struct LostPod {
     pub out_of_service: bool,
 }
 
-/// `(status, since)` of a node's `Ready` condition when it is not `True`.
+/// `(status, since)` of a node's `Ready` condition when it is not `True`
+/// (see [`LostPod::since`]).
 pub fn not_ready(node: &Node) -> Option<(String, Option<jiff::Timestamp>)> {
     let ready = node
         .status
@@ -62,7 +66,12 @@ pub fn not_ready(node: &Node) -> Option<(String, Option<jiff::Timestamp>)> {
     (ready.status != "True").then(|| {
         (
             ready.status.clone(),
-            ready.last_transition_time.as_ref().map(|t| t.0),
+            ready
+                .last_heartbeat_time
+                .as_ref()
+                .filter(|_| ready.status == "Unknown")
+                .or(ready.last_transition_time.as_ref())
+                .map(|t| t.0),
         )
     })
 }
@@ -208,6 +217,7 @@ mod tests {
             "metadata": {"name": name},
             "spec": {"taints": taints},
             "status": {"conditions": [{"type": "Ready", "status": ready,
+                "lastHeartbeatTime": "2025-12-31T23:59:50Z",
                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
         }))
         .unwrap()
@@ -261,10 +271,15 @@ mod tests {
         );
         let now: jiff::Timestamp = "2026-01-01T00:01:30Z".parse().unwrap();
         let event = stuck.event_text(now);
-        assert!(event.contains("for 90s"), "{event}");
+        // Lost since its last heartbeat (10 s before the node controller
+        // noticed), not since the condition turned.
+        assert!(event.contains("for 100s"), "{event}");
         assert!(event.contains("buffer-events-1"), "{event}");
         let tainted = lost[1].condition_text();
         assert!(tainted.contains("force-deleting"), "{tainted}");
+        // A kubelet reporting NotReady keeps heartbeating: the transition
+        // counts, so the text stays the same from pass to pass.
+        assert!(tainted.contains("since 2026-01-01T00:00:00Z"), "{tainted}");
         assert!(!lost[1].terminating);
     }
 
