@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::buffer::{self, DirLock, GroupCommitWriter, Stats, WriterOptions};
-use crate::config::{FlushArgs, InspectArgs, KafkaConfig, ServeConfig};
-use crate::forward::{self, Forwarder, RunUntil, SharedProducer};
+use crate::config::{Delivery, FlushArgs, InspectArgs, KafkaConfig, ServeConfig};
+use crate::forward::{self, ExactlyOnce, Forwarder, RunUntil, SharedProducer};
 use crate::http::{self, AppState, Health};
 use crate::metrics::Metrics;
 use crate::volume::VolumeGuard;
@@ -118,6 +118,29 @@ fn metrics_dead_copied(metrics: &Metrics) -> u64 {
     metrics.dead_letters_copied.get()
 }
 
+/// Starts the drainer `--delivery` asks for: the at-least-once forwarder, or
+/// the transactional one.
+fn spawn_drainer(
+    dir: &std::path::Path,
+    writer: buffer::WriterHandle,
+    producer: SharedProducer,
+    kafka: KafkaConfig,
+    metrics: Arc<Metrics>,
+    volume_id: &str,
+    (stop, until): (watch::Receiver<bool>, RunUntil),
+) -> Result<tokio::task::JoinHandle<forward::Result<()>>> {
+    Ok(match kafka.delivery {
+        Delivery::AtLeastOnce => {
+            let f = Forwarder::new(dir, writer, producer, kafka, metrics)?;
+            tokio::spawn(f.run(stop, until))
+        }
+        Delivery::ExactlyOnce => {
+            let f = ExactlyOnce::new(dir, writer, producer, kafka, metrics, volume_id.to_owned())?;
+            tokio::spawn(f.run(stop, until))
+        }
+    })
+}
+
 /// Runs the capture pod until SIGTERM/SIGINT.
 pub async fn serve(cfg: ServeConfig) -> Result<()> {
     // Bound first: probes are answered while the lock is awaited.
@@ -186,14 +209,15 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let forwarder = Forwarder::new(
+    let forwarder = spawn_drainer(
         &cfg.data_dir,
         writer.clone(),
         forward_producer.clone(),
         cfg.kafka.clone(),
         metrics.clone(),
+        &volume_id,
+        (stop_rx, RunUntil::Stopped),
     )?;
-    let forwarder = tokio::spawn(forwarder.run(stop_rx, RunUntil::Stopped));
 
     let volume = match &cfg.volume_claim {
         Some((namespace, claim)) => VolumeGuard::kubernetes(namespace.clone(), claim.clone()).await,
@@ -308,9 +332,20 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
     tracing::info!(data_dir = %dir.display(), events = before, dead_letters = dead_before, "flushing buffer");
     let dlq = kafka.dead_letter_topic.clone();
     let producer = SharedProducer::new(&kafka, metrics.clone())?;
-    let forwarder = Forwarder::new(dir, writer.clone(), producer, kafka, metrics.clone())?;
+    let volume_id = {
+        let conn = buffer::open_reader(dir)?;
+        buffer::meta(&conn, "volume_id")?.unwrap_or_default()
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut task = tokio::spawn(forwarder.run(stop_rx, RunUntil::Empty));
+    let mut task = spawn_drainer(
+        dir,
+        writer.clone(),
+        producer,
+        kafka,
+        metrics.clone(),
+        &volume_id,
+        (stop_rx, RunUntil::Empty),
+    )?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let outcome = match tokio::time::timeout(timeout, &mut task).await {
         Ok(joined) => joined,

@@ -21,6 +21,13 @@ pub struct StreamLabel {
     pub stream: String,
 }
 
+/// Label: outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// What came of it.
+    pub outcome: &'static str,
+}
+
 /// Label: reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -61,6 +68,13 @@ pub struct Metrics {
     pub dead_letters_copied: Counter,
     /// Kafka producers replaced after a fatal error.
     pub producer_recreated: Counter,
+    /// Exactly-once delivery: transactions by outcome (committed, aborted).
+    pub transactions: Family<OutcomeLabel, Counter>,
+    /// Exactly-once delivery: 1 once another process with this volume's
+    /// transactional id fenced this one (it never sends again; unready).
+    pub fenced: Gauge,
+    /// Exactly-once delivery: buffered events past the last committed checkpoint.
+    pub checkpoint_lag: Gauge,
     state: std::sync::OnceLock<Arc<BufferState>>,
     buffer_events: Gauge,
     buffer_bytes: Gauge,
@@ -132,6 +146,24 @@ impl Metrics {
             "Kafka producers replaced after a fatal error",
             producer_recreated.clone(),
         );
+        let transactions = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "kafka_transactions",
+            "Kafka transactions of exactly-once delivery, by outcome",
+            transactions.clone(),
+        );
+        let fenced = Gauge::default();
+        registry.register(
+            "kafka_fenced",
+            "1 once a newer drainer of this volume fenced this process",
+            fenced.clone(),
+        );
+        let checkpoint_lag = Gauge::default();
+        registry.register(
+            "checkpoint_lag_events",
+            "Buffered events past the last checkpoint committed to Kafka",
+            checkpoint_lag.clone(),
+        );
         let dead_letters = Gauge::default();
         registry.register(
             "buffer_dead_letters",
@@ -178,6 +210,9 @@ impl Metrics {
             salvage,
             dead_letters_copied,
             producer_recreated,
+            transactions,
+            fenced,
+            checkpoint_lag,
             dead_letters,
             dead_letter_bytes,
             state: std::sync::OnceLock::new(),

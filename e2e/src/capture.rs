@@ -206,11 +206,22 @@ pub fn inspect(dir: &Path) -> Result<serde_json::Value> {
 
 /// Runs `holdfast-capture flush` on `dir`; returns the exit status and stderr.
 pub fn flush(dir: &Path, bootstrap: &str, timeout_secs: u64) -> Result<(ExitStatus, String)> {
+    flush_with(dir, bootstrap, timeout_secs, &[])
+}
+
+/// [`flush`] with extra arguments.
+pub fn flush_with(
+    dir: &Path,
+    bootstrap: &str,
+    timeout_secs: u64,
+    args: &[&str],
+) -> Result<(ExitStatus, String)> {
     let out = Command::new(capture_bin()?)
         .args(["flush", "--data-dir"])
         .arg(dir)
         .args(["--kafka-bootstrap", bootstrap, "--timeout-secs"])
         .arg(timeout_secs.to_string())
+        .args(args)
         .env("HOLDFAST_LOG", "info,librdkafka=error")
         .output()?;
     Ok((

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use holdfast_capture::buffer::NewEvent;
 use holdfast_capture::buffer::writer::GroupCommitWriter;
-use holdfast_capture::config::{Durability, KafkaConfig};
+use holdfast_capture::config::{Delivery, Durability, KafkaConfig};
 use holdfast_capture::forward::{self, Forwarder, RunUntil, SharedProducer};
 use holdfast_capture::metrics::Metrics;
 use holdfast_e2e::kafka::{KafkaBroker, record_count};
@@ -28,6 +28,8 @@ fn config(bootstrap: &str) -> KafkaConfig {
         batch_bytes: 1 << 20,
         poison_retry_window: Duration::from_secs(60),
         message_timeout: Duration::from_secs(30),
+        delivery: Delivery::AtLeastOnce,
+        checkpoint_topic: "holdfast.checkpoints".into(),
     }
 }
 

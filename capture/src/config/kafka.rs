@@ -42,6 +42,29 @@ pub struct KafkaArgs {
         default_value_t = 30_000
     )]
     pub kafka_message_timeout_ms: u64,
+    /// at-least-once (default): an event may reach Kafka twice after a crash.
+    /// exactly-once: each batch is one Kafka transaction with a checkpoint of
+    /// the buffer's sequence; consumers must read with
+    /// `isolation.level=read_committed`.
+    #[arg(long, env = "HOLDFAST_DELIVERY", value_enum, default_value_t = Delivery::AtLeastOnce)]
+    pub delivery: Delivery,
+    /// Compacted topic holding each volume's last delivered sequence
+    /// (exactly-once); created if missing.
+    #[arg(
+        long,
+        env = "HOLDFAST_CHECKPOINT_TOPIC",
+        default_value = "holdfast.checkpoints"
+    )]
+    pub checkpoint_topic: String,
+}
+
+/// Delivery guarantee from the buffer to Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Delivery {
+    /// Idempotent producer; a crash may resend what was in flight.
+    AtLeastOnce,
+    /// Transactional producer with a checkpoint per batch.
+    ExactlyOnce,
 }
 
 /// Validated Kafka settings.
@@ -61,6 +84,10 @@ pub struct KafkaConfig {
     pub poison_retry_window: Duration,
     /// librdkafka `message.timeout.ms`.
     pub message_timeout: Duration,
+    /// At-least-once or exactly-once.
+    pub delivery: Delivery,
+    /// Checkpoint topic (exactly-once).
+    pub checkpoint_topic: String,
 }
 
 impl KafkaArgs {
@@ -105,6 +132,8 @@ impl KafkaArgs {
             batch_bytes: self.forward_batch_bytes,
             poison_retry_window: Duration::from_secs(self.poison_retry_window_secs),
             message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
+            delivery: self.delivery,
+            checkpoint_topic: self.checkpoint_topic.clone(),
         })
     }
 }

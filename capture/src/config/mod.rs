@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod kafka;
 
-pub use kafka::{KafkaArgs, KafkaConfig, LIBRDKAFKA_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES};
+pub use kafka::{
+    Delivery, KafkaArgs, KafkaConfig, LIBRDKAFKA_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES,
+};
 
 /// Result of validating configuration.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -55,6 +55,8 @@ fn kafka_properties_override_and_must_be_key_value() {
         forward_batch_bytes: 1 << 20,
         poison_retry_window_secs: 60,
         kafka_message_timeout_ms: 1000,
+        delivery: crate::config::Delivery::AtLeastOnce,
+        checkpoint_topic: "holdfast.checkpoints".into(),
     };
     let cfg = args.validate().unwrap();
     assert_eq!(cfg.properties["linger.ms"], "2");

@@ -8,8 +8,10 @@
 //! transaction that deletes it. Everything else stays and is retried with
 //! backoff, so a broker outage only delays delivery.
 
+mod checkpoint;
 mod classify;
 mod dlq;
+mod exactly_once;
 mod forwarder;
 
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 pub use classify::{ErrorClass, classify};
+pub use exactly_once::{ExactlyOnce, transactional_id};
 pub use forwarder::{Forwarder, RunUntil};
 
 use crate::buffer::{self, NewEvent, WriterHandle};
@@ -54,6 +57,10 @@ pub enum Error {
     /// Settling delivered events in the buffer failed.
     #[error("buffer settle failed: {0}")]
     Settle(#[from] buffer::AppendError),
+    /// Exactly-once delivery: a newer drainer of this volume (same
+    /// transactional id) fenced this process, or its producer hit a fatal error.
+    #[error("fenced: a newer drainer of this volume took over ({0})")]
+    Fenced(String),
     /// A direct send failed; `index` is the event's position in its request,
     /// `delivered` how many events of the request Kafka did take.
     #[error(

@@ -207,6 +207,8 @@ pub fn unready_reason(s: &AppState) -> Option<&'static str> {
         Some("starting")
     } else if s.health.shutting_down.load(Ordering::Relaxed) {
         Some("shutting down")
+    } else if s.metrics.fenced.get() == 1 {
+        Some("fenced: a newer drainer of this volume delivers its events")
     } else if buf.over_quota.load(Ordering::Relaxed) {
         Some("buffer over quota")
     } else if buf.disk_low.load(Ordering::Relaxed) {

@@ -1,0 +1,495 @@
+//! Exactly-once delivery (`--delivery exactly-once`).
+//!
+//! Each batch is one Kafka transaction holding its events and a checkpoint
+//! record `{volume, last_seq}` in a compacted checkpoint topic, keyed by the
+//! volume id. Local rows are deleted only after the transaction committed.
+//! The producer's `transactional.id` is derived from the volume id, so every
+//! drainer of one volume (the pod, a flush Job, a pod that came back) shares
+//! it: `init_transactions` fences any older one and aborts its open
+//! transaction, and the checkpoint then tells which local rows Kafka already
+//! has. A crash between Kafka's commit and the local delete therefore never
+//! sends those rows again, and an aborted transaction is invisible to
+//! `read_committed` consumers.
+//!
+//! Errors as Kafka defines them: an abortable one aborts the transaction and
+//! the batch is retried; a fenced or fatal one stops delivery for good (the
+//! pod turns unready; a newer drainer owns the volume now).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureRecord, Producer};
+use rusqlite::Connection;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::checkpoint;
+use super::dlq::DlqCopier;
+use super::{
+    Error, ErrorClass, KafkaContext, KafkaProducer, Result, RunUntil, SharedProducer, classify,
+    enqueue, producer_config,
+};
+use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
+use crate::config::KafkaConfig;
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel, TopicLabel};
+
+/// How long `init_transactions`, commit and abort may block.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Commits tried before the transaction is aborted and the batch retried.
+const COMMIT_ATTEMPTS: u32 = 3;
+/// After an event was refused as too large, this many batches go one event
+/// per transaction, so only the event that fails alone is dead-lettered.
+const SOLO_ROUNDS: usize = 64;
+
+/// The `transactional.id` of a volume's drainers.
+pub fn transactional_id(volume_id: &str) -> String {
+    format!("holdfast-{volume_id}")
+}
+
+/// What one transaction came to.
+enum Outcome {
+    /// Committed: these rows are in Kafka.
+    Committed(Vec<(i64, u64, usize)>),
+    /// Aborted; retry after a pause.
+    Retry,
+    /// Aborted, but some events were judged poison and moved aside: go on.
+    Progress,
+}
+
+/// Drains the buffer into Kafka, one transaction per batch.
+pub struct ExactlyOnce {
+    reader: Arc<std::sync::Mutex<Connection>>,
+    writer: WriterHandle,
+    producer: KafkaProducer,
+    /// Idempotent (not transactional) producer for dead-letter copies.
+    plain: SharedProducer,
+    cfg: KafkaConfig,
+    metrics: Arc<Metrics>,
+    volume_id: String,
+    /// Highest sequence a committed transaction holds.
+    committed_through: i64,
+    /// Topics Kafka refuses, since when (poison after the retry window).
+    refused_since: HashMap<String, Instant>,
+    /// Batches left to send one event at a time.
+    solo: usize,
+    dlq: DlqCopier,
+}
+
+impl std::fmt::Debug for ExactlyOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExactlyOnce")
+            .field("volume_id", &self.volume_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExactlyOnce {
+    /// A transactional drainer of the buffer in `dir`, whose volume id is `volume_id`.
+    pub fn new(
+        dir: &std::path::Path,
+        writer: WriterHandle,
+        plain: SharedProducer,
+        cfg: KafkaConfig,
+        metrics: Arc<Metrics>,
+        volume_id: String,
+    ) -> Result<Self> {
+        let mut c: ClientConfig = producer_config(&cfg);
+        c.set("transactional.id", transactional_id(&volume_id));
+        let producer = c
+            .create_with_context(KafkaContext {
+                metrics: metrics.clone(),
+            })
+            .map_err(Error::Producer)?;
+        Ok(Self {
+            reader: Arc::new(std::sync::Mutex::new(buffer::open_reader(dir)?)),
+            writer,
+            producer,
+            plain,
+            cfg,
+            metrics,
+            volume_id,
+            committed_through: 0,
+            refused_since: HashMap::new(),
+            solo: 0,
+            dlq: DlqCopier::default(),
+        })
+    }
+
+    /// Runs until `stop` (finishing the transaction in flight) or, with
+    /// [`RunUntil::Empty`], until nothing is left. Returns [`Error::Fenced`]
+    /// once a newer drainer of the volume took over.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>, until: RunUntil) -> Result<()> {
+        let mut delay = Duration::from_millis(100);
+        if !self.start(&mut stop).await? {
+            return Ok(());
+        }
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            self.dlq.poll(
+                &self.cfg,
+                &self.plain,
+                &self.writer,
+                &self.reader,
+                &self.metrics,
+            );
+            let batch = self.read().await?;
+            let (old, batch): (Vec<StoredEvent>, Vec<StoredEvent>) = batch
+                .into_iter()
+                .partition(|e| e.seq <= self.committed_through);
+            if !old.is_empty() {
+                // Kafka has them (a delete failed, or the checkpoint says so).
+                let rows = old.iter().map(|e| (e.seq, e.event.size())).collect();
+                self.writer.settle(rows, Vec::new()).await?;
+                continue;
+            }
+            if batch.is_empty() {
+                if until == RunUntil::Empty && self.drained() {
+                    return Ok(());
+                }
+                self.report_lag();
+                tokio::select! {
+                    _ = self.writer.appended.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            match self.deliver(&batch).await? {
+                Outcome::Committed(rows) => {
+                    delay = Duration::from_millis(100);
+                    self.settle(&batch, rows).await;
+                    self.metrics.kafka_up.set(1);
+                }
+                Outcome::Progress => delay = Duration::from_millis(100),
+                Outcome::Retry => {
+                    self.metrics.forward_retries.inc();
+                    tracing::warn!(
+                        events = batch.len(),
+                        delay_ms = delay.as_millis() as u64,
+                        "kafka transaction aborted; retrying the batch"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Fences older drainers, then drops the rows the last checkpoint
+    /// covers. False when stopped first.
+    async fn start(&mut self, stop: &mut watch::Receiver<bool>) -> Result<bool> {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let producer = self.producer.clone();
+            let init = tokio::task::spawn_blocking(move || producer.init_transactions(TXN_TIMEOUT))
+                .await
+                .unwrap_or(Err(KafkaError::Canceled));
+            let attempt = match init {
+                Ok(()) => checkpoint::ensure_topic(&self.cfg).await,
+                Err(e) => Err(e),
+            };
+            let attempt = match attempt {
+                Ok(()) => checkpoint::read(&self.cfg, &self.volume_id).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(through) => {
+                    self.committed_through = through;
+                    tracing::info!(
+                        transactional_id = %transactional_id(&self.volume_id),
+                        checkpoint = through,
+                        "exactly-once delivery: older drainers fenced, checkpoint read"
+                    );
+                    return Ok(true);
+                }
+                Err(e) if is_fatal(&e) => return Err(self.fenced(&e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "exactly-once start failed; retrying");
+                    self.metrics.kafka_up.set(0);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return Ok(false);
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn fenced(&self, e: &KafkaError) -> Error {
+        self.metrics.fenced.set(1);
+        tracing::error!(
+            error = %e,
+            transactional_id = %transactional_id(&self.volume_id),
+            "fenced: a newer drainer of this volume took over; this process never sends again"
+        );
+        Error::Fenced(e.to_string())
+    }
+
+    fn drained(&self) -> bool {
+        let s = &self.writer.state;
+        s.events.load(Ordering::Relaxed) == 0
+            && (self.cfg.dead_letter_topic.is_none() || s.dead_letters.load(Ordering::Relaxed) == 0)
+    }
+
+    fn report_lag(&self) {
+        let last = self.writer.state.last_seq.load(Ordering::Relaxed);
+        let waiting = self.writer.state.events.load(Ordering::Relaxed) as i64;
+        let lag = if waiting == 0 {
+            0
+        } else {
+            (last - self.committed_through).max(0)
+        };
+        self.metrics.checkpoint_lag.set(lag);
+    }
+
+    async fn read(&self) -> Result<Vec<StoredEvent>> {
+        let reader = self.reader.clone();
+        let limit = if self.solo > 0 {
+            1
+        } else {
+            self.cfg.batch_events
+        };
+        let max_bytes = self.cfg.batch_bytes;
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            buffer::read_batch_bounded(&conn, limit, max_bytes, &[])
+        })
+        .await
+        .map_err(|_| buffer::Error::WriterStopped)?
+        .map_err(Into::into)
+    }
+
+    /// Sends `batch` and its checkpoint in one transaction.
+    async fn deliver(&mut self, batch: &[StoredEvent]) -> Result<Outcome> {
+        if let Err(e) = self.producer.begin_transaction() {
+            return self.after_error(e).await;
+        }
+        let last = batch.last().map_or(0, |e| e.seq);
+        let mark = checkpoint::record(&self.volume_id, last);
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut failures: Vec<(usize, KafkaError)> = Vec::new();
+        for (i, stored) in batch.iter().enumerate() {
+            match enqueue(&self.producer, &stored.event).await {
+                Ok(f) => pending.push((i, f)),
+                Err(e) => failures.push((i, e)),
+            }
+        }
+        let mark_sent = self.producer.send_result(
+            FutureRecord::to(&self.cfg.checkpoint_topic)
+                .key(self.volume_id.as_bytes())
+                .payload(&mark),
+        );
+        let mark_ok = match mark_sent {
+            Ok(f) => matches!(f.await, Ok(Ok(_))),
+            Err(_) => false,
+        };
+        for (i, f) in pending {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => failures.push((i, e)),
+                Err(_) => failures.push((i, KafkaError::Canceled)),
+            }
+        }
+        if failures.is_empty() && mark_ok {
+            return self.commit(batch).await;
+        }
+        if let Some((_, e)) = failures.iter().find(|(_, e)| is_fatal(e)) {
+            return Err(self.fenced(e));
+        }
+        self.abort().await?;
+        self.judge(batch, failures).await
+    }
+
+    async fn commit(&mut self, batch: &[StoredEvent]) -> Result<Outcome> {
+        for attempt in 1..=COMMIT_ATTEMPTS {
+            let producer = self.producer.clone();
+            let result =
+                tokio::task::spawn_blocking(move || producer.commit_transaction(TXN_TIMEOUT))
+                    .await
+                    .unwrap_or(Err(KafkaError::Canceled));
+            match result {
+                Ok(()) => {
+                    self.count("committed");
+                    self.committed_through = batch.last().map_or(0, |e| e.seq);
+                    if self.solo > 0 {
+                        self.solo -= 1;
+                    }
+                    let rows = batch
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| (e.seq, e.event.size(), i))
+                        .collect();
+                    return Ok(Outcome::Committed(rows));
+                }
+                Err(e) if is_fatal(&e) => return Err(self.fenced(&e)),
+                Err(e) if retriable(&e) && attempt < COMMIT_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "kafka transaction commit failed; trying again");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka transaction commit failed; aborting it");
+                    break;
+                }
+            }
+        }
+        self.abort().await?;
+        Ok(Outcome::Retry)
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        let producer = self.producer.clone();
+        let result = tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled));
+        match result {
+            Ok(()) => {
+                self.count("aborted");
+                Ok(())
+            }
+            Err(e) if is_fatal(&e) => Err(self.fenced(&e)),
+            Err(e) => {
+                // The transaction times out on the broker; the next
+                // begin_transaction reports whether the producer is usable.
+                tracing::warn!(error = %e, "kafka transaction abort failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// A transactional call failed before anything was sent.
+    async fn after_error(&mut self, e: KafkaError) -> Result<Outcome> {
+        if is_fatal(&e) {
+            return Err(self.fenced(&e));
+        }
+        tracing::warn!(error = %e, "kafka transaction could not begin");
+        if needs_abort(&e) {
+            self.abort().await?;
+        }
+        Ok(Outcome::Retry)
+    }
+
+    /// After an aborted transaction: too-large events are retried alone,
+    /// poison is moved to dead letters, refused topics wait out their window.
+    async fn judge(
+        &mut self,
+        batch: &[StoredEvent],
+        failures: Vec<(usize, KafkaError)>,
+    ) -> Result<Outcome> {
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        let mut reasons = Vec::new();
+        for (i, error) in failures {
+            let stored = &batch[i];
+            let reason = match classify(&error) {
+                // Kafka judges size per record batch: only an event that
+                // fails alone is poison.
+                ErrorClass::DeadLetter("too_large") if batch.len() > 1 => {
+                    self.solo = SOLO_ROUNDS;
+                    continue;
+                }
+                ErrorClass::DeadLetter(reason) => reason,
+                ErrorClass::TopicRefused(reason) => {
+                    let since = *self
+                        .refused_since
+                        .entry(stored.event.topic.clone())
+                        .or_insert(now);
+                    if now.duration_since(since) < self.cfg.poison_retry_window {
+                        continue;
+                    }
+                    reason
+                }
+                ErrorClass::Retry | ErrorClass::Fatal => continue,
+            };
+            tracing::warn!(seq = stored.seq, uuid = %stored.event.uuid, topic = %stored.event.topic, reason, error = %error, "kafka rejected event for good; moving it to dead letters");
+            dead.push(DeadLetter {
+                seq: stored.seq,
+                size: stored.event.size(),
+                reason: format!("{reason}: {error}"),
+            });
+            reasons.push(reason);
+        }
+        if dead.is_empty() {
+            return Ok(if self.solo == SOLO_ROUNDS {
+                Outcome::Progress
+            } else {
+                Outcome::Retry
+            });
+        }
+        self.writer.settle(Vec::new(), dead).await?;
+        self.solo = 0;
+        for reason in reasons {
+            self.metrics
+                .dead_lettered
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+        }
+        Ok(Outcome::Progress)
+    }
+
+    /// Deletes committed rows; a failure leaves them to the next read, which
+    /// finds them at or below the checkpoint and deletes them unsent.
+    async fn settle(&mut self, batch: &[StoredEvent], rows: Vec<(i64, u64, usize)>) {
+        let list: Vec<(i64, u64)> = rows.iter().map(|(s, n, _)| (*s, *n)).collect();
+        if let Err(e) = self.writer.settle(list, Vec::new()).await {
+            tracing::error!(error = %e, "could not delete events Kafka committed; they are deleted later, not sent again");
+            return;
+        }
+        for e in batch {
+            self.refused_since.remove(&e.event.topic);
+        }
+        let mut by_topic: HashMap<&str, u64> = HashMap::new();
+        for (_, _, i) in &rows {
+            *by_topic.entry(batch[*i].event.topic.as_str()).or_default() += 1;
+        }
+        for (topic, n) in by_topic {
+            self.metrics
+                .delivered
+                .get_or_create(&TopicLabel {
+                    topic: topic.to_owned(),
+                })
+                .inc_by(n);
+        }
+        self.report_lag();
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .transactions
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+}
+
+fn txn_error(e: &KafkaError) -> Option<&rdkafka::error::RDKafkaError> {
+    match e {
+        KafkaError::Transaction(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// Fenced or fatal: this producer must never send again.
+fn is_fatal(e: &KafkaError) -> bool {
+    txn_error(e).is_some_and(|t| t.is_fatal()) || classify(e) == ErrorClass::Fatal
+}
+
+fn retriable(e: &KafkaError) -> bool {
+    txn_error(e).is_some_and(|t| t.is_retriable())
+}
+
+fn needs_abort(e: &KafkaError) -> bool {
+    txn_error(e).is_some_and(|t| t.txn_requires_abort())
+}
