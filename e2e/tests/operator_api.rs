@@ -125,11 +125,6 @@ async fn cel_rules_refuse_bad_specs_naming_the_field() -> anyhow::Result<()> {
             "spec.kafka.properties",
         ),
         (
-            "exactly-once",
-            json!({"kafka": {"exactlyOnce": true}}),
-            "spec.kafka.exactlyOnce",
-        ),
-        (
             "mtls-half",
             json!({"kafka": {"tls": {"secretName": "kafka-tls", "certKey": "tls.crt"}}}),
             "spec.kafka.tls",

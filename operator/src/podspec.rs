@@ -157,6 +157,17 @@ pub fn properties_env(cluster: &CaptureCluster) -> Option<EnvVar> {
     })
 }
 
+/// `HOLDFAST_DELIVERY=exactly-once` when the cluster asks for it: pods and
+/// flush Jobs of one cluster must deliver the same way (they share each
+/// volume's transactional id and fence each other).
+pub fn delivery_env(cluster: &CaptureCluster) -> Option<EnvVar> {
+    cluster
+        .spec
+        .kafka
+        .exactly_once
+        .then(|| env("HOLDFAST_DELIVERY", "exactly-once"))
+}
+
 /// SASL credentials as `secretKeyRef` environment (the properties refer to
 /// them as `$(HOLDFAST_KAFKA_SASL_*)`, so they must come first).
 pub fn sasl_env(cluster: &CaptureCluster) -> Vec<EnvVar> {

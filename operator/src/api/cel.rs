@@ -61,7 +61,7 @@ pub fn streams_list(schema: &mut Schema) {
     obj.insert("x-kubernetes-list-map-keys".into(), json!(["name"]));
 }
 
-/// `spec.kafka`: no reserved or malformed property, no exactly-once.
+/// `spec.kafka`: no reserved or malformed property.
 pub fn kafka_rules(schema: &mut Schema) {
     let reserved = RESERVED_KAFKA_PROPERTIES
         .iter()
@@ -88,13 +88,6 @@ pub fn kafka_rules(schema: &mut Schema) {
         .message("spec.kafka.properties: names are non-empty, without '=', newlines or surrounding spaces; values have no newlines")
         .field_path(".properties")
         .reason(Reason::FieldValueInvalid),
-    );
-    add(
-        schema,
-        Rule::new("!has(self.exactlyOnce) || !self.exactlyOnce")
-            .message("spec.kafka.exactlyOnce: exactly-once delivery is not supported by this version of holdfast-capture")
-            .field_path(".exactlyOnce")
-            .reason(Reason::FieldValueForbidden),
     );
     // Bound the properties map (and its values) for the rules' cost.
     if let Some(props) = schema

@@ -80,10 +80,6 @@ fn rejects_specs_naming_the_field() {
         "spec.kafka.bootstrapServers"
     );
     assert_eq!(
-        field(&|s| s.kafka.exactly_once = true),
-        "spec.kafka.exactlyOnce"
-    );
-    assert_eq!(
         field(&|s| {
             let stream = StreamSpec {
                 name: "a".into(),

@@ -116,12 +116,6 @@ impl CaptureClusterSpec {
                 ));
             }
         }
-        if kafka.exactly_once {
-            return Err(invalid(
-                "spec.kafka.exactlyOnce",
-                "exactly-once delivery is not supported by this version of holdfast-capture",
-            ));
-        }
         if let Some(tls) = &kafka.tls
             && tls.cert_key.is_some() != tls.key_key.is_some()
         {

@@ -294,6 +294,7 @@ pub fn capture_env(cluster: &CaptureCluster) -> Vec<EnvVar> {
     ];
     vars.extend(podspec::sasl_env(cluster));
     vars.extend(podspec::properties_env(cluster));
+    vars.extend(podspec::delivery_env(cluster));
     if let Some(topic) = &spec.kafka.dead_letter_topic {
         vars.push(env("HOLDFAST_DEAD_LETTER_TOPIC", topic.clone()));
     }

@@ -72,6 +72,7 @@ pub fn flush_env(cluster: &CaptureCluster, flush_timeout_secs: u64) -> Vec<EnvVa
         env("TMPDIR", TMP_MOUNT),
     ]);
     vars.extend(podspec::properties_env(cluster));
+    vars.extend(podspec::delivery_env(cluster));
     if let Some(topic) = &spec.kafka.dead_letter_topic {
         vars.push(env("HOLDFAST_DEAD_LETTER_TOPIC", topic.clone()));
     }

@@ -450,3 +450,23 @@ fn selector_string_selects_the_pods() {
         "app.kubernetes.io/component=capture,app.kubernetes.io/name=holdfast,holdfast.dev/cluster=events"
     );
 }
+
+#[test]
+fn exactly_once_reaches_the_pods_and_their_flush_jobs_alike() {
+    let at_least_once = cluster();
+    let exactly_once = cluster_with(serde_json::json!({
+        "kafka": {"bootstrapServers": "kafka:9092", "exactlyOnce": true},
+    }));
+    let delivery = |c: &CaptureCluster| {
+        let sts = build_statefulset(c, 1);
+        let pod = env_map(capture(&sts).env.as_deref().unwrap_or_default());
+        let flush = env_map(&crate::orphans::job::flush_env(c, 60));
+        (
+            pod.get("HOLDFAST_DELIVERY").cloned(),
+            flush.get("HOLDFAST_DELIVERY").cloned(),
+        )
+    };
+    assert_eq!(delivery(&at_least_once), (None, None));
+    let eos = Some("exactly-once".to_owned());
+    assert_eq!(delivery(&exactly_once), (eos.clone(), eos));
+}
