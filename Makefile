@@ -57,6 +57,17 @@ e2e: build kafka e2e-bins
 bench:
 	bash scripts/bench.sh
 
+## bench-drain: drain rate of one buffer (BENCH_EVENTS, default 1,000,000) at-least-once vs exactly-once, release build
+.PHONY: bench-drain
+bench-drain: kafka
+	$(CARGO) build --release --bins
+	HOLDFAST_BIN_DIR=$(CURDIR)/target/release $(CARGO) test --release -p holdfast-e2e --test bench_drain -- --ignored --nocapture
+
+## eos-chaos: exactly-once under 50 capture SIGKILLs and 10 broker kills, at-least-once beside it
+.PHONY: eos-chaos
+eos-chaos: build kafka
+	HOLDFAST_EOS_KILLS=$${KILLS:-50} $(CARGO) test -p holdfast-e2e --test capture_exactly_once -- exactly_once_under --nocapture
+
 ## bench-operator: the operator at fleet scale (50 CaptureClusters, 1,000 claims and PVs): memory, API requests/min, reconcile latency, new orphan to flush Job
 .PHONY: bench-operator
 bench-operator: build e2e-bins
