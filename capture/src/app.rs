@@ -170,6 +170,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             // Half the reserve: once released, it always holds a checkpoint.
             max_wal_bytes: cfg.disk_reserve_bytes / 2,
             keep_free_bytes: cfg.disk_reserve_bytes - reserve_file,
+            dedup_window: cfg.dedup_window,
         },
         Some(commit_observer(&metrics)),
     )?;

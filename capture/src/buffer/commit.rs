@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
+use super::dedup::Window;
 use super::room::{self, DiskGuard, Room};
 use super::writer::{AppendError, BufferState, SealReport};
 use super::{NewEvent, now_ms};
@@ -111,6 +112,7 @@ struct Totals {
     bytes: i128,
     dead: i128,
     dead_bytes: i128,
+    window_bytes: i128,
 }
 
 impl Totals {
@@ -120,6 +122,7 @@ impl Totals {
             bytes: s.bytes.load(Ordering::Relaxed) as i128,
             dead: s.dead_letters.load(Ordering::Relaxed) as i128,
             dead_bytes: s.dead_bytes.load(Ordering::Relaxed) as i128,
+            window_bytes: s.window_bytes.load(Ordering::Relaxed) as i128,
         }
     }
 
@@ -130,10 +133,31 @@ impl Totals {
             .store(self.dead.max(0) as u64, Ordering::Relaxed);
         s.dead_bytes
             .store(self.dead_bytes.max(0) as u64, Ordering::Relaxed);
+        s.window_bytes
+            .store(self.window_bytes.max(0) as u64, Ordering::Relaxed);
     }
 
     fn used(&self) -> u64 {
+        self.held() + self.window_bytes.max(0) as u64
+    }
+
+    /// What only delivery frees (the window gives way to it).
+    fn held(&self) -> u64 {
         (self.bytes.max(0) + self.dead_bytes.max(0)) as u64
+    }
+
+    /// Forgets remembered uuids until everything fits the quota again.
+    fn fit_window(
+        &mut self,
+        window: &Window,
+        conn: &Connection,
+        quota: u64,
+    ) -> rusqlite::Result<()> {
+        let over = self.used().saturating_sub(quota);
+        if over > 0 && self.window_bytes > 0 {
+            self.window_bytes -= window.evict(conn, over)? as i128;
+        }
+        Ok(())
     }
 }
 
@@ -142,7 +166,8 @@ impl Totals {
 /// flap. Evaluated after every commit.
 pub(super) fn update_over_quota(state: &BufferState, refused: bool) {
     let quota = state.quota.load(Ordering::Relaxed);
-    let used = state.used_bytes();
+    // The deduplication window gives way to events: it never makes a pod unready.
+    let used = state.held_bytes();
     let high = used.saturating_mul(100) >= quota.saturating_mul(95);
     let band = used.saturating_mul(100) >= quota.saturating_mul(90);
     if high || (refused && band) {
@@ -167,6 +192,7 @@ pub(super) struct Session {
     durability: Durability,
     wal_pages: i64,
     guard: DiskGuard,
+    window: Window,
     state: Arc<BufferState>,
     /// `meta` may hold a clean mark, so the next append must remove it.
     marked_clean: bool,
@@ -182,6 +208,7 @@ impl Session {
         durability: Durability,
         wal_pages: i64,
         keep_free: u64,
+        dedup_window: std::time::Duration,
         state: Arc<BufferState>,
     ) -> Self {
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
@@ -192,6 +219,7 @@ impl Session {
             durability,
             wal_pages,
             guard,
+            window: Window::new(dedup_window),
             state,
             marked_clean: true,
             settle_failed_at: None,
@@ -292,10 +320,19 @@ impl Session {
         let mut t = Totals::read(&state);
         let mut answers = Vec::with_capacity(commands.len());
         let mut deleted_any = false;
+        let window = self.window.clone();
         let result = match self.connection() {
             Err(e) => Err(e),
-            Ok(conn) => apply_settlements(conn, commands, &mut t, &mut answers, &mut deleted_any)
-                .map_err(|(e, n)| self.failed(&e, n, "settlement")),
+            Ok(conn) => {
+                let settled = settle::Settled {
+                    quota: state.quota.load(Ordering::Relaxed),
+                    totals: &mut t,
+                    answers: &mut answers,
+                    deleted_any: &mut deleted_any,
+                };
+                apply_settlements(conn, commands, &window, settled)
+                    .map_err(|(e, n)| self.failed(&e, n, "settlement"))
+            }
         };
         self.settle_failed_at = result.is_err().then(std::time::Instant::now);
         match result {
@@ -329,6 +366,8 @@ impl Session {
         let mut round = AppendRound::default();
         let marked_clean = self.marked_clean;
         let mut room = Room::unlimited();
+        round.prune = self.window.append_prune_due();
+        let window = self.window.clone();
         let result = match self.connection().map(|_| ()) {
             Err(e) => Err(e),
             Ok(()) => {
@@ -339,6 +378,7 @@ impl Session {
                 apply_appends(
                     conn,
                     commands,
+                    &window,
                     &state,
                     refuse_appends,
                     marked_clean,
@@ -396,12 +436,15 @@ struct AppendRound {
     refused_for_room: bool,
     /// An append was refused because the volume had no room left for it.
     refused_for_disk: bool,
+    /// Expired uuids of the deduplication window are pruned in this round.
+    prune: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
 fn apply_appends(
     conn: &mut Connection,
     commands: Vec<Command>,
+    window: &Window,
     state: &BufferState,
     refuse_appends: bool,
     marked_clean: bool,
@@ -414,8 +457,14 @@ fn apply_appends(
     let quota = state.quota.load(Ordering::Relaxed);
     let keep_free = room.keep_free;
     let mut commands = commands.into_iter();
+    let now = now_ms();
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
+        if round.prune && !refuse_appends {
+            let freed = window.prune(&tx, 0, now)?;
+            t.window_bytes -= freed as i128;
+            round.wrote |= freed > 0;
+        }
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -431,18 +480,34 @@ fn apply_appends(
             for cmd in commands.by_ref() {
                 match cmd {
                     Command::Append { events, reply } => {
-                        let needed: u64 = events.iter().map(NewEvent::size).sum();
+                        // Duplicates are acknowledged with the rest, not stored.
+                        let dup = if state.sealed.load(Ordering::Relaxed) || refuse_appends {
+                            vec![false; events.len()]
+                        } else {
+                            window.duplicates(&tx, &events, now)?
+                        };
+                        let fresh = || {
+                            events
+                                .iter()
+                                .zip(&dup)
+                                .filter(|(_, d)| !**d)
+                                .map(|(e, _)| e)
+                        };
+                        let needed: u64 = fresh().map(NewEvent::size).sum();
                         let refusal = if state.sealed.load(Ordering::Relaxed) {
                             Some(AppendError::Sealed)
                         } else if refuse_appends {
                             Some(AppendError::Disk(
                                 "the disk failed; waiting for it to recover".into(),
                             ))
+                        } else if needed == 0 {
+                            // Nothing new: acknowledged even at the quota.
+                            None
                         } else if needed > quota {
                             Some(AppendError::LargerThanQuota { quota, needed })
-                        } else if t.used() + needed > quota {
+                        } else if t.held() + needed > quota {
                             Some(AppendError::QuotaExceeded {
-                                used: t.used(),
+                                used: t.held(),
                                 quota,
                                 needed,
                             })
@@ -459,8 +524,13 @@ fn apply_appends(
                             answers.push(Answer::Seq(reply, Err(err)));
                             continue;
                         }
+                        // Remembered uuids give way to new events.
+                        t.bytes += needed as i128;
+                        t.fit_window(window, &tx, quota)?;
                         let mut last = 0;
-                        for e in &events {
+                        let mut stored = 0;
+                        for e in fresh() {
+                            stored += 1;
                             insert.execute(params![
                                 e.uuid,
                                 e.topic,
@@ -471,11 +541,12 @@ fn apply_appends(
                             last = tx.last_insert_rowid();
                             round.first_ms.get_or_insert(e.captured_at_ms);
                         }
-                        t.bytes += needed as i128;
-                        t.events += events.len() as i128;
-                        round.last_seq = last;
-                        round.appended |= !events.is_empty();
-                        round.wrote = true;
+                        t.events += stored;
+                        if last > 0 {
+                            round.last_seq = last;
+                        }
+                        round.appended |= stored > 0;
+                        round.wrote |= stored > 0 || events.is_empty();
                         answers.push(Answer::Seq(reply, Ok(last)));
                     }
                     Command::Replay { seqs, reply } => {

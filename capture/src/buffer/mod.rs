@@ -17,17 +17,26 @@
 //!    bounded command channel; readers page through the file in batches.
 //! 5. **One drainer per volume.** `serve` and `flush` hold an exclusive
 //!    `flock` on `<data-dir>/holdfast.lock` for their whole life.
+//! 6. **A retried event is stored once** ([`dedup`]): a uuid still buffered
+//!    or delivered within the deduplication window is acknowledged again
+//!    and not stored.
 //!
-//! On-disk format (schema version 1):
+//! On-disk format (schema version 2):
 //! ```sql
 //! meta(key TEXT PRIMARY KEY, value TEXT)      -- volume_id, schema_version, created_at_ms, ...
 //! events(seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT, topic TEXT,
 //!        key BLOB, payload BLOB, captured_at_ms INTEGER)
 //! dead_letters(seq INTEGER PRIMARY KEY, uuid, topic, key, payload,
 //!        captured_at_ms, reason TEXT, failed_at_ms INTEGER, dlq_delivered INTEGER)
+//! recent_uuids(id INTEGER PRIMARY KEY, uuid TEXT, delivered_at_ms INTEGER)
+//! -- indexes on events(uuid), dead_letters(uuid), recent_uuids(uuid)
 //! ```
+//! Version 1 files (no `recent_uuids`, no uuid indexes) are migrated
+//! forward when opened for writing; a version 2 file is refused by older
+//! binaries.
 
 mod commit;
+pub mod dedup;
 pub mod quarantine;
 mod room;
 pub mod salvage;
@@ -47,7 +56,7 @@ pub use commit::DeadLetter;
 pub use writer::{AppendError, GroupCommitWriter, SealReport, WriterHandle, WriterOptions};
 
 /// Schema version written in `meta`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// File name of the buffer inside the data directory.
 pub const DB_FILE: &str = "buffer.db";
 /// File name of the drainer lock inside the data directory.
@@ -284,7 +293,15 @@ fn migrate(conn: &Connection) -> Result<()> {
              captured_at_ms INTEGER NOT NULL,
              reason TEXT NOT NULL,
              failed_at_ms INTEGER NOT NULL,
-             dlq_delivered INTEGER NOT NULL DEFAULT 0);",
+             dlq_delivered INTEGER NOT NULL DEFAULT 0);
+         -- Version 2: the deduplication window (see `dedup`).
+         CREATE TABLE IF NOT EXISTS recent_uuids (
+             id INTEGER PRIMARY KEY,
+             uuid TEXT NOT NULL,
+             delivered_at_ms INTEGER NOT NULL);
+         CREATE INDEX IF NOT EXISTS recent_uuids_uuid ON recent_uuids(uuid);
+         CREATE INDEX IF NOT EXISTS events_uuid ON events(uuid);
+         CREATE INDEX IF NOT EXISTS dead_letters_uuid ON dead_letters(uuid);",
     )?;
     let version: Option<String> = conn
         .query_row(
@@ -295,6 +312,13 @@ fn migrate(conn: &Connection) -> Result<()> {
         .optional()?;
     match version.and_then(|v| v.parse::<i64>().ok()) {
         Some(found) if found > SCHEMA_VERSION => return Err(Error::SchemaVersion { found }),
+        Some(found) if found < SCHEMA_VERSION => {
+            // The tables and indexes above are the whole migration.
+            conn.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                [SCHEMA_VERSION.to_string()],
+            )?;
+        }
         Some(_) => {}
         None => {
             conn.execute(
@@ -526,5 +550,7 @@ pub fn stats(conn: &Connection) -> Result<Stats> {
     })
 }
 
+#[cfg(test)]
+mod dedup_tests;
 #[cfg(test)]
 mod tests;

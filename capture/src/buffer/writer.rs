@@ -76,6 +76,9 @@ pub struct BufferState {
     pub dead_letters: AtomicU64,
     /// Bytes of those dead letters (they count against the quota too).
     pub dead_bytes: AtomicU64,
+    /// Bytes of the deduplication window: uuids remembered as delivered
+    /// (they count against the quota too; see [`super::dedup`]).
+    pub window_bytes: AtomicU64,
     /// Capture time of the oldest waiting event (ms), 0 when empty.
     pub oldest_ms: AtomicI64,
     /// Highest sequence number committed.
@@ -95,8 +98,16 @@ pub struct BufferState {
 }
 
 impl BufferState {
-    /// Bytes counted against the quota: waiting events and kept dead letters.
+    /// Bytes counted against the quota: waiting events, kept dead letters
+    /// and the deduplication window.
     pub fn used_bytes(&self) -> u64 {
+        self.held_bytes() + self.window_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The part of [`used_bytes`](Self::used_bytes) only delivery frees:
+    /// events and dead letters. The window gives way to them, so admission
+    /// and readiness go by this.
+    pub fn held_bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed) + self.dead_bytes.load(Ordering::Relaxed)
     }
 }
@@ -146,7 +157,13 @@ impl WriterHandle {
     }
 
     /// Appends a request's events; resolves once they are committed (and fsynced
-    /// in `fsync` mode). Returns the last sequence number assigned.
+    /// in `fsync` mode). Returns the last sequence number assigned (0 when
+    /// every event was a duplicate: see [`super::dedup`]).
+    ///
+    /// Events whose uuid is already buffered, or was delivered within the
+    /// deduplication window, or repeats an earlier event of the same request,
+    /// are not stored again; the request still succeeds as a whole, exactly
+    /// as the first time.
     ///
     /// Gives up with [`AppendError::Stalled`] after the commit timeout (a hung
     /// disk): the events may still be committed later, so the client's retry
@@ -241,6 +258,10 @@ pub struct WriterOptions {
     /// Appends are refused when they would leave less than this much free on
     /// the volume past what a checkpoint needs (0: no check). See [`super::room`].
     pub keep_free_bytes: u64,
+    /// How long a delivered uuid is remembered to acknowledge retries
+    /// without storing them again (zero: no deduplication at all). See
+    /// [`super::dedup`].
+    pub dedup_window: Duration,
 }
 
 /// WAL pages allowed before the writer checkpoints, for a WAL limit in bytes.
@@ -261,6 +282,8 @@ impl WriterOptions {
             commit_timeout: Duration::from_secs(3600),
             max_wal_bytes: 0,
             keep_free_bytes: 0,
+            // Deliveries by a flush keep the window a returning pod relies on.
+            dedup_window: super::dedup::DEFAULT_WINDOW,
         }
     }
 }
@@ -281,6 +304,7 @@ impl GroupCommitWriter {
                 commit_timeout: Duration::from_secs(10),
                 max_wal_bytes: 0,
                 keep_free_bytes: 0,
+                dedup_window: super::dedup::DEFAULT_WINDOW,
             },
             observer,
         )
@@ -302,6 +326,9 @@ impl GroupCommitWriter {
         state.bytes.store(bytes, Ordering::Relaxed);
         state.dead_letters.store(dead, Ordering::Relaxed);
         state.dead_bytes.store(dead_bytes, Ordering::Relaxed);
+        state
+            .window_bytes
+            .store(super::dedup::window_bytes(&conn)?, Ordering::Relaxed);
         state.quota.store(opts.quota, Ordering::Relaxed);
         state.oldest_ms.store(
             super::oldest_captured_at(&conn)?.unwrap_or(0),
@@ -329,6 +356,7 @@ impl GroupCommitWriter {
                     opts.durability,
                     wal_pages,
                     opts.keep_free_bytes,
+                    opts.dedup_window,
                     state.clone(),
                 );
                 run(session, rx, state, appended, observer)

@@ -292,6 +292,12 @@ pub struct ServeArgs {
     /// disk counts as hung: 503 and unready until a commit finishes.
     #[arg(long, env = "HOLDFAST_COMMIT_TIMEOUT_SECS", default_value_t = 10)]
     pub commit_timeout_secs: u64,
+    /// An event whose uuid was delivered within this many seconds (or is still
+    /// buffered) is acknowledged again without being stored twice; 0 turns
+    /// deduplication off. Remembered uuids count against the buffer quota
+    /// (and give way to events when it is full).
+    #[arg(long, env = "HOLDFAST_DEDUP_WINDOW_SECS", default_value_t = 600)]
+    pub dedup_window_secs: u64,
     /// Retry-After value sent with 503 answers (seconds).
     #[arg(long, env = "HOLDFAST_RETRY_AFTER_SECS", default_value_t = 1)]
     pub retry_after_secs: u64,
@@ -376,6 +382,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Longest wait for a buffer commit before answering 503.
     pub commit_timeout: Duration,
+    /// Deduplication window (zero: off).
+    pub dedup_window: Duration,
     /// Retry-After for 503s.
     pub retry_after_secs: u64,
     /// Claim of the buffer's volume and its namespace, when on Kubernetes.
@@ -553,6 +561,7 @@ impl ServeArgs {
             on_disk_failure: self.on_disk_failure,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             commit_timeout: Duration::from_secs(self.commit_timeout_secs),
+            dedup_window: Duration::from_secs(self.dedup_window_secs),
             retry_after_secs: self.retry_after_secs,
             volume_claim: self
                 .volume_claim

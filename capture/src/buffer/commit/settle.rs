@@ -1,18 +1,34 @@
-//! The settlement transaction: deletes what Kafka took, buries what it
-//! refused for good, forgets dead letters the dead-letter topic holds.
+//! The settlement transaction: deletes what Kafka took (remembering its
+//! uuids in the deduplication window, in the same transaction), buries what
+//! it refused for good, forgets dead letters the dead-letter topic holds, and
+//! prunes a bounded chunk of expired uuids.
 
 use rusqlite::{Connection, params};
 
-use super::{Answer, AppendError, Command, Totals};
+use super::{Answer, AppendError, Command, Totals, Window};
 use crate::buffer::now_ms;
+
+/// What a settlement transaction reports back to its session.
+pub(super) struct Settled<'a> {
+    /// The buffer's quota: remembered uuids past it are forgotten early.
+    pub quota: u64,
+    pub totals: &'a mut Totals,
+    pub answers: &'a mut Vec<Answer>,
+    pub deleted_any: &'a mut bool,
+}
 
 pub(super) fn apply_settlements(
     conn: &mut Connection,
     commands: Vec<Command>,
-    t: &mut Totals,
-    answers: &mut Vec<Answer>,
-    deleted_any: &mut bool,
+    window: &Window,
+    out: Settled<'_>,
 ) -> Result<(), (rusqlite::Error, usize)> {
+    let Settled {
+        quota,
+        totals: t,
+        answers,
+        deleted_any,
+    } = out;
     let n = commands.len();
     let mut commands = commands.into_iter();
     let result = (|| -> rusqlite::Result<()> {
@@ -20,8 +36,9 @@ pub(super) fn apply_settlements(
         {
             let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
             let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;
-            let mut count_through =
-                tx.prepare_cached("SELECT count(*) FROM events WHERE seq <= ?1")?;
+            let mut count_through = tx.prepare_cached(
+                "SELECT count(*), coalesce(sum(length(uuid)), 0) FROM events WHERE seq <= ?1",
+            )?;
             let mut bury = tx.prepare_cached(
                 "INSERT OR REPLACE INTO dead_letters(seq, uuid, topic, key, payload, captured_at_ms, reason, failed_at_ms)
                  SELECT seq, uuid, topic, key, payload, captured_at_ms, ?2, ?3 FROM events WHERE seq = ?1",
@@ -38,6 +55,7 @@ pub(super) fn apply_settlements(
                         reply,
                     } => {
                         let failed_at = now_ms();
+                        let mut remembered = 0u64;
                         for d in &dead {
                             bury.execute(params![d.seq, d.reason, failed_at])?;
                             if delete.execute([d.seq])? == 1 {
@@ -51,16 +69,27 @@ pub(super) fn apply_settlements(
                         // When a settlement covers the whole head of the queue,
                         // one range delete replaces a delete per row.
                         let through = delivered.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
-                        let whole_head = through > 0
-                            && delivered.len() as i64
-                                == count_through.query_row([through], |r| r.get::<_, i64>(0))?;
+                        let (head_rows, head_uuid_bytes) = if through > 0 {
+                            count_through.query_row([through], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        } else {
+                            (0i64, 0i64)
+                        };
+                        let whole_head = through > 0 && delivered.len() as i64 == head_rows;
                         if whole_head {
+                            remembered += window.remember_through(
+                                &tx,
+                                through,
+                                head_rows,
+                                head_uuid_bytes,
+                                failed_at,
+                            )?;
                             let n = delete_through.execute([through])?;
                             t.events -= n as i128;
                             t.bytes -= delivered.iter().map(|(_, s)| *s as i128).sum::<i128>();
                             *deleted_any |= n > 0;
                         } else {
                             for (seq, size) in &delivered {
+                                remembered += window.remember(&tx, *seq, failed_at)?;
                                 if delete.execute([seq])? == 1 {
                                     t.bytes -= *size as i128;
                                     t.events -= 1;
@@ -68,10 +97,17 @@ pub(super) fn apply_settlements(
                                 }
                             }
                         }
+                        t.window_bytes += remembered as i128;
+                        // Prune at least as many as were remembered, so the
+                        // window never grows past what it expires.
+                        t.window_bytes -=
+                            window.prune(&tx, 2 * delivered.len(), failed_at)? as i128;
                         answers.push(Answer::Unit(reply));
                     }
                     Command::DeadLettersCopied { seqs, reply } => {
+                        let now = now_ms();
                         for seq in &seqs {
+                            t.window_bytes += window.remember_dead_letter(&tx, *seq, now)? as i128;
                             let size: Option<i64> = forget
                                 .query_row([seq], |r| r.get(0))
                                 .map(Some)
@@ -90,6 +126,8 @@ pub(super) fn apply_settlements(
                 }
             }
         }
+        // Events and dead letters never make room for the window.
+        t.fit_window(window, &tx, quota)?;
         tx.commit()
     })();
     fail_rest(result, commands, n)

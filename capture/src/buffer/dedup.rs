@@ -1,0 +1,250 @@
+//! Idempotent ingestion: an event whose `uuid` is still in the buffer (queued
+//! or kept as a dead letter), or was delivered within the deduplication
+//! window, is acknowledged again without being stored twice.
+//!
+//! The window lives in the buffer file, so it survives restarts:
+//! ```sql
+//! recent_uuids(id INTEGER PRIMARY KEY, uuid TEXT NOT NULL, delivered_at_ms INTEGER NOT NULL)
+//! -- indexes: recent_uuids(uuid), events(uuid), dead_letters(uuid)
+//! ```
+//! The settlement that deletes delivered events records their uuids in the
+//! same transaction, so a uuid is always either buffered or remembered: a
+//! crash between the two cannot open a gap. Rows are inserted in delivery
+//! order, so the oldest are those with the smallest `id`; every settlement
+//! (and at most once a second, an append round) prunes a bounded chunk of
+//! expired rows from that end. A remembered uuid counts
+//! [`remembered_size`] bytes against the quota, like event data, but gives
+//! way: when events (or a settlement's new uuids) need the room, the oldest
+//! remembered uuids are forgotten early ([`Window::evict`]), so the window
+//! never makes the buffer refuse an event; it only covers less time while
+//! the buffer is nearly full.
+//!
+//! Only this buffer is consulted: a retry that lands on another pod (another
+//! volume) is not deduplicated there.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+use super::NewEvent;
+
+/// Default deduplication window.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(600);
+/// Where a remembered uuid comes from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Events,
+    DeadLetters,
+}
+
+/// Bytes a remembered uuid counts against the quota besides the uuid itself
+/// (its delivery time and row id).
+pub const ROW_OVERHEAD: u64 = 16;
+/// Fewest expired rows a prune may delete in one go.
+const PRUNE_CHUNK: usize = 1024;
+/// Append rounds prune at most this often (settlements prune every time).
+const APPEND_PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bytes one remembered uuid counts against the quota.
+pub fn remembered_size(uuid: &str) -> u64 {
+    uuid.len() as u64 + ROW_OVERHEAD
+}
+
+/// The deduplication window as the writer applies it.
+#[derive(Debug, Clone)]
+pub(super) struct Window {
+    ms: i64,
+    last_append_prune: Option<Instant>,
+}
+
+impl Window {
+    /// A window of `length` (zero: deduplication off).
+    pub fn new(length: Duration) -> Self {
+        Self {
+            ms: i64::try_from(length.as_millis()).unwrap_or(i64::MAX),
+            last_append_prune: None,
+        }
+    }
+
+    /// Whether appends are checked at all.
+    pub fn is_on(&self) -> bool {
+        self.ms > 0
+    }
+
+    /// Uuids delivered at or before this time are forgotten.
+    fn cutoff(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.ms)
+    }
+
+    /// Whether an append round should prune now (at most once an interval).
+    pub fn append_prune_due(&mut self) -> bool {
+        let due = self
+            .last_append_prune
+            .is_none_or(|t| t.elapsed() >= APPEND_PRUNE_INTERVAL);
+        if due {
+            self.last_append_prune = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Marks the events of one request that must not be stored again: a
+    /// uuid seen earlier in the request, buffered (queued, or a dead letter),
+    /// or delivered within the window. All false when the window is off.
+    pub fn duplicates(
+        &self,
+        conn: &Connection,
+        events: &[NewEvent],
+        now_ms: i64,
+    ) -> rusqlite::Result<Vec<bool>> {
+        if !self.is_on() {
+            return Ok(vec![false; events.len()]);
+        }
+        let mut known = conn.prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM events WHERE uuid = ?1)
+                 OR EXISTS(SELECT 1 FROM recent_uuids WHERE uuid = ?1 AND delivered_at_ms > ?2)
+                 OR EXISTS(SELECT 1 FROM dead_letters WHERE uuid = ?1)",
+        )?;
+        let cutoff = self.cutoff(now_ms);
+        let mut seen = HashSet::with_capacity(if events.len() > 1 { events.len() } else { 0 });
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let repeated = events.len() > 1 && !seen.insert(e.uuid.as_str());
+            let dup = repeated || known.query_row((&e.uuid, cutoff), |r| r.get::<_, bool>(0))?;
+            out.push(dup);
+        }
+        Ok(out)
+    }
+
+    /// Remembers the uuid of event `seq` (about to be deleted as delivered);
+    /// returns the bytes it now counts against the quota (0 when off or gone).
+    pub fn remember(&self, conn: &Connection, seq: i64, now_ms: i64) -> rusqlite::Result<u64> {
+        self.remember_row(conn, Source::Events, seq, now_ms)
+    }
+
+    /// Remembers the uuid of dead letter `seq` (about to be forgotten: copied
+    /// to the dead-letter topic, or exported), so a retry of it is not
+    /// stored and dead-lettered again.
+    pub fn remember_dead_letter(
+        &self,
+        conn: &Connection,
+        seq: i64,
+        now_ms: i64,
+    ) -> rusqlite::Result<u64> {
+        self.remember_row(conn, Source::DeadLetters, seq, now_ms)
+    }
+
+    fn remember_row(
+        &self,
+        conn: &Connection,
+        from: Source,
+        seq: i64,
+        now_ms: i64,
+    ) -> rusqlite::Result<u64> {
+        if !self.is_on() {
+            return Ok(0);
+        }
+        let mut insert = conn.prepare_cached(match from {
+            Source::Events => {
+                "INSERT INTO recent_uuids(uuid, delivered_at_ms)
+                 SELECT uuid, ?2 FROM events WHERE seq = ?1 RETURNING length(uuid)"
+            }
+            Source::DeadLetters => {
+                "INSERT INTO recent_uuids(uuid, delivered_at_ms)
+                 SELECT uuid, ?2 FROM dead_letters WHERE seq = ?1 RETURNING length(uuid)"
+            }
+        })?;
+        let mut rows = insert.query((seq, now_ms))?;
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            bytes += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
+        }
+        Ok(bytes)
+    }
+
+    /// Remembers the uuids of every event with `seq <= through` (about to be
+    /// deleted by one range delete). `rows` and `uuid_bytes` are what the
+    /// caller counted in that range; returns the bytes they count against the
+    /// quota (0 when off).
+    pub fn remember_through(
+        &self,
+        conn: &Connection,
+        through: i64,
+        rows: i64,
+        uuid_bytes: i64,
+        now_ms: i64,
+    ) -> rusqlite::Result<u64> {
+        if !self.is_on() {
+            return Ok(0);
+        }
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO recent_uuids(uuid, delivered_at_ms)
+             SELECT uuid, ?2 FROM events WHERE seq <= ?1",
+        )?;
+        insert.execute((through, now_ms))?;
+        Ok(uuid_bytes.max(0) as u64 + rows.max(0) as u64 * ROW_OVERHEAD)
+    }
+
+    /// Forgets the oldest remembered uuids, expired or not, until `bytes`
+    /// are freed or none is left; returns the bytes freed.
+    pub fn evict(&self, conn: &Connection, bytes: u64) -> rusqlite::Result<u64> {
+        let mut evict = conn.prepare_cached(
+            "DELETE FROM recent_uuids
+             WHERE id IN (SELECT id FROM recent_uuids ORDER BY id LIMIT ?1)
+             RETURNING length(uuid)",
+        )?;
+        let mut freed = 0;
+        while freed < bytes {
+            // Rows of a hyphenated uuid; a shorter one only takes another pass.
+            let n = ((bytes - freed) / (36 + ROW_OVERHEAD)).max(1);
+            let mut rows = evict.query([n as i64])?;
+            let mut got = 0;
+            while let Some(r) = rows.next()? {
+                freed += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
+                got += 1;
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Forgets expired uuids: only among the oldest `max(at_least, 1024)`
+    /// rows, so one prune's work is bounded however large the window is.
+    /// Returns the bytes freed from the quota.
+    pub fn prune(&self, conn: &Connection, at_least: usize, now_ms: i64) -> rusqlite::Result<u64> {
+        let mut prune = conn.prepare_cached(
+            "DELETE FROM recent_uuids
+             WHERE id IN (SELECT id FROM recent_uuids ORDER BY id LIMIT ?2)
+               AND delivered_at_ms <= ?1
+             RETURNING length(uuid)",
+        )?;
+        let chunk = at_least.max(PRUNE_CHUNK) as i64;
+        let mut rows = prune.query((self.cutoff(now_ms), chunk))?;
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            bytes += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
+        }
+        Ok(bytes)
+    }
+}
+
+/// Bytes the remembered uuids count against the quota (a scan; at start-up).
+pub fn window_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT coalesce(sum(length(uuid)), 0) + ?1 * count(*) FROM recent_uuids",
+        [ROW_OVERHEAD as i64],
+        |r| r.get::<_, i64>(0).map(|n| n.max(0) as u64),
+    )
+}
+
+/// Uuids remembered as delivered within the last `window` (for `inspect` and tests).
+pub fn remembered(conn: &Connection, window: Duration, now_ms: i64) -> rusqlite::Result<u64> {
+    let cutoff = Window::new(window).cutoff(now_ms);
+    conn.query_row(
+        "SELECT count(*) FROM recent_uuids WHERE delivered_at_ms > ?1",
+        [cutoff],
+        |r| r.get::<_, i64>(0).map(|n| n.max(0) as u64),
+    )
+}
