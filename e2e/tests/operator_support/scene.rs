@@ -71,12 +71,31 @@ impl Scene {
         Self::start_with(prefix, broker, replicas, &[]).await
     }
 
+    /// [`Scene::start`] with `spec.kafka.exactlyOnce: true`.
+    pub async fn start_exactly_once(
+        prefix: &str,
+        broker: &KafkaBroker,
+        replicas: i32,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(prefix, broker, replicas, &[], true).await
+    }
+
     /// [`Scene::start`] with operator flags as environment.
     pub async fn start_with(
         prefix: &str,
         broker: &KafkaBroker,
         replicas: i32,
         operator_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(prefix, broker, replicas, operator_env, false).await
+    }
+
+    async fn start_inner(
+        prefix: &str,
+        broker: &KafkaBroker,
+        replicas: i32,
+        operator_env: &[(&str, &str)],
+        exactly_once: bool,
     ) -> anyhow::Result<Self> {
         let h = harness::shared().await;
         let client = h.client()?;
@@ -86,11 +105,10 @@ impl Scene {
         let operator = Operator::start_with_env(h, &ns, &kubeconfig, "op-a", operator_env)?;
         let name = "events".to_string();
         let (history, watcher) = watch_volumes(client.clone());
+        let mut cc = cluster(&name, &broker.bootstrap(), replicas)?;
+        cc.spec.kafka.exactly_once = exactly_once;
         Api::<CaptureCluster>::namespaced(client.clone(), &ns)
-            .create(
-                &PostParams::default(),
-                &cluster(&name, &broker.bootstrap(), replicas)?,
-            )
+            .create(&PostParams::default(), &cc)
             .await?;
         let scene = Self {
             h,
