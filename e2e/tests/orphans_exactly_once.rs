@@ -5,7 +5,6 @@
 //! the Job committed: every acknowledged uuid reaches Kafka exactly once
 //! (read_committed).
 
-#[allow(dead_code)]
 mod operator_support;
 
 use std::time::Duration;
