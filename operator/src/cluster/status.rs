@@ -16,7 +16,7 @@ use crate::api::{
 };
 use crate::flush::{FLUSH_COMPONENT, JobState, job_state};
 use crate::runtime::nodes::{self, LostPod};
-use crate::runtime::{Context, Result, api_err, inventory, key};
+use crate::runtime::{Context, Result, api_err, cluster_inventory, key};
 use tracing::warn;
 
 pub(super) async fn patch_status(
@@ -85,7 +85,7 @@ pub(super) async fn orphans_of(
     cluster: &CaptureCluster,
 ) -> Result<(Vec<crate::api::VolumeRecoveryStatus>, Vec<LostPod>)> {
     let ns = cluster.namespace().unwrap_or_default();
-    let inv = inventory(&ctx.client, Some(&ns)).await?;
+    let inv = cluster_inventory(&ctx.client, &ns, &cluster.name_any()).await?;
     let lost = lost_pods_of(ctx, cluster, &inv.pods).await;
     let states = super::orphan_status::volume_states(&inv, cluster, jiff::Timestamp::now());
     let states = super::orphan_status::with_lost_pods(states, &inv, cluster, &lost);

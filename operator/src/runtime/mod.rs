@@ -24,7 +24,7 @@ use crate::api::{CaptureCluster, FIELD_MANAGER};
 use crate::metrics::Metrics;
 
 pub use apply::{apply_cluster_object, apply_object};
-pub use inventory::inventory;
+pub use inventory::{cluster_inventory, inventory};
 
 /// Errors of a reconciliation or of an orphan-recovery step.
 #[derive(Debug, thiserror::Error)]
