@@ -17,7 +17,9 @@ use super::{NewEvent, now_ms};
 use crate::config::Durability;
 
 mod settle;
+mod totals;
 use settle::{answers_unexpected, apply_settlements, fail_rest};
+use totals::Totals;
 
 /// An event Kafka rejected for good, on its way to the dead-letter table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,62 +104,6 @@ impl Answer {
             Answer::Count(r, _) => drop(r.send(Err(err.clone()))),
             Answer::Seal(r, _) => drop(r.send(Err(err.clone()))),
         }
-    }
-}
-
-/// Figures as a transaction sees them; copied to [`BufferState`] on commit.
-#[derive(Debug, Clone, Copy)]
-struct Totals {
-    events: i128,
-    bytes: i128,
-    dead: i128,
-    dead_bytes: i128,
-    window_bytes: i128,
-}
-
-impl Totals {
-    fn read(s: &BufferState) -> Self {
-        Self {
-            events: s.events.load(Ordering::Relaxed) as i128,
-            bytes: s.bytes.load(Ordering::Relaxed) as i128,
-            dead: s.dead_letters.load(Ordering::Relaxed) as i128,
-            dead_bytes: s.dead_bytes.load(Ordering::Relaxed) as i128,
-            window_bytes: s.window_bytes.load(Ordering::Relaxed) as i128,
-        }
-    }
-
-    fn store(&self, s: &BufferState) {
-        s.events.store(self.events.max(0) as u64, Ordering::Relaxed);
-        s.bytes.store(self.bytes.max(0) as u64, Ordering::Relaxed);
-        s.dead_letters
-            .store(self.dead.max(0) as u64, Ordering::Relaxed);
-        s.dead_bytes
-            .store(self.dead_bytes.max(0) as u64, Ordering::Relaxed);
-        s.window_bytes
-            .store(self.window_bytes.max(0) as u64, Ordering::Relaxed);
-    }
-
-    fn used(&self) -> u64 {
-        self.held() + self.window_bytes.max(0) as u64
-    }
-
-    /// What only delivery frees (the window gives way to it).
-    fn held(&self) -> u64 {
-        (self.bytes.max(0) + self.dead_bytes.max(0)) as u64
-    }
-
-    /// Forgets remembered uuids until everything fits the quota again.
-    fn fit_window(
-        &mut self,
-        window: &Window,
-        conn: &Connection,
-        quota: u64,
-    ) -> rusqlite::Result<()> {
-        let over = self.used().saturating_sub(quota);
-        if over > 0 && self.window_bytes > 0 {
-            self.window_bytes -= window.evict(conn, over)? as i128;
-        }
-        Ok(())
     }
 }
 
