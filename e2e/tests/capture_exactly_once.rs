@@ -319,3 +319,55 @@ async fn a_newer_drainer_fences_the_older_and_nothing_is_sent_twice() -> Result<
     );
     Ok(())
 }
+
+/// Kafka refuses an oversized event, which fails the whole transaction: the
+/// innocent events around it are retried (one per transaction until the
+/// culprit fails alone), the culprit becomes a dead letter, and everything
+/// else reaches Kafka once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_aborts_only_its_transaction_and_the_rest_arrives_once() -> Result<()> {
+    let kafka = KafkaBroker::start().await?;
+    kafka
+        .create_topic("events", 1, &[("max.message.bytes", "1000")])
+        .await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    let cap = CaptureProcess::start(&buf, &kafka.bootstrap(), &EXACTLY_ONCE).await?;
+    let client = reqwest::Client::new();
+    let (before, poison, after) = (
+        events_with_pad(20, 10),
+        events_with_pad(1, 3000),
+        events_with_pad(20, 10),
+    );
+    let all: Vec<Value> = before
+        .iter()
+        .chain(&poison)
+        .chain(&after)
+        .cloned()
+        .collect();
+    let (status, body) = post(&client, &format!("{}/v1/events", cap.url()), &all).await?;
+    ensure!(status == 200, "{body}");
+    wait_until(
+        "the poison event to be dead-lettered",
+        Duration::from_secs(60),
+        || {
+            let s = inspect(&buf);
+            s["dead_letters"] == 1 && s["events"] == 0
+        },
+    )
+    .await?;
+    let seen = committed_uuids(&kafka, "events", 40).await?;
+    let want: HashSet<String> = uuids(&before).into_iter().chain(uuids(&after)).collect();
+    let missing = want.iter().filter(|u| !seen.contains_key(*u)).count();
+    let twice = seen.values().filter(|n| **n > 1).count();
+    ensure!(
+        missing == 0 && twice == 0,
+        "{missing} missing, {twice} twice of {}",
+        want.len()
+    );
+    ensure!(
+        !seen.contains_key(&uuids(&poison)[0]),
+        "the poison event reached Kafka"
+    );
+    Ok(())
+}

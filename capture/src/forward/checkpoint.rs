@@ -69,7 +69,6 @@ pub(super) async fn read(cfg: &KafkaConfig, volume_id: &str) -> Result<i64, Kafk
     let mut c = client_config(cfg);
     c.set("group.id", format!("holdfast-checkpoint-{volume_id}"))
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
     let (topic, volume) = (cfg.checkpoint_topic.clone(), volume_id.to_owned());
     tokio::task::spawn_blocking(move || -> Result<i64, KafkaError> {
@@ -80,25 +79,33 @@ pub(super) async fn read(cfg: &KafkaConfig, volume_id: &str) -> Result<i64, Kafk
             .iter()
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect();
+        // Everything written before now must be read, our own last
+        // checkpoint included. read_committed stops at the last stable
+        // offset, which another volume's open transaction can hold back for
+        // a moment: read until the position passes the end seen now.
+        let mut target = std::collections::HashMap::new();
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
-            tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
+            let (_, hi) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?;
+            if hi > 0 {
+                target.insert(*p, hi);
+                tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
+            }
+        }
+        if target.is_empty() {
+            return Ok(0);
         }
         consumer.assign(&tpl)?;
-        let mut open: std::collections::HashSet<i32> = partitions.into_iter().collect();
         let mut last = 0i64;
         let deadline = std::time::Instant::now() + READ_TIMEOUT;
-        while !open.is_empty() {
+        while !target.is_empty() {
             if std::time::Instant::now() > deadline {
                 return Err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::OperationTimedOut,
                 ));
             }
-            match consumer.poll(Duration::from_millis(200)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    open.remove(&p);
-                }
+            match consumer.poll(Duration::from_millis(100)) {
+                None | Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => return Err(e),
                 Some(Ok(m)) => {
                     if m.key() == Some(volume.as_bytes())
@@ -108,6 +115,13 @@ pub(super) async fn read(cfg: &KafkaConfig, volume_id: &str) -> Result<i64, Kafk
                     }
                 }
             }
+            let position = consumer.position()?;
+            target.retain(|p, hi| {
+                !matches!(
+                    position.find_partition(&topic, *p).map(|e| e.offset()),
+                    Some(Offset::Offset(at)) if at >= *hi
+                )
+            });
         }
         Ok(last)
     })

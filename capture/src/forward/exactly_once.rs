@@ -74,6 +74,9 @@ pub struct ExactlyOnce {
     committed_through: i64,
     /// Topics Kafka refuses, since when (poison after the retry window).
     refused_since: HashMap<String, Instant>,
+    /// Refused topics left out of batches until then, so one refused topic
+    /// does not abort every transaction while the others could flow.
+    parked: HashMap<String, Instant>,
     /// Batches left to send one event at a time.
     solo: usize,
     dlq: DlqCopier,
@@ -114,6 +117,7 @@ impl ExactlyOnce {
             volume_id,
             committed_through: 0,
             refused_since: HashMap::new(),
+            parked: HashMap::new(),
             solo: 0,
             dlq: DlqCopier::default(),
         })
@@ -263,9 +267,17 @@ impl ExactlyOnce {
             self.cfg.batch_events
         };
         let max_bytes = self.cfg.batch_bytes;
+        let now = Instant::now();
+        let parked: Vec<String> = self
+            .parked
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(t, _)| t.clone())
+            .collect();
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            buffer::read_batch_bounded(&conn, limit, max_bytes, &[])
+            let parked: Vec<&str> = parked.iter().map(String::as_str).collect();
+            buffer::read_batch_bounded(&conn, limit, max_bytes, &parked)
         })
         .await
         .map_err(|_| buffer::Error::WriterStopped)?
@@ -390,6 +402,7 @@ impl ExactlyOnce {
         let now = Instant::now();
         let mut dead = Vec::new();
         let mut reasons = Vec::new();
+        let mut parked_any = false;
         for (i, error) in failures {
             let stored = &batch[i];
             let reason = match classify(&error) {
@@ -405,7 +418,12 @@ impl ExactlyOnce {
                         .refused_since
                         .entry(stored.event.topic.clone())
                         .or_insert(now);
-                    if now.duration_since(since) < self.cfg.poison_retry_window {
+                    let refused_for = now.duration_since(since);
+                    if refused_for < self.cfg.poison_retry_window {
+                        let wait = (refused_for / 2)
+                            .clamp(Duration::from_millis(500), Duration::from_secs(30));
+                        self.parked.insert(stored.event.topic.clone(), now + wait);
+                        parked_any = true;
                         continue;
                     }
                     reason
@@ -421,7 +439,7 @@ impl ExactlyOnce {
             reasons.push(reason);
         }
         if dead.is_empty() {
-            return Ok(if self.solo == SOLO_ROUNDS {
+            return Ok(if self.solo == SOLO_ROUNDS || parked_any {
                 Outcome::Progress
             } else {
                 Outcome::Retry
@@ -450,6 +468,7 @@ impl ExactlyOnce {
         }
         for e in batch {
             self.refused_since.remove(&e.event.topic);
+            self.parked.remove(&e.event.topic);
         }
         let mut by_topic: HashMap<&str, u64> = HashMap::new();
         for (_, _, i) in &rows {
