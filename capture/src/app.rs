@@ -118,6 +118,20 @@ fn metrics_dead_copied(metrics: &Metrics) -> u64 {
     metrics.dead_letters_copied.get()
 }
 
+/// Least room kept free while the guard is on: the WAL frames of the largest
+/// settlement (1,000 deletes, their uuid index entries and the dedup window's
+/// inserts) must fit, or a drained disk can stay too full to checkpoint.
+const MIN_KEEP_FREE: u64 = 512 << 10;
+
+/// Room the volume guard keeps free for half the reserve `half` (0: off).
+fn keep_free_bytes(half: u64) -> u64 {
+    if half == 0 {
+        0
+    } else {
+        half.max(MIN_KEEP_FREE)
+    }
+}
+
 /// Starts the drainer `--delivery` asks for: the at-least-once forwarder, or
 /// the transactional one.
 fn spawn_drainer(
@@ -169,7 +183,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             commit_timeout: cfg.commit_timeout,
             // Half the reserve: once released, it always holds a checkpoint.
             max_wal_bytes: cfg.disk_reserve_bytes / 2,
-            keep_free_bytes: cfg.disk_reserve_bytes - reserve_file,
+            keep_free_bytes: keep_free_bytes(cfg.disk_reserve_bytes - reserve_file),
             dedup_window: cfg.dedup_window,
         },
         Some(commit_observer(&metrics)),

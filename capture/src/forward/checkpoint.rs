@@ -48,6 +48,10 @@ fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 /// Creates the checkpoint topic (`cleanup.policy=compact`, one partition,
 /// the broker's replication) unless it exists.
 pub(super) async fn ensure_topic(cfg: &KafkaConfig) -> Result<(), KafkaError> {
+    if exists(cfg).await? {
+        // Made beforehand (the principal may lack the right to create it).
+        return Ok(());
+    }
     let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
     let topic = NewTopic::new(&cfg.checkpoint_topic, 1, TopicReplication::Fixed(-1))
         .set("cleanup.policy", "compact");
@@ -63,12 +67,30 @@ pub(super) async fn ensure_topic(cfg: &KafkaConfig) -> Result<(), KafkaError> {
     Ok(())
 }
 
+/// Whether the checkpoint topic exists (metadata only).
+async fn exists(cfg: &KafkaConfig) -> Result<bool, KafkaError> {
+    let mut c = client_config(cfg);
+    c.set("allow.auto.create.topics", "false");
+    let topic = cfg.checkpoint_topic.clone();
+    tokio::task::spawn_blocking(move || -> Result<bool, KafkaError> {
+        let consumer: BaseConsumer = c.create()?;
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        Ok(md
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+    })
+    .await
+    .unwrap_or(Err(KafkaError::Canceled))
+}
+
 /// The highest sequence a committed checkpoint of `volume_id` covers (0 when
 /// none): the topic read from the start to its end, `read_committed`.
 pub(super) async fn read(cfg: &KafkaConfig, volume_id: &str) -> Result<i64, KafkaError> {
     let mut c = client_config(cfg);
     c.set("group.id", format!("holdfast-checkpoint-{volume_id}"))
         .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed");
     let (topic, volume) = (cfg.checkpoint_topic.clone(), volume_id.to_owned());
     tokio::task::spawn_blocking(move || -> Result<i64, KafkaError> {

@@ -39,8 +39,6 @@ use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel, TopicLabel};
 
 /// How long `init_transactions`, commit and abort may block.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Commits tried before the transaction is aborted and the batch retried.
-const COMMIT_ATTEMPTS: u32 = 3;
 /// After an event was refused as too large, this many batches go one event
 /// per transaction, so only the event that fails alone is dead-lettered.
 const SOLO_ROUNDS: usize = 64;
@@ -60,8 +58,21 @@ enum Outcome {
     Progress,
 }
 
+/// What the loop does after a round.
+enum Step {
+    /// Nothing left (flush).
+    Done,
+    /// Go on at once.
+    Next,
+    /// Nothing to send before then (or new events).
+    Wait(Instant),
+    /// Kafka refused the batch: back off.
+    Retry,
+}
+
 /// Drains the buffer into Kafka, one transaction per batch.
 pub struct ExactlyOnce {
+    dir: std::path::PathBuf,
     reader: Arc<std::sync::Mutex<Connection>>,
     writer: WriterHandle,
     producer: KafkaProducer,
@@ -74,8 +85,8 @@ pub struct ExactlyOnce {
     committed_through: i64,
     /// Topics Kafka refuses, since when (poison after the retry window).
     refused_since: HashMap<String, Instant>,
-    /// Refused topics left out of batches until then, so one refused topic
-    /// does not abort every transaction while the others could flow.
+    /// Refused topics waiting for their retry: a batch stops before their
+    /// first row, so the rows ahead of it still flow.
     parked: HashMap<String, Instant>,
     /// Batches left to send one event at a time.
     solo: usize,
@@ -102,12 +113,20 @@ impl ExactlyOnce {
     ) -> Result<Self> {
         let mut c: ClientConfig = producer_config(&cfg);
         c.set("transactional.id", transactional_id(&volume_id));
+        if !cfg.properties.contains_key("transaction.timeout.ms") {
+            // librdkafka needs message.timeout.ms <= transaction.timeout.ms;
+            // leave room for the commit after the last delivery (the broker's
+            // default transaction.max.timeout.ms is 15 minutes).
+            let ms = (cfg.message_timeout.as_millis() as u64 * 2).clamp(60_000, 900_000);
+            c.set("transaction.timeout.ms", ms.to_string());
+        }
         let producer = c
             .create_with_context(KafkaContext {
                 metrics: metrics.clone(),
             })
             .map_err(Error::Producer)?;
         Ok(Self {
+            dir: dir.to_owned(),
             reader: Arc::new(std::sync::Mutex::new(buffer::open_reader(dir)?)),
             writer,
             producer,
@@ -142,62 +161,113 @@ impl ExactlyOnce {
                 &self.reader,
                 &self.metrics,
             );
-            let batch = self.read().await?;
-            let (old, batch): (Vec<StoredEvent>, Vec<StoredEvent>) = batch
-                .into_iter()
-                .partition(|e| e.seq <= self.committed_through);
-            if !old.is_empty() {
-                // Kafka has them (a delete failed, or the checkpoint says so).
-                let rows = old.iter().map(|e| (e.seq, e.event.size())).collect();
-                self.writer.settle(rows, Vec::new()).await?;
-                continue;
-            }
-            if batch.is_empty() {
-                if until == RunUntil::Empty && self.drained() {
-                    return Ok(());
-                }
-                self.report_lag();
-                tokio::select! {
-                    _ = self.writer.appended.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = stop.changed() => {}
-                }
-                continue;
-            }
-            match self.deliver(&batch).await? {
-                Outcome::Committed(rows) => {
+            let pause = match self.round(until).await {
+                Ok(Step::Done) => return Ok(()),
+                Ok(Step::Next) => {
                     delay = Duration::from_millis(100);
-                    self.settle(&batch, rows).await;
-                    self.metrics.kafka_up.set(1);
+                    continue;
                 }
-                Outcome::Progress => delay = Duration::from_millis(100),
-                Outcome::Retry => {
+                Ok(Step::Wait(until)) => until,
+                Ok(Step::Retry) => {
                     self.metrics.forward_retries.inc();
-                    tracing::warn!(
-                        events = batch.len(),
-                        delay_ms = delay.as_millis() as u64,
-                        "kafka transaction aborted; retrying the batch"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
-                    }
+                    let d = delay;
                     delay = (delay * 2).min(Duration::from_secs(5));
+                    Instant::now() + d
                 }
+                Err(Error::Fenced(e)) => return Err(Error::Fenced(e)),
+                Err(e) => {
+                    // The buffer failed (typically a full disk): never give
+                    // up, since draining is what frees the disk.
+                    tracing::error!(error = %e, delay_ms = delay.as_millis() as u64, "exactly-once delivery failed on the buffer side; retrying");
+                    if let Some(freed) = buffer::release_reserve(&self.dir) {
+                        tracing::warn!(
+                            bytes = freed,
+                            "released the disk reserve so delivered events can be deleted"
+                        );
+                    }
+                    let d = delay;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    Instant::now() + d
+                }
+            };
+            tokio::select! {
+                _ = self.writer.appended.notified() => {}
+                _ = tokio::time::sleep_until(pause) => {}
+                _ = stop.changed() => {}
             }
         }
     }
 
-    /// Fences older drainers, then drops the rows the last checkpoint
-    /// covers. False when stopped first.
+    /// One batch: read, drop what the checkpoint covers, send the rest in
+    /// one transaction, delete what committed.
+    async fn round(&mut self, until: RunUntil) -> Result<Step> {
+        let batch = self.read().await?;
+        let (old, mut batch): (Vec<StoredEvent>, Vec<StoredEvent>) = batch
+            .into_iter()
+            .partition(|e| e.seq <= self.committed_through);
+        if !old.is_empty() {
+            // Kafka has them (a delete failed, or the checkpoint says so).
+            let rows = old.iter().map(|e| (e.seq, e.event.size())).collect();
+            self.writer.settle(rows, Vec::new()).await?;
+            return Ok(Step::Next);
+        }
+        // A checkpoint covers every row up to it, so a batch stops at the
+        // first row of a refused topic that waits for its retry: rows before
+        // it flow, none after it is skipped.
+        let now = Instant::now();
+        if let Some(cut) = batch.iter().position(|e| {
+            self.parked
+                .get(&e.event.topic)
+                .is_some_and(|retry_at| *retry_at > now)
+        }) {
+            if cut == 0 {
+                let retry_at = self.parked[&batch[0].event.topic];
+                return Ok(Step::Wait(retry_at));
+            }
+            batch.truncate(cut);
+        }
+        if batch.is_empty() {
+            if until == RunUntil::Empty && self.drained() {
+                return Ok(Step::Done);
+            }
+            self.report_lag();
+            return Ok(Step::Wait(now + Duration::from_millis(500)));
+        }
+        Ok(match self.deliver(&batch).await? {
+            Outcome::Committed(rows) => {
+                self.settle(&batch, rows).await?;
+                self.metrics.kafka_up.set(1);
+                Step::Next
+            }
+            Outcome::Progress => Step::Next,
+            Outcome::Retry => {
+                tracing::warn!(
+                    events = batch.len(),
+                    "kafka transaction aborted; retrying the batch"
+                );
+                Step::Retry
+            }
+        })
+    }
+
+    /// Fences older drainers, then reads the checkpoint. False when stopped
+    /// first. `init_transactions` is called until it succeeds once (a second
+    /// call on a ready producer is a state error); the checkpoint is retried
+    /// on its own.
     async fn start(&mut self, stop: &mut watch::Receiver<bool>) -> Result<bool> {
         let mut delay = Duration::from_millis(250);
+        let mut initialised = false;
         loop {
-            let producer = self.producer.clone();
-            let init = tokio::task::spawn_blocking(move || producer.init_transactions(TXN_TIMEOUT))
-                .await
-                .unwrap_or(Err(KafkaError::Canceled));
-            let attempt = match init {
+            let attempt = if initialised {
+                Ok(())
+            } else {
+                let producer = self.producer.clone();
+                tokio::task::spawn_blocking(move || producer.init_transactions(TXN_TIMEOUT))
+                    .await
+                    .unwrap_or(Err(KafkaError::Canceled))
+            };
+            initialised |= attempt.is_ok();
+            let attempt = match attempt {
                 Ok(()) => checkpoint::ensure_topic(&self.cfg).await,
                 Err(e) => Err(e),
             };
@@ -237,7 +307,7 @@ impl ExactlyOnce {
         tracing::error!(
             error = %e,
             transactional_id = %transactional_id(&self.volume_id),
-            "fenced: a newer drainer of this volume took over; this process never sends again"
+            "exactly-once delivery stopped for good (fenced by a newer drainer of this volume, or a fatal producer error: see error); this process never sends again"
         );
         Error::Fenced(e.to_string())
     }
@@ -267,17 +337,9 @@ impl ExactlyOnce {
             self.cfg.batch_events
         };
         let max_bytes = self.cfg.batch_bytes;
-        let now = Instant::now();
-        let parked: Vec<String> = self
-            .parked
-            .iter()
-            .filter(|(_, until)| **until > now)
-            .map(|(t, _)| t.clone())
-            .collect();
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            let parked: Vec<&str> = parked.iter().map(String::as_str).collect();
-            buffer::read_batch_bounded(&conn, limit, max_bytes, &parked)
+            buffer::read_batch_bounded(&conn, limit, max_bytes, &[])
         })
         .await
         .map_err(|_| buffer::Error::WriterStopped)?
@@ -325,8 +387,12 @@ impl ExactlyOnce {
         self.judge(batch, failures).await
     }
 
+    /// Commits; a retriable failure (a timeout) is answered by calling
+    /// commit again, as librdkafka requires (any other call would conflict
+    /// with the one still pending).
     async fn commit(&mut self, batch: &[StoredEvent]) -> Result<Outcome> {
-        for attempt in 1..=COMMIT_ATTEMPTS {
+        let mut delay = Duration::from_millis(100);
+        loop {
             let producer = self.producer.clone();
             let result =
                 tokio::task::spawn_blocking(move || producer.commit_transaction(TXN_TIMEOUT))
@@ -347,35 +413,47 @@ impl ExactlyOnce {
                     return Ok(Outcome::Committed(rows));
                 }
                 Err(e) if is_fatal(&e) => return Err(self.fenced(&e)),
-                Err(e) if retriable(&e) && attempt < COMMIT_ATTEMPTS => {
-                    tracing::warn!(error = %e, attempt, "kafka transaction commit failed; trying again");
+                Err(e) if retriable(&e) && !needs_abort(&e) => {
+                    tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "kafka transaction commit not confirmed; committing again");
+                    self.metrics.kafka_up.set(0);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka transaction commit failed; aborting it");
-                    break;
+                    self.abort().await?;
+                    return Ok(Outcome::Retry);
                 }
             }
         }
-        self.abort().await?;
-        Ok(Outcome::Retry)
     }
 
+    /// Aborts; a retriable failure is answered by aborting again.
     async fn abort(&mut self) -> Result<()> {
-        let producer = self.producer.clone();
-        let result = tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT))
-            .await
-            .unwrap_or(Err(KafkaError::Canceled));
-        match result {
-            Ok(()) => {
-                self.count("aborted");
-                Ok(())
-            }
-            Err(e) if is_fatal(&e) => Err(self.fenced(&e)),
-            Err(e) => {
-                // The transaction times out on the broker; the next
-                // begin_transaction reports whether the producer is usable.
-                tracing::warn!(error = %e, "kafka transaction abort failed");
-                Ok(())
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let producer = self.producer.clone();
+            let result =
+                tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT))
+                    .await
+                    .unwrap_or(Err(KafkaError::Canceled));
+            match result {
+                Ok(()) => {
+                    self.count("aborted");
+                    return Ok(());
+                }
+                Err(e) if is_fatal(&e) => return Err(self.fenced(&e)),
+                Err(e) if retriable(&e) => {
+                    tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "kafka transaction abort not confirmed; aborting again");
+                    self.metrics.kafka_up.set(0);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    // No transaction to abort (it never began): nothing pending.
+                    tracing::warn!(error = %e, "kafka transaction abort failed");
+                    return Ok(());
+                }
             }
         }
     }
@@ -422,7 +500,13 @@ impl ExactlyOnce {
                     if refused_for < self.cfg.poison_retry_window {
                         let wait = (refused_for / 2)
                             .clamp(Duration::from_millis(500), Duration::from_secs(30));
-                        self.parked.insert(stored.event.topic.clone(), now + wait);
+                        if self
+                            .parked
+                            .insert(stored.event.topic.clone(), now + wait)
+                            .is_none()
+                        {
+                            tracing::warn!(topic = %stored.event.topic, reason, error = %error, refused_for_s = refused_for.as_secs(), "kafka refused the topic; its events wait for it, events ahead of them flow");
+                        }
                         parked_any = true;
                         continue;
                     }
@@ -458,14 +542,10 @@ impl ExactlyOnce {
         Ok(Outcome::Progress)
     }
 
-    /// Deletes committed rows; a failure leaves them to the next read, which
-    /// finds them at or below the checkpoint and deletes them unsent.
-    async fn settle(&mut self, batch: &[StoredEvent], rows: Vec<(i64, u64, usize)>) {
-        let list: Vec<(i64, u64)> = rows.iter().map(|(s, n, _)| (*s, *n)).collect();
-        if let Err(e) = self.writer.settle(list, Vec::new()).await {
-            tracing::error!(error = %e, "could not delete events Kafka committed; they are deleted later, not sent again");
-            return;
-        }
+    /// Counts what Kafka committed, then deletes the rows; a failed delete
+    /// leaves them to a later read, which finds them at or below the
+    /// checkpoint and deletes them unsent.
+    async fn settle(&mut self, batch: &[StoredEvent], rows: Vec<(i64, u64, usize)>) -> Result<()> {
         for e in batch {
             self.refused_since.remove(&e.event.topic);
             self.parked.remove(&e.event.topic);
@@ -482,7 +562,10 @@ impl ExactlyOnce {
                 })
                 .inc_by(n);
         }
+        let list: Vec<(i64, u64)> = rows.iter().map(|(s, n, _)| (*s, *n)).collect();
+        self.writer.settle(list, Vec::new()).await?;
         self.report_lag();
+        Ok(())
     }
 
     fn count(&self, outcome: &'static str) {
