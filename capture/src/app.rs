@@ -255,10 +255,28 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         _ = guard_volume(&volume, &volume_id, &health) => true,
         _ = &mut signal => false,
     };
+    // The drainer ends on its own only when exactly-once delivery stopped
+    // for good (fenced, or a fatal producer error such as a transaction the
+    // coordinator timed out during a long Kafka outage): the pod then shuts
+    // down and exits non-zero, so the restarted process fences again and
+    // delivers, instead of serving unready forever.
+    let mut forwarder = forwarder;
+    let mut stopped: Option<String> = None;
     if guarded {
         health.started.store(true, Ordering::SeqCst);
         tracing::info!("serving");
-        signal.await;
+        tokio::select! {
+            _ = &mut signal => {}
+            ended = &mut forwarder => {
+                let why = match ended {
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "delivery ended".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(error = %why, "delivery stopped for good; shutting down so a restart delivers again");
+                stopped = Some(why);
+            }
+        }
     }
     health.shutting_down.store(true, Ordering::SeqCst);
     // A file salvage has not finished stays in quarantine (volume not clean).
@@ -269,15 +287,17 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     while health.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    forward::wait_empty(&writer, deadline).await;
-    let _ = stop_tx.send(true);
-    let abort = forwarder.abort_handle();
-    match tokio::time::timeout(Duration::from_secs(5), forwarder).await {
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "forwarder failed"),
-        Ok(_) => {}
-        Err(_) => {
-            tracing::warn!("forwarder did not stop within 5s; aborting it");
-            abort.abort();
+    if stopped.is_none() {
+        forward::wait_empty(&writer, deadline).await;
+        let _ = stop_tx.send(true);
+        let abort = forwarder.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(5), forwarder).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "forwarder failed"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("forwarder did not stop within 5s; aborting it");
+                abort.abort();
+            }
         }
     }
     // Sealing refuses every later append (a slow upload still in flight gets
@@ -314,7 +334,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         tokio::task::spawn_blocking(move || writer_thread.join()),
     )
     .await;
-    Ok(())
+    match stopped {
+        Some(why) => Err(forward::Error::Fenced(why).into()),
+        None => Ok(()),
+    }
 }
 
 /// Drains `args.buffer.data_dir` into Kafka; `Ok` only once it is empty.

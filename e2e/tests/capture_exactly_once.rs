@@ -243,7 +243,7 @@ async fn a_newer_drainer_fences_the_older_and_nothing_is_sent_twice() -> Result<
     kafka.create_topic("events", 1, &[]).await?;
     let dir = tempdir();
     let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
-    let pod = CaptureProcess::start(&live, &kafka.bootstrap(), &EXACTLY_ONCE).await?;
+    let mut pod = CaptureProcess::start(&live, &kafka.bootstrap(), &EXACTLY_ONCE).await?;
     let client = reqwest::Client::new();
     let url = format!("{}/v1/events", pod.url());
     let first = events_with_pad(200, 20);
@@ -280,20 +280,18 @@ async fn a_newer_drainer_fences_the_older_and_nothing_is_sent_twice() -> Result<
     let third = events_with_pad(50, 20);
     let (status, body) = post(&client, &url, &third).await?;
     ensure!(status == 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = client.get(format!("{}/readyz", pod.url())).send().await?;
-        let (code, text) = (ready.status().as_u16(), ready.text().await?);
-        if code == 503 && text.contains("fenced") {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the older drainer was never fenced: {code} {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
+    // Fenced, it stops delivering for good and exits non-zero (Kubernetes
+    // would restart it; the restarted process fences in turn).
+    let exit = pod.wait_exit(Duration::from_secs(90)).await?;
+    ensure!(
+        !exit.success(),
+        "a fenced pod must exit non-zero, got {exit}"
+    );
+    ensure!(
+        pod.log_text().contains("delivery stopped for good"),
+        "the fenced pod did not say why it stopped: {}",
+        pod.log_tail()
+    );
     let want: HashSet<String> = uuids(&first).into_iter().chain(uuids(&second)).collect();
     let seen = committed_uuids(&kafka, "events", want.len()).await?;
     let missing = want.iter().filter(|u| !seen.contains_key(*u)).count();
