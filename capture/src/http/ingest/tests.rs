@@ -1,0 +1,242 @@
+use super::*;
+
+fn opts() -> ParseOptions<'static> {
+    ParseOptions {
+        topic: "t",
+        max_event_bytes: 64,
+        max_events: 10,
+        key_pointer: None,
+        now_ms: 7,
+    }
+}
+
+#[test]
+fn parses_object_array_and_ndjson_keeping_payload_bytes() {
+    let one = parse(br#"{"a":1}"#, Format::Json, &opts()).unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].payload, br#"{"a":1}"#);
+    assert_eq!(one[0].captured_at_ms, 7);
+    let arr = parse(br#"[{"a":1}, {"b":2}]"#, Format::Json, &opts()).unwrap();
+    assert_eq!(arr.len(), 2);
+    assert_eq!(arr[1].payload, br#"{"b":2}"#);
+    let nd = parse(b"{\"a\":1}\r\n\n{\"b\":2}\n", Format::Ndjson, &opts()).unwrap();
+    assert_eq!(nd.len(), 2);
+    assert_eq!(nd[1].payload, br#"{"b":2}"#);
+}
+
+#[test]
+fn keeps_client_uuid_and_generates_v7_otherwise() {
+    let evs = parse(
+        br#"[{"uuid":"0190A6E2-6F1B-7C3A-9F00-000000000001"},{"x":1}]"#,
+        Format::Json,
+        &opts(),
+    )
+    .unwrap();
+    assert_eq!(evs[0].uuid, "0190a6e2-6f1b-7c3a-9f00-000000000001");
+    let generated = uuid::Uuid::parse_str(&evs[1].uuid).unwrap();
+    assert_eq!(generated.get_version_num(), 7);
+    assert_eq!(
+        evs[1].key,
+        evs[1].uuid.as_bytes(),
+        "uuid is the default key"
+    );
+}
+
+#[test]
+fn partition_key_from_key_field_then_pointer_then_uuid() {
+    let mut o = opts();
+    o.key_pointer = Some("/user/id");
+    let evs = parse(
+        br#"[{"key":"k1","user":{"id":"u"}},{"user":{"id":42}},{"key":5},{"z":0}]"#,
+        Format::Json,
+        &o,
+    )
+    .unwrap();
+    assert_eq!(evs[0].key, b"k1");
+    assert_eq!(evs[1].key, b"42");
+    assert_eq!(evs[2].key, b"5");
+    assert_eq!(evs[3].key, evs[3].uuid.as_bytes());
+}
+
+#[test]
+fn rejects_whole_request_when_one_event_is_too_large() {
+    let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(100));
+    let body = format!(r#"[{{"a":1}},{big}]"#);
+    let r = parse(body.as_bytes(), Format::Json, &opts()).unwrap_err();
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.index, Some(1));
+    assert!(
+        r.message.contains("event 1 is 108 bytes, limit 64"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn names_the_bad_event_in_ndjson() {
+    let r = parse(b"{\"a\":1}\n{\"a\":\n", Format::Ndjson, &opts()).unwrap_err();
+    assert_eq!(
+        (r.status, r.index, r.reason),
+        (StatusCode::BAD_REQUEST, Some(1), "malformed_json")
+    );
+    let r = parse(b"[{\"a\":1}, 3]", Format::Json, &opts()).unwrap_err();
+    assert_eq!((r.index, r.reason), (Some(1), "not_an_object"));
+    let r = parse(br#"{"uuid":"nope"}"#, Format::Json, &opts()).unwrap_err();
+    assert_eq!((r.index, r.reason), (Some(0), "invalid_uuid"));
+}
+
+#[test]
+fn rejects_malformed_and_empty_bodies() {
+    assert_eq!(
+        parse(b"{\"a\":", Format::Json, &opts()).unwrap_err().reason,
+        "malformed_json"
+    );
+    assert_eq!(
+        parse(b"[1,", Format::Json, &opts()).unwrap_err().reason,
+        "malformed_json"
+    );
+    assert_eq!(
+        parse(b"[]", Format::Json, &opts()).unwrap_err().reason,
+        "no_events"
+    );
+    assert_eq!(
+        parse(b"\n\n", Format::Ndjson, &opts()).unwrap_err().reason,
+        "no_events"
+    );
+    assert_eq!(
+        parse(&[0xff, 0xfe], Format::Json, &opts())
+            .unwrap_err()
+            .reason,
+        "invalid_utf8"
+    );
+}
+
+#[test]
+fn caps_events_per_request_before_building_them() {
+    let nd = "{}\n".repeat(11);
+    let r = parse(nd.as_bytes(), Format::Ndjson, &opts()).unwrap_err();
+    assert_eq!(
+        (r.status, r.reason),
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_many_events")
+    );
+    assert!(r.message.contains("more than 10 events"), "{}", r.message);
+    assert_eq!(
+        parse(&nd.as_bytes()[3..], Format::Ndjson, &opts())
+            .unwrap()
+            .len(),
+        10
+    );
+    let arr = format!("[{}{{}}]", "{},".repeat(10));
+    assert_eq!(
+        parse(arr.as_bytes(), Format::Json, &opts())
+            .unwrap_err()
+            .reason,
+        "too_many_events"
+    );
+    // Six million events in a 20 MB array are refused at the eleventh.
+    let huge = format!("[{}{{}}]", "{},".repeat(6_000_000));
+    assert_eq!(
+        parse(huge.as_bytes(), Format::Json, &opts())
+            .unwrap_err()
+            .reason,
+        "too_many_events"
+    );
+}
+
+#[test]
+fn reserves_at_least_what_the_events_take() {
+    let body = "{\"key\":\"a-partition-key-longer-than-a-uuid-string-by-far\"}\n{}\n";
+    let mut reserved = 0;
+    let evs = parse_bounded::<Rejection>(body.as_bytes(), Format::Ndjson, &opts(), |n| {
+        reserved += n;
+        Ok(())
+    })
+    .unwrap();
+    let used: usize = evs
+        .iter()
+        .map(|e| {
+            std::mem::size_of::<NewEvent>()
+                + e.uuid.capacity()
+                + e.topic.capacity()
+                + e.key.capacity()
+                + e.payload.capacity()
+        })
+        .sum();
+    assert!(reserved >= used, "reserved {reserved} < used {used}");
+    let refused = parse_bounded(body.as_bytes(), Format::Ndjson, &opts(), |_| {
+        Err(Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            String::new(),
+        ))
+    });
+    assert_eq!(refused.unwrap_err().reason, "busy");
+}
+
+#[test]
+fn event_overhead_covers_what_a_minimal_event_allocates() {
+    // glibc hands out 16-byte-aligned chunks with an 8-byte header.
+    let chunk = |n: usize| (n + 8).div_ceil(16) * 16;
+    let e = parse(b"{}", Format::Json, &opts()).unwrap().remove(0);
+    let cost = std::mem::size_of::<NewEvent>()
+        + chunk(e.uuid.len())
+        + chunk(e.key.len())
+        + (chunk(e.topic.len()) - e.topic.len())
+        + (chunk(e.payload.len()) - e.payload.len())
+        + std::mem::size_of::<&str>();
+    assert!(
+        cost <= EVENT_OVERHEAD_BYTES,
+        "a minimal event costs {cost} bytes beyond payload and topic"
+    );
+}
+
+#[test]
+fn deep_nesting_is_a_clean_400_naming_the_event() {
+    let mut o = opts();
+    o.max_event_bytes = 10 << 20;
+    o.key_pointer = Some("/a");
+    let deep = |levels: usize| format!("{{\"a\":{}1{}}}", "[".repeat(levels), "]".repeat(levels));
+    // Accepted up to the limit, and the key pointer still parses it.
+    let ok = deep(MAX_DEPTH - 1);
+    let evs = parse(ok.as_bytes(), Format::Json, &o).unwrap();
+    assert!(evs[0].key.starts_with(b"[[["));
+    for levels in [MAX_DEPTH, 1_000_000] {
+        let bad = deep(levels);
+        let body = format!("{{}}\n{bad}\n");
+        let r = parse(body.as_bytes(), Format::Ndjson, &o).unwrap_err();
+        assert_eq!(
+            (r.status, r.reason, r.index),
+            (StatusCode::BAD_REQUEST, "too_deeply_nested", Some(1))
+        );
+        let arr = format!("[{{}},{{}},{bad}]");
+        let r = parse(arr.as_bytes(), Format::Json, &o).unwrap_err();
+        assert_eq!((r.reason, r.index), ("too_deeply_nested", Some(2)));
+        let r = parse(bad.as_bytes(), Format::Json, &o).unwrap_err();
+        assert_eq!((r.reason, r.index), ("too_deeply_nested", Some(0)));
+    }
+    // Brackets inside strings do not count.
+    let quoted = format!("{{\"s\":\"{}\\\"{}\"}}", "[".repeat(500), "{".repeat(500));
+    assert!(parse(quoted.as_bytes(), Format::Json, &o).is_ok());
+    // A deep array that is not an event at all.
+    let r = parse("[".repeat(1_000_000).as_bytes(), Format::Json, &o).unwrap_err();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[test]
+fn content_type_selects_format() {
+    assert_eq!(
+        format_from_content_type(Some("application/json; charset=utf-8")).unwrap(),
+        Format::Json
+    );
+    assert_eq!(
+        format_from_content_type(Some("application/x-ndjson")).unwrap(),
+        Format::Ndjson
+    );
+    assert_eq!(
+        format_from_content_type(Some("text/plain"))
+            .unwrap_err()
+            .status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    assert!(format_from_content_type(None).is_err());
+}
