@@ -189,6 +189,19 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         Some(commit_observer(&metrics)),
     )?;
     metrics.attach_buffer(writer.state.clone());
+    // An unready pod gets no appends, so a volume that was nearly full is
+    // measured again on a timer until there is room.
+    let rechecks = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if writer.state.disk_low.load(Ordering::Relaxed) {
+                    let _ = writer.recheck_room().await;
+                }
+            }
+        })
+    };
     // Damaged files moved aside at open are salvaged while the pod serves.
     let salvage = buffer::salvage::spawn_background(
         cfg.data_dir.clone(),
@@ -279,6 +292,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         }
     }
     health.shutting_down.store(true, Ordering::SeqCst);
+    rechecks.abort();
     // A file salvage has not finished stays in quarantine (volume not clean).
     salvage.abort();
     let _ = salvage.await;

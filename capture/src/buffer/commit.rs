@@ -57,6 +57,12 @@ pub(super) enum Command {
         quarantined: bool,
         reply: Reply<SealReport>,
     },
+    /// Re-measures the volume's room while appends are refused for it (an
+    /// unready pod gets no appends that would do it), with a tiny write so
+    /// a checkpointed WAL restarts and its space counts as reusable.
+    Recheck {
+        reply: Reply<()>,
+    },
 }
 
 impl Command {
@@ -75,6 +81,7 @@ impl Command {
             }
             Command::Replay { reply, .. } => drop(reply.send(Err(err.clone()))),
             Command::Seal { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Command::Recheck { reply } => drop(reply.send(Err(err.clone()))),
         }
     }
 }
@@ -130,6 +137,11 @@ pub(super) struct Outcome {
     /// Commands in transactions that committed.
     pub committed: usize,
 }
+
+/// Room (beyond what the volume guard keeps free) a pod refused for room
+/// needs before it turns ready again: a drained buffer reuses its own free
+/// pages and WAL, so this is about what the next requests need, not the disk.
+const READY_ROOM: u64 = 256 << 10;
 
 /// The writer's connection and what it remembers between rounds.
 pub(super) struct Session {
@@ -211,8 +223,8 @@ impl Session {
     }
 
     /// Unready once an append was refused for room on the volume; ready again
-    /// only when another `keep_free` bytes of events would fit, so a pod at
-    /// the edge does not flap.
+    /// only when another [`READY_ROOM`] bytes of events would fit, so a pod
+    /// at the edge does not flap.
     fn update_disk_low(&self, refused: bool, mut room_left: Room) {
         if refused {
             if !self.state.disk_low.swap(true, Ordering::Relaxed) {
@@ -221,9 +233,7 @@ impl Session {
                     "the volume is nearly full: refusing events until delivery frees space"
                 );
             }
-        } else if self.state.disk_low.load(Ordering::Relaxed)
-            && room_left.take(self.guard.keep_free())
-        {
+        } else if self.state.disk_low.load(Ordering::Relaxed) && room_left.take(READY_ROOM) {
             self.state.disk_low.store(false, Ordering::Relaxed);
             tracing::info!("room on the volume again: accepting events");
         }
@@ -517,6 +527,18 @@ fn apply_appends(
                         round.appended |= moved > 0;
                         round.wrote = true;
                         answers.push(Answer::Count(reply, Ok(moved)));
+                    }
+                    Command::Recheck { reply } => {
+                        if state.disk_low.load(Ordering::Relaxed)
+                            && !state.sealed.load(Ordering::Relaxed)
+                        {
+                            tx.execute(
+                                "INSERT OR REPLACE INTO meta(key, value) VALUES ('room_checked_ms', ?1)",
+                                [now_ms().to_string()],
+                            )?;
+                            round.wrote = true;
+                        }
+                        answers.push(Answer::Unit(reply));
                     }
                     Command::Seal { quarantined, reply } => {
                         // From here on (this round included) every append is refused.

@@ -220,6 +220,12 @@ impl WriterHandle {
         self.call(|reply| Command::Replay { seqs, reply }).await
     }
 
+    /// While appends are refused for room on the volume, measures it again
+    /// (readiness comes back once there is room, without an append).
+    pub async fn recheck_room(&self) -> Result<(), AppendError> {
+        self.call(|reply| Command::Recheck { reply }).await
+    }
+
     /// Seals the buffer for shutdown: from here on every append is refused.
     /// Then, if nothing is left (no events, no dead letters waiting for the
     /// dead-letter topic, and `quarantined` is false), records a clean mark.
