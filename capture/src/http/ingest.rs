@@ -276,35 +276,74 @@ fn json_array(text: &str, max: usize) -> Result<Vec<&str>, Rejection> {
     })
 }
 
-/// Whether `raw` nests `[`/`{` (outside strings) at most `max` levels deep.
-fn depth_within(raw: &str, max: usize) -> bool {
+/// What a scan of an event's text found wrong beyond what serde_json checks
+/// on the paths used here.
+#[derive(Debug, PartialEq, Eq)]
+enum Flaw {
+    /// Arrays and objects nested deeper than allowed.
+    TooDeep,
+    /// A `\uXXXX` escape of half a surrogate pair, unpaired. serde_json skips
+    /// ignored strings without decoding their escapes, so this is the only
+    /// place it is caught; strict readers (serde_json's own `Value`, Go's
+    /// `encoding/json` into a string) refuse or mangle such an event.
+    LoneSurrogate(u16),
+}
+
+/// Scans `raw` (already valid JSON syntax, or about to be checked) for
+/// nesting deeper than `max` levels (`[`/`{` outside strings) and unpaired
+/// surrogate escapes. One pass over the bytes; escapes are decoded only when
+/// a `\u` is seen.
+fn scan_event(raw: &str, max: usize) -> Result<(), Flaw> {
+    let b = raw.as_bytes();
+    let hex4 = |at: usize| -> Option<u16> {
+        let digits = std::str::from_utf8(b.get(at..at + 4)?).ok()?;
+        u16::from_str_radix(digits, 16).ok()
+    };
     let mut depth = 0usize;
     let mut in_string = false;
-    let mut escaped = false;
-    for &b in raw.as_bytes() {
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        i += 1;
         if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+            match c {
+                b'"' => in_string = false,
+                b'\\' if b.get(i) == Some(&b'u') => {
+                    // Malformed hex is serde_json's to report.
+                    let Some(unit) = hex4(i + 1) else { continue };
+                    i += 5;
+                    match unit {
+                        0xD800..=0xDBFF => {
+                            let low = (b.get(i..i + 2) == Some(b"\\u"))
+                                .then(|| hex4(i + 2))
+                                .flatten();
+                            match low {
+                                Some(0xDC00..=0xDFFF) => i += 6,
+                                _ => return Err(Flaw::LoneSurrogate(unit)),
+                            }
+                        }
+                        0xDC00..=0xDFFF => return Err(Flaw::LoneSurrogate(unit)),
+                        _ => {}
+                    }
+                }
+                b'\\' => i += 1,
+                _ => {}
             }
             continue;
         }
-        match b {
+        match c {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
-                    return false;
+                    return Err(Flaw::TooDeep);
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
-    true
+    Ok(())
 }
 
 fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, Rejection> {
@@ -330,11 +369,23 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
             format!("event {index} is not a JSON object"),
         ));
     }
-    if !depth_within(raw, MAX_DEPTH) {
-        return Err(bad(
-            "too_deeply_nested",
-            format!("event {index} nests arrays and objects deeper than {MAX_DEPTH} levels"),
-        ));
+    match scan_event(raw, MAX_DEPTH) {
+        Ok(()) => {}
+        Err(Flaw::TooDeep) => {
+            return Err(bad(
+                "too_deeply_nested",
+                format!("event {index} nests arrays and objects deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        Err(Flaw::LoneSurrogate(unit)) => {
+            return Err(bad(
+                "malformed_json",
+                format!(
+                    "event {index} is not valid JSON: \\u{unit:04X} is half of a UTF-16 \
+                     surrogate pair without its other half"
+                ),
+            ));
+        }
     }
     let fields: Fields<'_> = serde_json::from_str(raw).map_err(|e| {
         bad(

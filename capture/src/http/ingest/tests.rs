@@ -240,3 +240,43 @@ fn content_type_selects_format() {
     );
     assert!(format_from_content_type(None).is_err());
 }
+
+/// Found by the fuzzer (parse_ndjson, CI of stop 9): serde_json skips the
+/// fields it ignores without checking `\u` escapes, so an event with a lone
+/// surrogate was stored although no strict JSON reader (serde_json, Go's
+/// encoding/json in strict mode) can read it back.
+#[test]
+fn lone_surrogate_escapes_are_malformed_json_naming_the_event() {
+    let o = opts();
+    for bad in [
+        r#"{"a":"\uDDDD"}"#,
+        r#"{"a":"x\uD800"}"#,
+        r#"{"a":"\uD800\u0041"}"#,
+        r#"{"a":"\uDBFF\n"}"#,
+        r#"{"a":{"b":["\udc00"]}}"#,
+        r#"{"\uD83D":1}"#,
+        r#"{"key":"\uDFFF"}"#,
+    ] {
+        let body = format!("{{}}\n{bad}\n");
+        let r = parse(body.as_bytes(), Format::Ndjson, &o).unwrap_err();
+        assert_eq!(
+            (r.status, r.reason, r.index),
+            (StatusCode::BAD_REQUEST, "malformed_json", Some(1)),
+            "{bad}"
+        );
+        assert!(r.message.contains("surrogate"), "{}", r.message);
+        let arr = format!("[{{}},{bad}]");
+        let r = parse(arr.as_bytes(), Format::Json, &o).unwrap_err();
+        assert_eq!((r.reason, r.index), ("malformed_json", Some(1)), "{bad}");
+    }
+    for good in [
+        r#"{"a":"\uD83D\uDE00"}"#,
+        r#"{"a":"\\uDDDD"}"#,
+        r#"{"a":"\\\uD83D\uDE00\\"}"#,
+        r#"{"a":"\u00e9\"\uDBFF\uDFFF"}"#,
+        r#"{"a":"plain é 😀"}"#,
+    ] {
+        let evs = parse(good.as_bytes(), Format::Json, &o).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&evs[0].payload).unwrap();
+    }
+}
