@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 
 .PHONY: sigkill-soak
-.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean crds chart image fuzz power-loss
+.PHONY: all build demo test unit e2e e2e-bins kafka bench lint fmt clean crds openapi chart image fuzz power-loss
 
 all: build
 
@@ -39,6 +39,10 @@ crds:
 	$(CARGO) run -q -p holdfast-operator -- crd > crds/captureclusters.holdfast.dev.yaml
 	cp crds/*.yaml charts/holdfast/files/crds/
 	cp operator/rbac/*.yaml charts/holdfast/files/rbac/
+
+## openapi: regenerate docs/openapi.json from the HTTP handlers' types (a test fails when it is stale)
+openapi:
+	$(CARGO) run -q -p holdfast-capture -- openapi > docs/openapi.json
 
 ## chart: lint and render the Helm chart (schema, CRD and RBAC copies, image name)
 chart: e2e-bins

@@ -31,6 +31,7 @@ async fn main() {
             Command::DeadLetters(cmd) => {
                 print!("{}", holdfast_capture::dead_letters::run(cmd).await?)
             }
+            Command::Openapi => print!("{}", holdfast_capture::http::openapi::document_json()),
             Command::Inspect(args) => {
                 let stats = app::inspect(&args)?;
                 if args.json {

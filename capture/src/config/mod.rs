@@ -105,6 +105,9 @@ pub enum Command {
     /// List, export or replay the dead letters kept in a buffer.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Print the OpenAPI document of the HTTP API (what `GET /openapi.json`
+    /// serves and `docs/openapi.json` holds).
+    Openapi,
 }
 
 /// `holdfast-capture dead-letters ...`. `export --delete` and `replay` write

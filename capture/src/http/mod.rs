@@ -1,4 +1,5 @@
-//! The HTTP API: `POST /v1/events[/{stream}]`, `/healthz`, `/readyz`, `/metrics`.
+//! The HTTP API: `POST /v1/events[/{stream}]`, `/healthz`, `/readyz`, `/metrics`,
+//! `/openapi.json` (the document [`openapi`] generates from the handlers below).
 //!
 //! A durable stream's 200 is written only after the buffer committed the
 //! request's events; a direct stream's only after Kafka acknowledged each one.
@@ -9,6 +10,7 @@ pub mod auth;
 pub mod gzip;
 pub mod ingest;
 pub mod limits;
+pub mod openapi;
 pub mod server;
 
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::buffer::{AppendError, NewEvent, WriterHandle};
 use crate::config::{OnDiskFailure, ServeConfig, StreamMode};
@@ -74,7 +77,37 @@ pub struct AppState {
     pub health: Arc<Health>,
 }
 
-/// An error answer: JSON body `{"error", "message", "index"?}`.
+/// The body of a `200` to `POST /v1/events`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// How many events the request held (all of them are kept).
+    pub accepted: usize,
+}
+
+/// The body of every refusal.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable reason.
+    #[schema(value_type = openapi::Reason)]
+    pub error: &'static str,
+    /// What was wrong, in words.
+    pub message: String,
+    /// Index of the event to blame (0-based), when one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+impl ErrorBody {
+    fn json(error: &'static str, message: impl Into<String>) -> axum::Json<Self> {
+        axum::Json(Self {
+            error,
+            message: message.into(),
+            index: None,
+        })
+    }
+}
+
+/// An error answer: JSON body [`ErrorBody`].
 #[derive(Debug)]
 pub enum ApiError {
     /// The client's fault; the message tells it what to fix.
@@ -111,16 +144,17 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
             ApiError::Rejected(r) => {
-                let mut body = json!({"error": r.reason, "message": r.message});
-                if let Some(i) = r.index {
-                    body["index"] = json!(i);
-                }
+                let body = axum::Json(ErrorBody {
+                    error: r.reason,
+                    message: r.message,
+                    index: r.index,
+                });
                 // The rest of such a body is not worth reading: close instead of keeping alive.
                 let close = matches!(
                     r.reason,
                     "body_too_large" | "body_timeout" | "body_read_failed"
                 );
-                let mut resp = (r.status, axum::Json(body)).into_response();
+                let mut resp = (r.status, body).into_response();
                 if close {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -133,7 +167,7 @@ impl IntoResponse for ApiError {
             } => {
                 let mut resp = (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    axum::Json(json!({"error": reason, "message": "try again later"})),
+                    ErrorBody::json(reason, "try again later"),
                 )
                     .into_response();
                 resp.headers_mut()
@@ -143,7 +177,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => {
                 let mut resp = (
                     StatusCode::UNAUTHORIZED,
-                    axum::Json(json!({"error": "unauthorized", "message": "a valid bearer token is required"})),
+                    ErrorBody::json("unauthorized", "a valid bearer token is required"),
                 )
                     .into_response();
                 resp.headers_mut()
@@ -152,7 +186,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::UnknownStream(name) => (
                 StatusCode::NOT_FOUND,
-                axum::Json(json!({"error": "unknown_stream", "message": format!("stream {name:?} is not configured")})),
+                ErrorBody::json(
+                    "unknown_stream",
+                    format!("stream {name:?} is not configured"),
+                ),
             )
                 .into_response(),
         }
@@ -164,12 +201,26 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/events", post(post_default))
         .route("/v1/events/{stream}", post(post_stream))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::serve))
         .with_state(state)
 }
 
+/// Liveness: `200 ok` while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process runs", body = String, example = "ok")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: whether the pod should get traffic.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready", body = String, example = "ready"),
+    (status = 503, description = "Not ready; the text says why: `starting`, `shutting down`, \
+        `buffer over quota`, `volume nearly full`, `disk failure`, `fenced: ...`, \
+        `volume not retained: ...`", body = String)))]
 async fn readyz(State(s): State<AppState>) -> Response {
     match unready_reason(&s) {
         None => (StatusCode::OK, "ready").into_response(),
@@ -223,6 +274,10 @@ pub fn unready_reason(s: &AppState) -> Option<&'static str> {
     }
 }
 
+/// Metrics (`holdfast_*`) in OpenMetrics text.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200,
+    description = "Prometheus/OpenMetrics exposition", body = String,
+    content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics(State(s): State<AppState>) -> Response {
     (
         [(
@@ -234,11 +289,22 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Events for the default stream (`--default-stream`).
+#[utoipa::path(post, path = "/v1/events", operation_id = "post_events", tag = "events",
+    params(openapi::IngestHeaders), request_body(content(
+        (openapi::Events = "application/json"), (openapi::NdjsonEvents = "application/x-ndjson"))),
+    responses(openapi::IngestResponses), security((), ("bearer" = [])))]
 async fn post_default(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let stream = s.cfg.default_stream.clone();
     respond(&s, &stream, &headers, body).await
 }
 
+/// Events for a named stream (`--stream name=topic:mode`).
+#[utoipa::path(post, path = "/v1/events/{stream}", operation_id = "post_stream_events",
+    tag = "events", params(("stream" = String, Path, description = "A configured stream's name"),
+        openapi::IngestHeaders), request_body(content(
+        (openapi::Events = "application/json"), (openapi::NdjsonEvents = "application/x-ndjson"))),
+    responses(openapi::StreamIngestResponses), security((), ("bearer" = [])))]
 async fn post_stream(
     State(s): State<AppState>,
     Path(stream): Path<String>,
@@ -262,7 +328,7 @@ async fn respond(s: &AppState, stream: &str, headers: &HeaderMap, body: Body) ->
             s.metrics
                 .ack_latency
                 .observe(started.elapsed().as_secs_f64());
-            (StatusCode::OK, axum::Json(json!({"accepted": n}))).into_response()
+            (StatusCode::OK, axum::Json(Accepted { accepted: n })).into_response()
         }
         Err(e) => {
             s.metrics.reject(e.reason());

@@ -2,6 +2,7 @@ use std::io::Write;
 
 use axum::http::Request;
 use http_body_util::BodyExt;
+use serde_json::json;
 use tower::ServiceExt;
 
 use super::*;
