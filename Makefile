@@ -57,9 +57,9 @@ image:
 e2e: build kafka e2e-bins
 	$(CARGO) test -p holdfast-e2e --no-fail-fast -- --test-threads 2
 
-## bench: load-test a release build with wrk against a local Kafka and report figures
+## bench: release build, local Kafka and capture pods, every scenario -> target/bench/report.md, report.json, PNG plots (BASELINE=<git rev> runs that build too, alternating; BENCH_SECS, BENCH_DRAIN_EVENTS scale it)
 bench:
-	bash scripts/bench.sh
+	BASELINE="$(BASELINE)" bash scripts/bench.sh
 
 ## bench-drain: drain rate of one buffer (BENCH_EVENTS, default 1,000,000) at-least-once vs exactly-once, release build
 .PHONY: bench-drain
