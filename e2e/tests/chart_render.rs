@@ -60,6 +60,7 @@ pub fn all_on_values() -> Value {
         "metrics": {
             "serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
             "prometheusRule": {"enabled": true, "labels": {"release": "prometheus"}},
+            "grafanaDashboard": {"enabled": true, "annotations": {"grafana_folder": "Holdfast"}},
         },
     })
 }
@@ -189,6 +190,9 @@ fn every_optional_part_renders_and_uses_the_chart_image() -> anyhow::Result<()> 
     ] {
         ensure!(!of_kind(&docs, kind).is_empty(), "no {kind} rendered");
     }
+    // The dashboard itself: e2e/tests/chart_dashboard.rs.
+    let dashboard = find(&docs, "ConfigMap", "hf-holdfast-dashboard")?;
+    ensure!(dashboard["metadata"]["labels"]["grafana_dashboard"] == "1");
     let cc = find(&docs, "CaptureCluster", "events")?;
     let deployment = find(&docs, "Deployment", "hf-holdfast-operator")?;
     ensure!(
