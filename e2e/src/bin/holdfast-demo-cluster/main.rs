@@ -100,6 +100,11 @@ async fn run(cli: Cli) -> Result<()> {
     let result = tell(&cli, &h, &mut broker).await;
     if let Err(error) = &result {
         println!("\nFAILED: {error:#}");
+        print_all(&h.client()?, &cli.namespace, None).await;
+        match keep_logs(h.dir()) {
+            Ok(dir) => println!("  pod logs kept in {}", dir.display()),
+            Err(e) => println!("  could not keep the pod logs: {e:#}"),
+        }
     }
     if !cli.exit_when_done {
         leave_up(&h, &cli.namespace, &broker).await?;
@@ -241,6 +246,23 @@ async fn create_namespace(client: &kube::Client, ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// Copies every pod's container logs (`<harness>/pods/<pod>/*.log`) to a
+/// directory that outlives the harness, for a failed story.
+fn keep_logs(harness_dir: &Path) -> Result<PathBuf> {
+    let keep = std::env::temp_dir().join(format!("holdfast-demo-cluster-{}", std::process::id()));
+    for pod in std::fs::read_dir(harness_dir.join("pods"))?.flatten() {
+        for file in std::fs::read_dir(pod.path())?.flatten() {
+            let name = file.file_name();
+            if name.to_string_lossy().ends_with(".log") {
+                let to = keep.join(pod.file_name());
+                std::fs::create_dir_all(&to)?;
+                std::fs::copy(file.path(), to.join(name))?;
+            }
+        }
+    }
+    Ok(keep)
+}
+
 /// `holdfast/holdfast:<appVersion>`: the chart's default image.
 fn chart_image(chart: &Path) -> Result<String> {
     let text = std::fs::read_to_string(chart.join("Chart.yaml"))
@@ -298,7 +320,9 @@ async fn leave_up(h: &Harness, ns: &str, broker: &KafkaBroker) -> Result<()> {
         ),
     }
     if let Some(ip) = ip {
-        println!("  curl -d '{{\"action\":\"hello\"}}' http://{ip}:8080/v1/events");
+        println!(
+            "  curl -H 'content-type: application/json' -d '{{\"action\":\"hello\"}}' http://{ip}:8080/v1/events"
+        );
     }
     println!(
         "  cargo run -q -p holdfast-e2e --bin holdfast-dev -- consume --bootstrap {} --topic {TOPIC} --count 1",

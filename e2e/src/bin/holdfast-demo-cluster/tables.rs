@@ -128,23 +128,28 @@ pub async fn print_all(client: &Client, ns: &str, bootstrap: Option<&str>) {
             .items
             .iter()
             .map(|cc| {
-                let ready_reason = cc.data["status"]["conditions"]
-                    .as_array()
-                    .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-                    .and_then(|c| c["reason"].as_str())
-                    .map(str::to_string);
+                let condition = |kind: &str, field: &str| {
+                    cc.data["status"]["conditions"]
+                        .as_array()
+                        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+                        .and_then(|c| c[field].as_str())
+                        .map(str::to_string)
+                };
                 vec![
                     format!("capturecluster.holdfast.dev/{}", cc.name_any()),
                     dash(cc.data["spec"]["replicas"].as_i64()),
                     dash(cc.data["status"]["readyReplicas"].as_i64()),
-                    dash(ready_reason),
+                    dash(condition("Ready", "reason")),
                     dash(cc.data["status"]["orphanedVolumes"].as_i64()),
+                    dash(condition("OrphansStuck", "status")),
                     age(cc.metadata.creation_timestamp.as_ref()),
                 ]
             })
             .collect();
         table(
-            &["NAME", "DESIRED", "READY", "STATUS", "ORPHANS", "AGE"],
+            &[
+                "NAME", "DESIRED", "READY", "STATUS", "ORPHANS", "STUCK", "AGE",
+            ],
             &rows,
         );
     }
