@@ -160,12 +160,20 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             let report = runtime.block_on(runner::run(&s))?;
+            // A baseline may lack a flag a scenario needs (an older build):
+            // its failures are in the report; only this build's fail the run.
+            let baseline = s.baseline.as_ref().map(|b| b.label.as_str());
+            let ours = |build: &str| Some(build) != baseline;
             let failed = report
                 .scenarios
                 .iter()
-                .filter(|r| r.error.is_some())
+                .filter(|r| r.error.is_some() && ours(&r.build))
                 .count()
-                + report.drains.iter().filter(|d| d.error.is_some()).count();
+                + report
+                    .drains
+                    .iter()
+                    .filter(|d| d.error.is_some() && ours(&d.build))
+                    .count();
             eprintln!(
                 "holdfast-bench: wrote {}/report.md, report.json and {} plot(s); {failed} run(s) failed",
                 s.out_dir.display(),
