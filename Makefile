@@ -16,6 +16,12 @@ build:
 demo:
 	bash scripts/demo.sh
 
+## demo-cluster: Holdfast on the local Kubernetes control plane (chart installed with helm, a CaptureCluster of 3): a pod killed and scaled away, Kafka stopped, every acknowledged event counted in Kafka; stays up until Ctrl-C
+.PHONY: demo-cluster
+demo-cluster: build kafka e2e-bins
+	bash e2e/kubectl.sh >/dev/null || echo "demo-cluster: no pinned kubectl; any kubectl works with the kubeconfig it prints" >&2
+	$(CARGO) run -q -p holdfast-e2e --bin holdfast-demo-cluster
+
 ## kafka: fetch Apache Kafka's jars from Maven Central into the cache (once)
 kafka:
 	bash e2e/kafka/fetch.sh
