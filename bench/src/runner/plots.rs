@@ -60,13 +60,15 @@ fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing: {e:?}")
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
 ];
 
 /// One labelled row of bars (one bar per series), top to bottom.
@@ -169,14 +171,14 @@ where
             let y0 = (n - 1 - i) as f64 + 1.0 - gap - (j + 1) as f64 * step;
             let bar = Rectangle::new(
                 [(lo, y0), (v.max(lo), y0 + step * 0.9)],
-                COLORS[j % 6].filled(),
+                COLORS[j % COLORS.len()].filled(),
             );
             c.draw_series([bar]).map_err(draw_err)?;
         }
     }
     if b.series.len() > 1 {
         for (j, name) in b.series.iter().enumerate() {
-            let color = COLORS[j % 6];
+            let color = COLORS[j % COLORS.len()];
             c.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
                 .map_err(draw_err)?
                 .label(*name)
@@ -271,7 +273,7 @@ fn throughput(path: &Path, report: &Report) -> Result<()> {
             .map_err(draw_err)?;
         for (k, (name, mut pts)) in lines.into_iter().enumerate() {
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let color = COLORS[k % 6];
+            let color = COLORS[k % COLORS.len()];
             c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(draw_err)?
                 .label(name)

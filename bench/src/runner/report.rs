@@ -409,4 +409,130 @@ mod tests {
         assert_eq!(grouped(1000.0), "1,000");
         assert_eq!(grouped(1234567.0), "1,234,567");
     }
+
+    fn run(id: &str, build: &str, pace: Pace, rps: f64, p50: f64) -> ScenarioRun {
+        let (series, shape) = id.split_once(' ').unwrap();
+        ScenarioRun {
+            id: id.to_owned(),
+            series: series.to_owned(),
+            shape: shape.to_owned(),
+            build: build.to_owned(),
+            pace,
+            connections: 4,
+            body: crate::body::BodySpec::default(),
+            server_args: Vec::new(),
+            result: Some(crate::load::LoadResult {
+                requests: rps as u64,
+                events: rps as u64,
+                errors: Default::default(),
+                seconds: 1.0,
+                requests_per_sec: rps,
+                events_per_sec: rps,
+                latency_ms: crate::load::Percentiles {
+                    p50,
+                    p99: p50 * 2.0,
+                    p999: p50 * 3.0,
+                    max: p50 * 4.0,
+                    mean: p50,
+                },
+            }),
+            rss_peak_mib: Some(30.0),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn ratios_and_comparisons_come_from_the_matching_runs() {
+        let fixed = Pace::Fixed { rate: 1000.0 };
+        let build = |label: &str| BuildInfo {
+            label: label.to_owned(),
+            capture: String::new(),
+        };
+        let mut r = Report {
+            generated_at: String::new(),
+            run_seconds: 1.0,
+            host: Host {
+                cores: 2,
+                kernel: String::new(),
+                loadavg_start: String::new(),
+                loadavg_end: String::new(),
+            },
+            scale: Scale {
+                duration_secs: 1.0,
+                warmup_secs: 0.0,
+                drain_events: 0,
+                event_bytes: 300,
+                batch_events: 100,
+                connections: vec![4],
+                fixed_rates: vec![1000.0],
+                fixed_connections: 64,
+                partitions: 1,
+            },
+            builds: vec![build("this"), build("old")],
+            fsync: vec![FsyncProbe {
+                dir: String::new(),
+                writes: 20,
+                bytes_per_write: 4096,
+                p50_ms: 0.25,
+                p99_ms: 1.0,
+                mean_ms: 0.3,
+                max_ms: 2.0,
+            }],
+            scenarios: vec![
+                run("fsync max c4", "this", Pace::Max, 8000.0, 0.5),
+                run("fsync max c4", "old", Pace::Max, 4000.0, 1.0),
+                run("direct max c4", "this", Pace::Max, 2000.0, 2.0),
+                run("trivial max c4", "machine", Pace::Max, 40000.0, 0.1),
+                run("fsync 1000/s", "this", fixed, 1000.0, 0.4),
+                run("direct 1000/s", "this", fixed, 1000.0, 4.0),
+            ],
+            drains: Vec::new(),
+            ratios: Vec::new(),
+            comparisons: Vec::new(),
+            plots: Vec::new(),
+        };
+        r.derive();
+        let ratio = |name: &str, build: &str| {
+            r.ratios
+                .iter()
+                .find(|x| x.name == name && x.build == build)
+                .map(|x| x.value)
+        };
+        assert_eq!(
+            ratio("durable P50 / direct P50, max c4", "this"),
+            Some(0.25)
+        );
+        assert_eq!(ratio("durable P50 / direct P50, 1000/s", "this"), Some(0.1));
+        assert_eq!(
+            ratio("durable req/s / trivial-handler req/s, max c4", "this"),
+            Some(0.2)
+        );
+        // No trivial-handler ratio for an open-loop rate: both do 1,000/s.
+        assert_eq!(
+            ratio("durable req/s / trivial-handler req/s, 1000/s", "this"),
+            None
+        );
+        assert_eq!(
+            ratio("durable P50 - fsync median, max c4", "this"),
+            Some(0.25)
+        );
+        // The baseline has no direct run: no ratio rather than a wrong one.
+        assert_eq!(ratio("durable P50 / direct P50, max c4", "old"), None);
+        let cmp = |figure: &str| {
+            r.comparisons
+                .iter()
+                .find(|c| c.id == "fsync max c4" && c.figure == figure)
+                .map(|c| c.ratio)
+        };
+        assert_eq!(cmp("events/s"), Some(2.0));
+        assert_eq!(cmp("P50 ms"), Some(0.5));
+        assert_eq!(cmp("RSS MiB"), Some(1.0));
+        // Only scenarios both builds ran are compared.
+        assert!(r.comparisons.iter().all(|c| c.id == "fsync max c4"));
+        let md = r.markdown();
+        assert!(
+            md.contains("| fsync max c4 | events/s | 8,000 | 4,000 | 2.00x |"),
+            "{md}"
+        );
+    }
 }
