@@ -388,8 +388,13 @@ impl Forwarder {
             self.unsettled.fetch_add(list.len(), Ordering::Relaxed);
             return;
         }
+        self.count_delivered(&list, batch);
+    }
+
+    /// Counts settled deliveries in `holdfast_events_delivered_total`, by topic.
+    fn count_delivered(&self, settled: &[(i64, u64)], batch: &[StoredEvent]) {
         let mut by_topic: HashMap<&str, u64> = HashMap::new();
-        for (seq, _) in &list {
+        for (seq, _) in settled {
             // The batch is read in sequence order.
             if let Ok(i) = batch.binary_search_by_key(seq, |s| s.seq) {
                 *by_topic.entry(batch[i].event.topic.as_str()).or_default() += 1;
@@ -538,8 +543,11 @@ impl Forwarder {
         }
         delivered += lone_delivered.len();
         if !lone_delivered.is_empty() || !dead.is_empty() {
-            let committed = self.settle(lone_delivered, dead.clone(), stop).await;
+            let committed = self
+                .settle(lone_delivered.clone(), dead.clone(), stop)
+                .await;
             if committed {
+                self.count_delivered(&lone_delivered, batch);
                 for reason in dead_reasons {
                     self.metrics
                         .dead_lettered
