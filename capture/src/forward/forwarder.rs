@@ -8,7 +8,7 @@
 //! retried with backoff while other topics flow; only when it keeps failing
 //! for `--poison-retry-window-secs` are its events judged poison.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -16,13 +16,14 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 use rusqlite::Connection;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::dlq::DlqCopier;
+use super::stall::{Watchdog, stall_bound};
 use super::{ErrorClass, Result, SharedProducer, classify, enqueue, send_all};
 use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
@@ -280,6 +281,10 @@ impl Forwarder {
         let mut next = 0;
         let mut delivered_now: Vec<(i64, u64)> = Vec::new();
         let mut delivered_total: Vec<usize> = Vec::new();
+        // Sent and not yet reported, and when the producer last showed progress.
+        let mut outstanding: BTreeSet<usize> = BTreeSet::new();
+        let mut watchdog = Watchdog::new(self.cfg.message_timeout);
+        let mut stalled = false;
         let mut tick = tokio::time::interval(SETTLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One settlement commits while the next deliveries are sent and acknowledged.
@@ -303,7 +308,11 @@ impl Forwarder {
                 }
                 match enqueue(&producer, &batch[next].event).await {
                     Ok(fut) => {
+                        if in_flight.is_empty() {
+                            watchdog.progressed();
+                        }
                         let i = next;
+                        outstanding.insert(i);
                         in_flight.push(async move { (i, fut.await) });
                     }
                     Err(e) => failures.push((next, e)),
@@ -324,7 +333,12 @@ impl Forwarder {
             let deadline =
                 stop_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                report = in_flight.next(), if !in_flight.is_empty() => match report {
+                report = in_flight.next(), if !in_flight.is_empty() => {
+                    watchdog.progressed();
+                    if let Some((i, _)) = &report {
+                        outstanding.remove(i);
+                    }
+                    match report {
                     None => {}
                     Some((i, Ok(Ok(_)))) => {
                         delivered_now.push((batch[i].seq, batch[i].event.size()));
@@ -332,6 +346,7 @@ impl Forwarder {
                     }
                     Some((i, Ok(Err((e, _))))) => failures.push((i, e)),
                     Some((i, Err(_canceled))) => failures.push((i, KafkaError::Canceled)),
+                    }
                 },
                 _ = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
                     settling = None;
@@ -347,7 +362,20 @@ impl Forwarder {
                     tracing::warn!(events = in_flight.len(), "stopping with deliveries unconfirmed; they stay buffered");
                     break;
                 }
+                _ = tokio::time::sleep_until(watchdog.deadline()), if !in_flight.is_empty() && stop_deadline.is_none() => {
+                    tracing::warn!(events = in_flight.len(), silent_s = watchdog.silent_for().as_secs(), message_timeout_ms = self.cfg.message_timeout.as_millis() as u64, "kafka producer stalled: no delivery report past the message timeout; replacing it and sending the unconfirmed events again");
+                    stalled = true;
+                    break;
+                }
             }
+        }
+        // The stalled producer's reports are never awaited again: its
+        // unconfirmed events stay buffered and count as failed to retry.
+        drop(in_flight);
+        if stalled {
+            self.producer.replace_stalled(producer);
+            let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+            failures.extend(outstanding.iter().map(|&i| (i, timed_out.clone())));
         }
         if let Some(pending) = settling.take() {
             pending.await;
@@ -368,8 +396,9 @@ impl Forwarder {
         let mut round = self
             .judge_failures(batch, failures, &delivered_total, stop)
             .await?;
-        // Delivered but not settled (the disk refused): sent again later.
-        round.retried += self.unsettled.load(Ordering::Relaxed);
+        // Delivered but not settled (the disk refused), or not sent after a
+        // stall: sent again later.
+        round.retried += self.unsettled.load(Ordering::Relaxed) + (batch.len() - next);
         Ok(round)
     }
 
@@ -478,13 +507,20 @@ impl Forwarder {
             // the innocent events batched with it: only an event rejected on
             // its own is poison.
             if classify(&error) == ErrorClass::DeadLetter("too_large") {
-                match send_all(&producer, &[&stored.event]).await.pop() {
-                    Some(Ok(())) => {
+                // Bounded like the batch: a stalled producer must not hold it.
+                let event = [&stored.event];
+                let bound = stall_bound(self.cfg.message_timeout);
+                let alone = tokio::time::timeout(bound, send_all(&producer, &event));
+                match alone.await.map(|mut results| results.pop()) {
+                    Ok(Some(Ok(()))) => {
                         lone_delivered.push((stored.seq, stored.event.size()));
                         continue;
                     }
-                    Some(Err(e)) => error = e,
-                    None => error = KafkaError::Canceled,
+                    Ok(Some(Err(e))) => error = e,
+                    Ok(None) => error = KafkaError::Canceled,
+                    Err(_elapsed) => {
+                        error = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
+                    }
                 }
             }
             match classify(&error) {

@@ -13,6 +13,7 @@ mod classify;
 mod dlq;
 mod exactly_once;
 mod forwarder;
+mod stall;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

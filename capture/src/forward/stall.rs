@@ -1,0 +1,120 @@
+//! The forwarder's stall watchdog. librdkafka promises a delivery report
+//! (success or failure) for every message within `message.timeout.ms`. A
+//! producer that stays silent for longer while deliveries are outstanding
+//! is wedged (seen once after a short broker outage: an idempotent producer
+//! that never reported again after some of its messages timed out, cf.
+//! librdkafka's message-timeout drain and epoch bump, PR #3750), and would
+//! hold the forwarder for good. The forwarder then replaces the producer and
+//! sends the unsettled events again.
+//!
+//! Invariant: only a delivery report settles an event, and a replaced
+//! producer's reports are never awaited again, so an event acknowledged by
+//! Kafka is never lost and none is settled twice; events in flight at the
+//! stall stay buffered and may reach Kafka twice (at-least-once).
+
+use std::time::Duration;
+
+use rdkafka::producer::Producer;
+use tokio::time::Instant;
+
+use super::{KafkaProducer, SharedProducer, create_producer};
+
+/// Silence allowed beyond the message timeout (half of it, at least this):
+/// librdkafka scans for timed-out messages about once a second, and a
+/// broker answering slowly is not a stall.
+const MIN_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long deliveries may be outstanding without any report before the
+/// producer is judged stalled.
+pub(super) fn stall_bound(message_timeout: Duration) -> Duration {
+    message_timeout + (message_timeout / 2).max(MIN_MARGIN)
+}
+
+/// Tracks when the producer last showed progress.
+#[derive(Debug)]
+pub(super) struct Watchdog {
+    bound: Duration,
+    last_progress: Instant,
+}
+
+impl Watchdog {
+    /// A watchdog for a producer with this `message.timeout.ms`.
+    pub(super) fn new(message_timeout: Duration) -> Self {
+        Self {
+            bound: stall_bound(message_timeout),
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// A delivery report arrived, or a delivery was sent while none was
+    /// outstanding: the silence starts again from now.
+    pub(super) fn progressed(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// When the producer counts as stalled if nothing happens before.
+    pub(super) fn deadline(&self) -> Instant {
+        self.last_progress + self.bound
+    }
+
+    /// How long the producer has been silent.
+    pub(super) fn silent_for(&self) -> Duration {
+        self.last_progress.elapsed()
+    }
+}
+
+impl SharedProducer {
+    /// Replaces `stalled` with a fresh producer (unless another caller
+    /// already did) and drops it off the async threads: dropping a producer
+    /// purges, flushes and joins its polling thread, which a wedged producer
+    /// may hold up.
+    pub(super) fn replace_stalled(&self, stalled: KafkaProducer) {
+        let old = {
+            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+            if !std::ptr::eq(current.client().native_ptr(), stalled.client().native_ptr()) {
+                None
+            } else {
+                match create_producer(&self.cfg, self.metrics.clone()) {
+                    Ok(fresh) => {
+                        self.metrics.producer_recreated.inc();
+                        Some(std::mem::replace(&mut *current, fresh))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not replace the stalled kafka producer");
+                        None
+                    }
+                }
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            drop(old);
+            drop(stalled);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_is_the_message_timeout_plus_a_margin() {
+        assert_eq!(
+            stall_bound(Duration::from_secs(30)),
+            Duration::from_secs(45)
+        );
+        assert_eq!(stall_bound(Duration::from_secs(2)), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn progress_pushes_the_deadline_back() {
+        let mut watchdog = Watchdog::new(Duration::from_secs(2));
+        let first = watchdog.deadline();
+        assert!(first > Instant::now() + Duration::from_secs(6));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(watchdog.silent_for() >= Duration::from_millis(20));
+        watchdog.progressed();
+        assert!(watchdog.deadline() >= first + Duration::from_millis(20));
+        assert!(watchdog.silent_for() < Duration::from_millis(20));
+    }
+}
