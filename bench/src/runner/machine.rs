@@ -1,9 +1,9 @@
 //! The machine's own limits, measured in the same run as the scenarios: the
-//! buffer disk's fsync latency (4 KiB appended, then `fdatasync`, in a loop)
+//! buffer disk's fsync latency (4 KiB overwritten, then `fdatasync`, in a loop)
 //! and, through scenarios against [`crate::trivial`], the request rate the
 //! load generator and HTTP stack reach with nothing behind them.
 
-use std::io::Write as _;
+use std::io::{Seek as _, SeekFrom, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,27 +29,34 @@ pub struct FsyncProbe {
     pub max_ms: f64,
 }
 
-/// Appends 4 KiB and `fdatasync`s, again and again for `budget` (at least 20 times).
+/// Bytes of the probe file, preallocated and then overwritten in a ring.
+const PROBE_FILE_BYTES: u64 = 4 << 20;
+
+/// Writes 4 KiB and `fdatasync`s, again and again for `budget` (at least 20
+/// times), over a preallocated file: like SQLite's WAL in steady state, the
+/// writes overwrite blocks already allocated, so what is timed is the data
+/// reaching the disk, not a file system journal commit for a growing file.
 pub fn probe_fsync(dir: &Path, budget: Duration) -> Result<FsyncProbe> {
     const BYTES: usize = 4096;
     std::fs::create_dir_all(dir)?;
     let path = dir.join("fsync-probe");
     let mut file = std::fs::File::create(&path)?;
     let block = vec![0x5a_u8; BYTES];
+    for _ in 0..PROBE_FILE_BYTES / BYTES as u64 {
+        file.write_all(&block)?;
+    }
+    file.sync_all()?;
     let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let started = Instant::now();
     let mut writes = 0u64;
     while writes < 20 || started.elapsed() < budget {
+        let offset = (writes * BYTES as u64) % PROBE_FILE_BYTES;
         let t = Instant::now();
+        file.seek(SeekFrom::Start(offset))?;
         file.write_all(&block)?;
         file.sync_data()?;
         hist.saturating_record((t.elapsed().as_micros() as u64).max(1));
         writes += 1;
-        // Keep the file small: what is timed is the sync, not a growing extent map.
-        if writes.is_multiple_of(1024) {
-            file.set_len(0)?;
-            file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        }
     }
     drop(file);
     let _ = std::fs::remove_file(&path);

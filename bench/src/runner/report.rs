@@ -300,11 +300,7 @@ impl Report {
                     );
                 }
                 None => {
-                    let why = r
-                        .error
-                        .as_deref()
-                        .unwrap_or("no result")
-                        .replace(['\n', '|'], " ");
+                    let why = first_line(r.error.as_deref().unwrap_or("no result"));
                     let _ = writeln!(
                         m,
                         "| {} | {} | failed: {why} | | | | | | | |",
@@ -333,7 +329,7 @@ impl Report {
                     );
                 }
                 Some(e) => {
-                    let e = e.replace(['\n', '|'], " ");
+                    let e = first_line(e);
                     let _ = writeln!(m, "| {} | {} | failed: {e} | | | | |", d.id, d.build);
                 }
             }
@@ -375,6 +371,11 @@ impl Report {
         }
         m
     }
+}
+
+/// An error's first line, fit for a table cell (the JSON has it whole).
+fn first_line(e: &str) -> String {
+    e.lines().next().unwrap_or_default().replace('|', "/")
 }
 
 /// `12345.6` as `12,346`.
