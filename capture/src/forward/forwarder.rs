@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::dlq::DlqCopier;
-use super::stall::{Watchdog, stall_bound};
+use super::stall::{self, Watchdog, stall_bound};
 use super::{ErrorClass, Result, SharedProducer, classify, enqueue, send_all};
 use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
@@ -283,7 +283,7 @@ impl Forwarder {
         let mut delivered_total: Vec<usize> = Vec::new();
         // Sent and not yet reported, and when the producer last showed progress.
         let mut outstanding: BTreeSet<usize> = BTreeSet::new();
-        let mut watchdog = Watchdog::new(self.cfg.message_timeout);
+        let mut watchdog = Watchdog::new(&self.cfg);
         let mut stalled = false;
         let mut tick = tokio::time::interval(SETTLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -339,13 +339,13 @@ impl Forwarder {
                         outstanding.remove(i);
                     }
                     match report {
-                    None => {}
-                    Some((i, Ok(Ok(_)))) => {
-                        delivered_now.push((batch[i].seq, batch[i].event.size()));
-                        delivered_total.push(i);
-                    }
-                    Some((i, Ok(Err((e, _))))) => failures.push((i, e)),
-                    Some((i, Err(_canceled))) => failures.push((i, KafkaError::Canceled)),
+                        None => {}
+                        Some((i, Ok(Ok(_)))) => {
+                            delivered_now.push((batch[i].seq, batch[i].event.size()));
+                            delivered_total.push(i);
+                        }
+                        Some((i, Ok(Err((e, _))))) => failures.push((i, e)),
+                        Some((i, Err(_canceled))) => failures.push((i, KafkaError::Canceled)),
                     }
                 },
                 _ = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
@@ -362,8 +362,9 @@ impl Forwarder {
                     tracing::warn!(events = in_flight.len(), "stopping with deliveries unconfirmed; they stay buffered");
                     break;
                 }
-                _ = tokio::time::sleep_until(watchdog.deadline()), if !in_flight.is_empty() && stop_deadline.is_none() => {
-                    tracing::warn!(events = in_flight.len(), silent_s = watchdog.silent_for().as_secs(), message_timeout_ms = self.cfg.message_timeout.as_millis() as u64, "kafka producer stalled: no delivery report past the message timeout; replacing it and sending the unconfirmed events again");
+                _ = tokio::time::sleep_until(watchdog.deadline()), if watchdog.armed() && !in_flight.is_empty() && stop_deadline.is_none() => {
+                    let silent_ms = watchdog.silent_for().as_millis() as u64;
+                    tracing::warn!(events = in_flight.len(), silent_ms, "kafka producer stalled: no delivery report past the message timeout; replacing it and sending the unconfirmed events again");
                     stalled = true;
                     break;
                 }
@@ -509,7 +510,7 @@ impl Forwarder {
             if classify(&error) == ErrorClass::DeadLetter("too_large") {
                 // Bounded like the batch: a stalled producer must not hold it.
                 let event = [&stored.event];
-                let bound = stall_bound(self.cfg.message_timeout);
+                let bound = stall::message_timeout(&self.cfg).map_or(Duration::MAX, stall_bound);
                 let alone = tokio::time::timeout(bound, send_all(&producer, &event));
                 match alone.await.map(|mut results| results.pop()) {
                     Ok(Some(Ok(()))) => {

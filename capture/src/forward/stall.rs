@@ -18,6 +18,7 @@ use rdkafka::producer::Producer;
 use tokio::time::Instant;
 
 use super::{KafkaProducer, SharedProducer, create_producer};
+use crate::config::KafkaConfig;
 
 /// Silence allowed beyond the message timeout (half of it, at least this):
 /// librdkafka scans for timed-out messages about once a second, and a
@@ -30,20 +31,41 @@ pub(super) fn stall_bound(message_timeout: Duration) -> Duration {
     message_timeout + (message_timeout / 2).max(MIN_MARGIN)
 }
 
+/// The producer's `message.timeout.ms`: the flag, unless a property
+/// (`message.timeout.ms` or its alias `delivery.timeout.ms`) overrides it;
+/// `None` when that makes it infinite (0).
+pub(super) fn message_timeout(cfg: &KafkaConfig) -> Option<Duration> {
+    let property = ["message.timeout.ms", "delivery.timeout.ms"]
+        .iter()
+        .find_map(|k| cfg.properties.get(*k))
+        .and_then(|v| v.parse::<u64>().ok());
+    match property {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => Some(cfg.message_timeout),
+    }
+}
+
 /// Tracks when the producer last showed progress.
 #[derive(Debug)]
 pub(super) struct Watchdog {
-    bound: Duration,
+    /// `None`: messages never time out, so silence proves nothing.
+    bound: Option<Duration>,
     last_progress: Instant,
 }
 
 impl Watchdog {
-    /// A watchdog for a producer with this `message.timeout.ms`.
-    pub(super) fn new(message_timeout: Duration) -> Self {
+    /// A watchdog for the producer `cfg` configures.
+    pub(super) fn new(cfg: &KafkaConfig) -> Self {
         Self {
-            bound: stall_bound(message_timeout),
+            bound: message_timeout(cfg).map(stall_bound),
             last_progress: Instant::now(),
         }
+    }
+
+    /// Whether silence can mean a stall at all.
+    pub(super) fn armed(&self) -> bool {
+        self.bound.is_some()
     }
 
     /// A delivery report arrived, or a delivery was sent while none was
@@ -52,9 +74,10 @@ impl Watchdog {
         self.last_progress = Instant::now();
     }
 
-    /// When the producer counts as stalled if nothing happens before.
+    /// When the producer counts as stalled if nothing happens before
+    /// (far away when not [armed](Self::armed)).
     pub(super) fn deadline(&self) -> Instant {
-        self.last_progress + self.bound
+        self.last_progress + self.bound.unwrap_or(Duration::from_secs(86_400))
     }
 
     /// How long the producer has been silent.
@@ -106,9 +129,36 @@ mod tests {
         assert_eq!(stall_bound(Duration::from_secs(2)), Duration::from_secs(7));
     }
 
+    fn config(properties: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap: "127.0.0.1:9".into(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            dead_letter_topic: None,
+            batch_events: 100,
+            batch_bytes: 1 << 20,
+            poison_retry_window: Duration::from_secs(60),
+            message_timeout: Duration::from_secs(2),
+            delivery: crate::config::Delivery::AtLeastOnce,
+            checkpoint_topic: "holdfast.checkpoints".into(),
+        }
+    }
+
+    #[test]
+    fn a_timeout_property_overrides_the_flag_and_zero_disarms() {
+        assert_eq!(message_timeout(&config(&[])), Some(Duration::from_secs(2)));
+        let longer = config(&[("delivery.timeout.ms", "300000")]);
+        assert_eq!(message_timeout(&longer), Some(Duration::from_secs(300)));
+        let infinite = config(&[("message.timeout.ms", "0")]);
+        assert!(!Watchdog::new(&infinite).armed());
+        assert!(Watchdog::new(&longer).armed());
+    }
+
     #[test]
     fn progress_pushes_the_deadline_back() {
-        let mut watchdog = Watchdog::new(Duration::from_secs(2));
+        let mut watchdog = Watchdog::new(&config(&[]));
         let first = watchdog.deadline();
         assert!(first > Instant::now() + Duration::from_secs(6));
         std::thread::sleep(Duration::from_millis(20));
