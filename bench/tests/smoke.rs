@@ -118,6 +118,13 @@ fn tiny_bench_writes_a_complete_and_sane_report() -> Result<()> {
             x.errors
         );
         assert!(r.rss_peak_mib.is_some_and(|m| m > 1.0), "{}", r.id);
+        // The disk's fsync is probed before each capture scenario.
+        assert_eq!(
+            r.fsync_p50_ms.is_some_and(|f| f > 0.0),
+            build == "this",
+            "{}",
+            r.id
+        );
         assert!(
             md.contains(&format!("| {} | {} |", r.id, r.build)),
             "{} not in report.md",

@@ -160,7 +160,17 @@ fn main() -> Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let report = runtime.block_on(runner::run(&s))?;
+            // On SIGINT or SIGTERM the run is dropped, and with it every
+            // child process (Kafka, capture pods) it started.
+            let report = runtime.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let mut term = signal(SignalKind::terminate())?;
+                tokio::select! {
+                    report = runner::run(&s) => report,
+                    _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+                    _ = term.recv() => bail!("terminated"),
+                }
+            })?;
             // A baseline may lack a flag a scenario needs (an older build):
             // its failures are in the report; only this build's fail the run.
             let baseline = s.baseline.as_ref().map(|b| b.label.as_str());

@@ -168,7 +168,10 @@ impl Report {
                     let name = format!("durable req/s / trivial-handler req/s, {shape}");
                     add(name, b, rps(d) / rps(t), "x");
                 }
-                if let (Some(d), Some(f)) = (durable, fsync_median) {
+                // The probe taken just before the run, else the run's first.
+                if let Some(d) = durable
+                    && let Some(f) = d.fsync_p50_ms.or(fsync_median)
+                {
                     let name = format!("durable P50 - fsync median, {shape}");
                     add(name, b, p50(d) - f, "ms");
                 }
@@ -268,10 +271,11 @@ impl Report {
         }
         let _ = writeln!(
             m,
-            "\n## Scenarios\n\n| scenario | build | req/s | events/s | P50 ms | P99 ms | P99.9 ms | max ms | errors | RSS MiB |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+            "\n## Scenarios\n\n| scenario | build | req/s | events/s | P50 ms | P99 ms | P99.9 ms | max ms | errors | RSS MiB | fsync P50 ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"
         );
         for r in &self.scenarios {
             let rss = r.rss_peak_mib.map_or("-".into(), |v| format!("{v:.0}"));
+            let fsync = r.fsync_p50_ms.map_or("-".into(), |v| format!("{v:.3}"));
             match &r.result {
                 Some(x) => {
                     let l = x.latency_ms;
@@ -286,7 +290,7 @@ impl Report {
                     };
                     let _ = writeln!(
                         m,
-                        "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |",
+                        "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {fsync} |",
                         r.id,
                         r.build,
                         grouped(x.requests_per_sec),
@@ -303,7 +307,7 @@ impl Report {
                     let why = first_line(r.error.as_deref().unwrap_or("no result"));
                     let _ = writeln!(
                         m,
-                        "| {} | {} | failed: {why} | | | | | | | |",
+                        "| {} | {} | failed: {why} | | | | | | | | |",
                         r.id, r.build
                     );
                 }
@@ -438,6 +442,7 @@ mod tests {
                 },
             }),
             rss_peak_mib: Some(30.0),
+            fsync_p50_ms: None,
             error: None,
         }
     }
@@ -492,6 +497,7 @@ mod tests {
             comparisons: Vec::new(),
             plots: Vec::new(),
         };
+        r.scenarios[0].fsync_p50_ms = Some(0.375);
         r.derive();
         let ratio = |name: &str, build: &str| {
             r.ratios
@@ -513,9 +519,14 @@ mod tests {
             ratio("durable req/s / trivial-handler req/s, 1000/s", "this"),
             None
         );
+        // The probe just before the run when there is one, else the run's first.
         assert_eq!(
             ratio("durable P50 - fsync median, max c4", "this"),
-            Some(0.25)
+            Some(0.125)
+        );
+        assert_eq!(
+            ratio("durable P50 - fsync median, 1000/s", "this"),
+            Some(0.15000000000000002)
         );
         // The baseline has no direct run: no ratio rather than a wrong one.
         assert_eq!(ratio("durable P50 / direct P50, max c4", "old"), None);

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
 
+use super::machine;
 use super::processes::{self, Server};
 use super::{Build, Settings};
 use crate::body::BodySpec;
@@ -83,6 +84,10 @@ pub struct ScenarioRun {
     pub result: Option<LoadResult>,
     /// Peak resident memory of the server, MiB.
     pub rss_peak_mib: Option<f64>,
+    /// Median write + `fdatasync` of the buffer disk, probed just before this
+    /// run (capture scenarios): the disk's floor at the time, since it drifts.
+    #[serde(default)]
+    pub fsync_p50_ms: Option<f64>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
 }
@@ -190,6 +195,7 @@ pub async fn run(
         server_args: Vec::new(),
         result: None,
         rss_peak_mib: None,
+        fsync_p50_ms: None,
         error: None,
     };
     if let Err(e) = measure(s, scenario, build, &dir, bootstrap, &mut run).await {
@@ -211,6 +217,10 @@ async fn measure(
     let addr = SocketAddr::from(([127, 0, 0, 1], processes::free_port()?));
     let (program, args) = match &scenario.target {
         Target::Capture { args } => {
+            let (probe_dir, budget) = (dir.join("fsync"), s.fsync_probe / 4);
+            let probe =
+                tokio::task::spawn_blocking(move || machine::probe_fsync(&probe_dir, budget));
+            run.fsync_p50_ms = Some(probe.await??.p50_ms);
             run.server_args = args.clone();
             let all = processes::capture_args(addr, &dir.join("buffer"), bootstrap, args);
             (build.capture.clone(), all)
