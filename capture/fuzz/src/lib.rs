@@ -222,11 +222,15 @@ fn check_event(e: &holdfast_capture::buffer::NewEvent, raw: &str, opts: &ParseOp
         // serde_json's tree has no numbers past f64 (`1e400`); the parser
         // skips fields it ignores, so such an event is still accepted.
         // Nesting is capped below serde_json's recursion limit, so a depth
-        // error here is a bug.
+        // error here is a bug. serde_json (with `raw_value`, as here) also
+        // reads an object whose first key is its private token
+        // `$serde_json::private::RawValue` as a raw value and fails on it:
+        // valid JSON that every other reader takes, so it is accepted.
         Err(err) => {
             let m = err.to_string();
+            let raw_value_token = raw.contains("$serde_json::private::RawValue");
             assert!(
-                m.contains("out of range"),
+                m.contains("out of range") || raw_value_token,
                 "accepted an event serde_json cannot read: {m}"
             );
             return;
