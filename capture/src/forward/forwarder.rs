@@ -23,11 +23,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::dlq::DlqCopier;
-use super::stall::{self, Watchdog, stall_bound};
-use super::{ErrorClass, Result, SharedProducer, classify, enqueue, send_all};
+
+mod judge;
+use super::stall::{self, Watchdog};
+use super::{Result, SharedProducer, enqueue};
 use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
-use crate::metrics::{Metrics, ReasonLabel, TopicLabel};
+use crate::metrics::{Metrics, TopicLabel};
 
 /// How often an idle forwarder checks that Kafka answers.
 const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
@@ -74,6 +76,8 @@ struct Round {
     retried: usize,
     broker_down: bool,
     fatal: bool,
+    /// Nothing delivered and every failure a message timeout.
+    all_timed_out: bool,
 }
 
 /// Drains the buffer into Kafka, oldest first.
@@ -373,11 +377,14 @@ impl Forwarder {
         // The stalled producer's reports are never awaited again: its
         // unconfirmed events stay buffered and count as failed to retry.
         drop(in_flight);
-        if stalled {
+        let suspect = if stalled {
             self.producer.replace_stalled(producer);
             let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
             failures.extend(outstanding.iter().map(|&i| (i, timed_out.clone())));
-        }
+            None
+        } else {
+            Some(producer)
+        };
         if let Some(pending) = settling.take() {
             pending.await;
         }
@@ -390,8 +397,7 @@ impl Forwarder {
             return Ok(Round {
                 delivered: delivered_total.len(),
                 retried,
-                broker_down: false,
-                fatal: false,
+                ..Round::default()
             });
         }
         let mut round = self
@@ -400,6 +406,11 @@ impl Forwarder {
         // Delivered but not settled (the disk refused), or not sent after a
         // stall: sent again later.
         round.retried += self.unsettled.load(Ordering::Relaxed) + (batch.len() - next);
+        if round.all_timed_out
+            && let Some(producer) = suspect
+        {
+            stall::replace_if_kafka_answers(&self.producer, producer).await;
+        }
         Ok(round)
     }
 
@@ -482,121 +493,5 @@ impl Forwarder {
             }
         }
         true
-    }
-
-    /// Decides what each failed event becomes: retried alone (too large),
-    /// parked (topic refused), dead letter, or left for the next round.
-    async fn judge_failures(
-        &mut self,
-        batch: &[StoredEvent],
-        failures: Vec<(usize, KafkaError)>,
-        delivered_idx: &[usize],
-        stop: &watch::Receiver<bool>,
-    ) -> Result<Round> {
-        let mut delivered = delivered_idx.len();
-        let producer = self.producer.get();
-        let mut lone_delivered = Vec::new();
-        let mut dead = Vec::new();
-        let mut dead_reasons: Vec<&'static str> = Vec::new();
-        let mut round = Round::default();
-        let mut broker_failures = 0;
-        let now = Instant::now();
-        let mut refused_topics: HashMap<String, &'static str> = HashMap::new();
-        for (i, mut error) in failures {
-            let stored = &batch[i];
-            // Kafka judges size per record batch, so one oversized event fails
-            // the innocent events batched with it: only an event rejected on
-            // its own is poison.
-            if classify(&error) == ErrorClass::DeadLetter("too_large") {
-                // Bounded like the batch: a stalled producer must not hold it.
-                let event = [&stored.event];
-                let bound = stall::message_timeout(&self.cfg).map_or(Duration::MAX, stall_bound);
-                let alone = tokio::time::timeout(bound, send_all(&producer, &event));
-                match alone.await.map(|mut results| results.pop()) {
-                    Ok(Some(Ok(()))) => {
-                        lone_delivered.push((stored.seq, stored.event.size()));
-                        continue;
-                    }
-                    Ok(Some(Err(e))) => error = e,
-                    Ok(None) => error = KafkaError::Canceled,
-                    Err(_elapsed) => {
-                        error = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
-                    }
-                }
-            }
-            match classify(&error) {
-                ErrorClass::DeadLetter(reason) => {
-                    tracing::warn!(seq = stored.seq, uuid = %stored.event.uuid, topic = %stored.event.topic, reason, error = %error, "kafka rejected event for good; moving it to dead letters");
-                    dead.push(DeadLetter {
-                        seq: stored.seq,
-                        size: stored.event.size(),
-                        reason: format!("{reason}: {error}"),
-                    });
-                    dead_reasons.push(reason);
-                }
-                ErrorClass::TopicRefused(reason) => {
-                    let parked = self.parked.get(&stored.event.topic).copied();
-                    let window_over = parked.is_some_and(|p| {
-                        now.duration_since(p.since) >= self.cfg.poison_retry_window
-                    });
-                    if window_over {
-                        dead.push(DeadLetter {
-                            seq: stored.seq,
-                            size: stored.event.size(),
-                            reason: format!(
-                                "{reason}: {error} (for more than {}s)",
-                                self.cfg.poison_retry_window.as_secs()
-                            ),
-                        });
-                        dead_reasons.push(reason);
-                    } else {
-                        refused_topics.insert(stored.event.topic.clone(), reason);
-                        round.retried += 1;
-                    }
-                }
-                ErrorClass::Retry => {
-                    broker_failures += 1;
-                    round.retried += 1;
-                }
-                ErrorClass::Fatal => {
-                    round.fatal = true;
-                    round.retried += 1;
-                }
-            }
-        }
-        for (topic, reason) in refused_topics {
-            let p = self.parked.entry(topic.clone()).or_insert(Parked {
-                since: now,
-                retry_at: now,
-                delay: Duration::from_millis(500),
-            });
-            p.retry_at = now + p.delay;
-            p.delay = (p.delay * 2).min(PARK_MAX_DELAY);
-            tracing::warn!(%topic, reason, retry_in_ms = p.retry_at.duration_since(now).as_millis() as u64, refused_for_s = now.duration_since(p.since).as_secs(), "kafka refused the topic; other topics keep flowing");
-        }
-        // A topic that took an event is healthy again.
-        for i in delivered_idx {
-            self.parked.remove(&batch[*i].event.topic);
-        }
-        delivered += lone_delivered.len();
-        if !lone_delivered.is_empty() || !dead.is_empty() {
-            let committed = self
-                .settle(lone_delivered.clone(), dead.clone(), stop)
-                .await;
-            if committed {
-                self.count_delivered(&lone_delivered, batch);
-                for reason in dead_reasons {
-                    self.metrics
-                        .dead_lettered
-                        .get_or_create(&ReasonLabel {
-                            reason: reason.to_owned(),
-                        })
-                        .inc();
-                }
-            }
-        }
-        round.delivered = delivered;
-        round.broker_down = round.retried > 0 && broker_failures == round.retried;
-        Ok(round)
     }
 }

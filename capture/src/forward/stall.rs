@@ -5,7 +5,10 @@
 //! that never reported again after some of its messages timed out, cf.
 //! librdkafka's message-timeout drain and epoch bump, PR #3750), and would
 //! hold the forwarder for good. The forwarder then replaces the producer and
-//! sends the unsettled events again.
+//! sends the unsettled events again. Before going silent, such a producer
+//! times out whole batches while the broker is back (reproduced in
+//! `e2e/tests/capture_forwarder.rs`): a round in which every event timed out
+//! while Kafka answers a metadata request also gets a fresh producer.
 //!
 //! Invariant: only a delivery report settles an event, and a replaced
 //! producer's reports are never awaited again, so an event acknowledged by
@@ -84,6 +87,29 @@ impl Watchdog {
     pub(super) fn silent_for(&self) -> Duration {
         self.last_progress.elapsed()
     }
+}
+
+/// After a round in which Kafka took nothing and every event timed out:
+/// when Kafka answers a metadata request, the producer, not the broker, is
+/// at fault, and is replaced. Returns whether it was.
+pub(super) async fn replace_if_kafka_answers(
+    shared: &SharedProducer,
+    suspect: KafkaProducer,
+) -> bool {
+    let probe = suspect.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        probe
+            .client()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false);
+    if answers {
+        tracing::warn!("kafka answers but every event timed out; replacing the kafka producer");
+        shared.replace_stalled(suspect);
+    }
+    answers
 }
 
 impl SharedProducer {
