@@ -495,7 +495,6 @@ fn apply_appends(
                                 e.captured_at_ms
                             ])?;
                             last = tx.last_insert_rowid();
-                            window.record(&tx, last, &e.uuid)?;
                             round.first_ms.get_or_insert(e.captured_at_ms);
                         }
                         t.events += stored;
@@ -517,7 +516,6 @@ fn apply_appends(
                                 let (size, captured): (i64, i64) =
                                     forget.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
                                 round.last_seq = tx.last_insert_rowid();
-                                window.moved(&tx, *seq, round.last_seq)?;
                                 round.first_ms.get_or_insert(captured);
                                 t.dead -= 1;
                                 t.dead_bytes -= size as i128;

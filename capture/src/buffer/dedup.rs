@@ -2,26 +2,22 @@
 //! or kept as a dead letter), or was delivered within the deduplication
 //! window, is acknowledged again without being stored twice.
 //!
-//! The window lives in the buffer file, so it survives restarts. One row per
-//! uuid, written once when its event is appended:
+//! The window lives in the buffer file, so it survives restarts:
 //! ```sql
-//! uuids(seq INTEGER PRIMARY KEY, uuid TEXT NOT NULL, delivered_at_ms INTEGER NOT NULL)
-//! -- indexes: uuids(uuid), uuids(delivered_at_ms)
+//! recent_uuids(id INTEGER PRIMARY KEY, uuid TEXT NOT NULL, delivered_at_ms INTEGER NOT NULL)
+//! -- indexes: recent_uuids(uuid), events(uuid), dead_letters(uuid)
 //! ```
-//! `seq` is the event's sequence number (kept while it is a dead letter);
-//! `delivered_at_ms` is [`BUFFERED`] while the event or dead letter is in the
-//! buffer, and the delivery time once it is gone. The settlement that deletes
-//! delivered events sets that time in the same transaction, so a uuid is
-//! always either buffered or remembered: a crash between the two cannot open
-//! a gap. Only the uuid index takes a write at a random place (and only once
-//! per event, at append); the `seq` rows and the delivery-time index grow at
-//! their ends. Every settlement (and at most once a second, an append round)
-//! prunes a bounded chunk of the oldest expired rows. A remembered uuid
-//! counts [`remembered_size`] bytes against the quota, like event data, but
-//! gives way: when events (or a settlement's new uuids) need the room, the
-//! oldest remembered uuids are forgotten early ([`Window::evict`]), so the
-//! window never makes the buffer refuse an event; it only covers less time
-//! while the buffer is nearly full. With the window off the table is empty.
+//! The settlement that deletes delivered events records their uuids in the
+//! same transaction, so a uuid is always either buffered or remembered: a
+//! crash between the two cannot open a gap. Rows are inserted in delivery
+//! order, so the oldest are those with the smallest `id`; every settlement
+//! (and at most once a second, an append round) prunes a bounded chunk of
+//! expired rows from that end. A remembered uuid counts
+//! [`remembered_size`] bytes against the quota, like event data, but gives
+//! way: when events (or a settlement's new uuids) need the room, the oldest
+//! remembered uuids are forgotten early ([`Window::evict`]), so the window
+//! never makes the buffer refuse an event; it only covers less time while
+//! the buffer is nearly full.
 //!
 //! Only this buffer is consulted: a retry that lands on another pod (another
 //! volume) is not deduplicated there.
@@ -35,8 +31,12 @@ use super::NewEvent;
 
 /// Default deduplication window.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(600);
-/// `delivered_at_ms` of a uuid whose event (or dead letter) is still buffered.
-pub const BUFFERED: i64 = i64::MAX;
+/// Where a remembered uuid comes from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Events,
+    DeadLetters,
+}
 
 /// Bytes a remembered uuid counts against the quota besides the uuid itself
 /// (its delivery time and row id).
@@ -100,9 +100,10 @@ impl Window {
         if !self.is_on() {
             return Ok(vec![false; events.len()]);
         }
-        // BUFFERED is past any cutoff: buffered uuids count as seen.
         let mut known = conn.prepare_cached(
-            "SELECT EXISTS(SELECT 1 FROM uuids WHERE uuid = ?1 AND delivered_at_ms > ?2)",
+            "SELECT EXISTS(SELECT 1 FROM events WHERE uuid = ?1)
+                 OR EXISTS(SELECT 1 FROM recent_uuids WHERE uuid = ?1 AND delivered_at_ms > ?2)
+                 OR EXISTS(SELECT 1 FROM dead_letters WHERE uuid = ?1)",
         )?;
         let cutoff = self.cutoff(now_ms);
         let mut seen = HashSet::with_capacity(if events.len() > 1 { events.len() } else { 0 });
@@ -115,150 +116,125 @@ impl Window {
         Ok(out)
     }
 
-    /// Records the uuid of event `seq`, just appended, as buffered.
-    pub fn record(&self, conn: &Connection, seq: i64, uuid: &str) -> rusqlite::Result<()> {
-        if !self.is_on() {
-            return Ok(());
-        }
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO uuids(seq, uuid, delivered_at_ms) VALUES (?1, ?2, ?3)",
-        )?
-        .execute((seq, uuid, BUFFERED))?;
-        Ok(())
-    }
-
-    /// A dead letter went back into the queue as event `to`.
-    pub fn moved(&self, conn: &Connection, from: i64, to: i64) -> rusqlite::Result<()> {
-        if !self.is_on() {
-            return Ok(());
-        }
-        conn.prepare_cached("UPDATE uuids SET seq = ?2 WHERE seq = ?1")?
-            .execute((from, to))?;
-        Ok(())
-    }
-
-    /// Remembers the uuid of event or dead letter `seq` (about to be deleted:
-    /// delivered, copied to the dead-letter topic, or exported) as delivered
-    /// now; returns the bytes it now counts against the quota (0 when off or
-    /// gone).
+    /// Remembers the uuid of event `seq` (about to be deleted as delivered);
+    /// returns the bytes it now counts against the quota (0 when off or gone).
     pub fn remember(&self, conn: &Connection, seq: i64, now_ms: i64) -> rusqlite::Result<u64> {
-        if !self.is_on() {
-            return Ok(0);
-        }
-        let mut update = conn.prepare_cached(
-            "UPDATE uuids SET delivered_at_ms = ?2 WHERE seq = ?1 AND delivered_at_ms = ?3
-             RETURNING length(uuid)",
-        )?;
-        sum_remembered(update.query((seq, now_ms, BUFFERED))?)
+        self.remember_row(conn, Source::Events, seq, now_ms)
     }
 
-    /// Remembers the uuids of every event with `seq <= through` (about to be
-    /// deleted by one range delete); returns the bytes they now count against
-    /// the quota (0 when off).
-    pub fn remember_through(
+    /// Remembers the uuid of dead letter `seq` (about to be forgotten: copied
+    /// to the dead-letter topic, or exported), so a retry of it is not
+    /// stored and dead-lettered again.
+    pub fn remember_dead_letter(
         &self,
         conn: &Connection,
-        through: i64,
+        seq: i64,
+        now_ms: i64,
+    ) -> rusqlite::Result<u64> {
+        self.remember_row(conn, Source::DeadLetters, seq, now_ms)
+    }
+
+    fn remember_row(
+        &self,
+        conn: &Connection,
+        from: Source,
+        seq: i64,
         now_ms: i64,
     ) -> rusqlite::Result<u64> {
         if !self.is_on() {
             return Ok(0);
         }
-        let mut update = conn.prepare_cached(
-            "UPDATE uuids SET delivered_at_ms = ?2
-             WHERE seq IN (SELECT seq FROM events WHERE seq <= ?1) AND delivered_at_ms = ?3
-             RETURNING length(uuid)",
+        let mut insert = conn.prepare_cached(match from {
+            Source::Events => {
+                "INSERT INTO recent_uuids(uuid, delivered_at_ms)
+                 SELECT uuid, ?2 FROM events WHERE seq = ?1 RETURNING length(uuid)"
+            }
+            Source::DeadLetters => {
+                "INSERT INTO recent_uuids(uuid, delivered_at_ms)
+                 SELECT uuid, ?2 FROM dead_letters WHERE seq = ?1 RETURNING length(uuid)"
+            }
+        })?;
+        let mut rows = insert.query((seq, now_ms))?;
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            bytes += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
+        }
+        Ok(bytes)
+    }
+
+    /// Remembers the uuids of every event with `seq <= through` (about to be
+    /// deleted by one range delete). `rows` and `uuid_bytes` are what the
+    /// caller counted in that range; returns the bytes they count against the
+    /// quota (0 when off).
+    pub fn remember_through(
+        &self,
+        conn: &Connection,
+        through: i64,
+        rows: i64,
+        uuid_bytes: i64,
+        now_ms: i64,
+    ) -> rusqlite::Result<u64> {
+        if !self.is_on() {
+            return Ok(0);
+        }
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO recent_uuids(uuid, delivered_at_ms)
+             SELECT uuid, ?2 FROM events WHERE seq <= ?1",
         )?;
-        sum_remembered(update.query((through, now_ms, BUFFERED))?)
+        insert.execute((through, now_ms))?;
+        Ok(uuid_bytes.max(0) as u64 + rows.max(0) as u64 * ROW_OVERHEAD)
     }
 
     /// Forgets the oldest remembered uuids, expired or not, until `bytes`
     /// are freed or none is left; returns the bytes freed.
     pub fn evict(&self, conn: &Connection, bytes: u64) -> rusqlite::Result<u64> {
         let mut evict = conn.prepare_cached(
-            "DELETE FROM uuids WHERE seq IN (
-                 SELECT seq FROM uuids WHERE delivered_at_ms < ?2
-                 ORDER BY delivered_at_ms LIMIT ?1)
+            "DELETE FROM recent_uuids
+             WHERE id IN (SELECT id FROM recent_uuids ORDER BY id LIMIT ?1)
              RETURNING length(uuid)",
         )?;
         let mut freed = 0;
         while freed < bytes {
             // Rows of a hyphenated uuid; a shorter one only takes another pass.
             let n = ((bytes - freed) / (36 + ROW_OVERHEAD)).max(1);
-            let got = sum_remembered(evict.query((n as i64, BUFFERED))?)?;
+            let mut rows = evict.query([n as i64])?;
+            let mut got = 0;
+            while let Some(r) = rows.next()? {
+                freed += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
+                got += 1;
+            }
             if got == 0 {
                 break;
             }
-            freed += got;
         }
         Ok(freed)
     }
 
-    /// Forgets expired uuids: at most `max(at_least, 1024)` of the oldest,
-    /// so one prune's work is bounded however large the window is. Returns
-    /// the bytes freed from the quota.
+    /// Forgets expired uuids: only among the oldest `max(at_least, 1024)`
+    /// rows, so one prune's work is bounded however large the window is.
+    /// Returns the bytes freed from the quota.
     pub fn prune(&self, conn: &Connection, at_least: usize, now_ms: i64) -> rusqlite::Result<u64> {
         let mut prune = conn.prepare_cached(
-            "DELETE FROM uuids WHERE seq IN (
-                 SELECT seq FROM uuids WHERE delivered_at_ms <= ?1
-                 ORDER BY delivered_at_ms LIMIT ?2)
+            "DELETE FROM recent_uuids
+             WHERE id IN (SELECT id FROM recent_uuids ORDER BY id LIMIT ?2)
+               AND delivered_at_ms <= ?1
              RETURNING length(uuid)",
         )?;
         let chunk = at_least.max(PRUNE_CHUNK) as i64;
-        sum_remembered(prune.query((self.cutoff(now_ms), chunk))?)
-    }
-
-    /// Brings the table in line with the buffer when the writer starts: with
-    /// the window off, forgets everything (an off window remembers nothing);
-    /// on, records the uuids of events and dead letters buffered while it was
-    /// off, and releases rows whose event is gone without a settlement that
-    /// said so (none are expected; a row left buffered would never expire).
-    pub fn reconcile(&self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
-        if !self.is_on() {
-            conn.execute("DELETE FROM uuids", [])?;
-            return Ok(());
+        let mut rows = prune.query((self.cutoff(now_ms), chunk))?;
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            bytes += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
         }
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = (|| {
-            let known: i64 =
-                conn.query_row("SELECT coalesce(max(seq), 0) FROM uuids", [], |r| r.get(0))?;
-            for table in ["events", "dead_letters"] {
-                conn.execute(
-                    &format!(
-                        "INSERT OR IGNORE INTO uuids(seq, uuid, delivered_at_ms)
-                         SELECT seq, uuid, ?2 FROM {table} WHERE seq > ?1"
-                    ),
-                    (known, BUFFERED),
-                )?;
-            }
-            conn.execute(
-                "UPDATE uuids SET delivered_at_ms = ?2 WHERE delivered_at_ms = ?1
-                   AND NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = uuids.seq)
-                   AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = uuids.seq)",
-                (BUFFERED, now_ms),
-            )?;
-            Ok(())
-        })();
-        conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
-        result
+        Ok(bytes)
     }
-}
-
-/// Sums [`remembered_size`] over rows of `length(uuid)`.
-fn sum_remembered(mut rows: rusqlite::Rows<'_>) -> rusqlite::Result<u64> {
-    let mut bytes = 0;
-    while let Some(r) = rows.next()? {
-        bytes += r.get::<_, i64>(0)?.max(0) as u64 + ROW_OVERHEAD;
-    }
-    Ok(bytes)
 }
 
 /// Bytes the remembered uuids count against the quota (a scan; at start-up).
 pub fn window_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     conn.query_row(
-        "SELECT coalesce(sum(length(uuid)), 0) + ?1 * count(*) FROM uuids
-         WHERE delivered_at_ms < ?2",
-        [ROW_OVERHEAD as i64, BUFFERED],
+        "SELECT coalesce(sum(length(uuid)), 0) + ?1 * count(*) FROM recent_uuids",
+        [ROW_OVERHEAD as i64],
         |r| r.get::<_, i64>(0).map(|n| n.max(0) as u64),
     )
 }
@@ -267,8 +243,8 @@ pub fn window_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 pub fn remembered(conn: &Connection, window: Duration, now_ms: i64) -> rusqlite::Result<u64> {
     let cutoff = Window::new(window).cutoff(now_ms);
     conn.query_row(
-        "SELECT count(*) FROM uuids WHERE delivered_at_ms > ?1 AND delivered_at_ms < ?2",
-        [cutoff, BUFFERED],
+        "SELECT count(*) FROM recent_uuids WHERE delivered_at_ms > ?1",
+        [cutoff],
         |r| r.get::<_, i64>(0).map(|n| n.max(0) as u64),
     )
 }

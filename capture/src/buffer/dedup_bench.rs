@@ -83,6 +83,14 @@ async fn window_cost() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
+    // `HOLDFAST_BENCH_PROFILE=on|off`: one long run of ordered uuids,
+    // durability os, window on or off (for `perf record`).
+    if let Ok(case) = std::env::var("HOLDFAST_BENCH_PROFILE") {
+        let window = if case == "on" { 600 } else { 0 };
+        let rate = run(Duration::from_secs(window), false, Durability::Os, total).await;
+        println!("window {case}: {rate:.0}/s");
+        return;
+    }
     for durability in [Durability::Os, Durability::Fsync] {
         for random in [false, true] {
             let mut on = Vec::new();

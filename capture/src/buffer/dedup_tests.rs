@@ -53,8 +53,8 @@ async fn deliver_all(h: &WriterHandle, r: &Connection) -> usize {
 fn age_window(dir: &Path, ago: Duration) {
     let c = open_writer(dir, Durability::Fsync).unwrap();
     c.execute(
-        "UPDATE uuids SET delivered_at_ms = delivered_at_ms - ?1 WHERE delivered_at_ms < ?2",
-        [ago.as_millis() as i64, dedup::BUFFERED],
+        "UPDATE recent_uuids SET delivered_at_ms = delivered_at_ms - ?1",
+        [ago.as_millis() as i64],
     )
     .unwrap();
 }
@@ -259,28 +259,20 @@ fn pruning_forgets_only_expired_uuids_a_bounded_chunk_at_a_time() {
     let c = open_writer(dir.path(), Durability::Os).unwrap();
     let now = now_ms();
     let window = dedup::DEFAULT_WINDOW.as_millis() as i64;
-    let mut seq = 0;
-    let mut insert = |n: usize, at: i64| {
+    let insert = |n: usize, at: i64| {
         for i in 0..n {
-            seq += 1;
             c.execute(
-                "INSERT INTO uuids(seq, uuid, delivered_at_ms) VALUES (?1, ?2, ?3)",
-                (seq, format!("{at}-{i}"), at),
+                "INSERT INTO recent_uuids(uuid, delivered_at_ms) VALUES (?1, ?2)",
+                (format!("{at}-{i}"), at),
             )
             .unwrap();
         }
     };
     insert(3000, now - window - 1);
     insert(10, now);
-    // Buffered uuids never expire.
-    insert(5, dedup::BUFFERED);
     let count = || -> i64 {
-        c.query_row(
-            "SELECT count(*) FROM uuids WHERE delivered_at_ms < ?1",
-            [dedup::BUFFERED],
-            |r| r.get(0),
-        )
-        .unwrap()
+        c.query_row("SELECT count(*) FROM recent_uuids", [], |r| r.get(0))
+            .unwrap()
     };
     let w = dedup::Window::new(dedup::DEFAULT_WINDOW);
     let before = dedup::window_bytes(&c).unwrap();
@@ -292,10 +284,6 @@ fn pruning_forgets_only_expired_uuids_a_bounded_chunk_at_a_time() {
     assert_eq!(count(), 3010 - 1024 - 1500);
     while w.prune(&c, 0, now).unwrap() > 0 {}
     assert_eq!(count(), 10, "unexpired uuids are kept");
-    let all: i64 = c
-        .query_row("SELECT count(*) FROM uuids", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(all, 15, "buffered uuids are kept");
 }
 
 #[tokio::test]
@@ -311,11 +299,7 @@ async fn settlements_keep_the_window_bounded() {
         age_window(dir.path(), Duration::from_secs(601));
     }
     let left: i64 = r
-        .query_row(
-            "SELECT count(*) FROM uuids WHERE delivered_at_ms < ?1",
-            [dedup::BUFFERED],
-            |x| x.get(0),
-        )
+        .query_row("SELECT count(*) FROM recent_uuids", [], |x| x.get(0))
         .unwrap();
     // Each settlement prunes at least what it remembered: only the last
     // round's uuids (expired by now, pruned by the next write) can be left.
@@ -356,7 +340,7 @@ async fn a_version_1_buffer_is_migrated_and_its_events_deduplicated() {
     let r = open_reader(dir.path()).unwrap();
     assert_eq!(uuids(&r), vec![ev(0).uuid, ev(1).uuid]);
     let s = stats(&r).unwrap();
-    assert_eq!((s.schema_version, s.volume_id.as_str()), (3, "v1-volume"));
+    assert_eq!((s.schema_version, s.volume_id.as_str()), (2, "v1-volume"));
     stop(w, h).await;
 }
 
@@ -386,153 +370,5 @@ async fn a_dead_lettered_uuid_is_not_stored_again_kept_or_copied() {
     assert_eq!(h.replay_dead_letters(vec![b[1].seq]).await.unwrap(), 1);
     h.append(vec![ev(1)]).await.unwrap();
     assert_eq!(uuids(&r), vec![ev(1).uuid]);
-    stop(w, h).await;
-}
-
-/// Rows of `uuids` marked buffered, against events plus dead letters: equal
-/// whenever the window is on (a buffered row without its event would never
-/// expire).
-fn buffered_rows_match(dir: &Path) {
-    let c = open_reader(dir).unwrap();
-    let rows: i64 = c
-        .query_row(
-            "SELECT count(*) FROM uuids WHERE delivered_at_ms = ?1",
-            [dedup::BUFFERED],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let held: i64 = c
-        .query_row(
-            "SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM dead_letters)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(rows, held, "buffered uuid rows against buffered events");
-}
-
-#[tokio::test]
-async fn a_replayed_dead_letter_is_remembered_once_delivered() {
-    let dir = tempfile::tempdir().unwrap();
-    let (w, h) = start(dir.path(), u64::MAX, dedup::DEFAULT_WINDOW);
-    let r = open_reader(dir.path()).unwrap();
-    h.append(vec![ev(0), ev(1)]).await.unwrap();
-    let b = read_batch(&r, 0, 10).unwrap();
-    let dead = DeadLetter {
-        seq: b[0].seq,
-        size: b[0].event.size(),
-        reason: "too_large: x".into(),
-    };
-    h.settle(vec![], vec![dead]).await.unwrap();
-    buffered_rows_match(dir.path());
-    assert_eq!(h.replay_dead_letters(vec![b[0].seq]).await.unwrap(), 1);
-    buffered_rows_match(dir.path());
-    assert_eq!(deliver_all(&h, &r).await, 2);
-    buffered_rows_match(dir.path());
-    assert_eq!(
-        dedup::remembered(&r, dedup::DEFAULT_WINDOW, now_ms()).unwrap(),
-        2
-    );
-    h.append(vec![ev(0), ev(1)]).await.unwrap();
-    assert!(uuids(&r).is_empty(), "both remembered after delivery");
-    stop(w, h).await;
-}
-
-#[tokio::test]
-async fn a_version_2_buffer_is_migrated_keeping_its_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let now = now_ms();
-    {
-        let c = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
-        c.execute_batch(
-            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             INSERT INTO meta VALUES ('schema_version', '2'), ('volume_id', 'v2-volume');
-             CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT NOT NULL,
-                 topic TEXT NOT NULL, key BLOB NOT NULL, payload BLOB NOT NULL,
-                 captured_at_ms INTEGER NOT NULL);
-             CREATE TABLE dead_letters (seq INTEGER PRIMARY KEY, uuid TEXT NOT NULL,
-                 topic TEXT NOT NULL, key BLOB NOT NULL, payload BLOB NOT NULL,
-                 captured_at_ms INTEGER NOT NULL, reason TEXT NOT NULL,
-                 failed_at_ms INTEGER NOT NULL, dlq_delivered INTEGER NOT NULL DEFAULT 0);
-             CREATE TABLE recent_uuids (id INTEGER PRIMARY KEY, uuid TEXT NOT NULL,
-                 delivered_at_ms INTEGER NOT NULL);
-             CREATE INDEX recent_uuids_uuid ON recent_uuids(uuid);
-             CREATE INDEX events_uuid ON events(uuid);
-             CREATE INDEX dead_letters_uuid ON dead_letters(uuid);",
-        )
-        .unwrap();
-        let e = ev(0);
-        c.execute(
-            "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            (&e.uuid, &e.topic, &e.key, &e.payload, e.captured_at_ms),
-        )
-        .unwrap();
-        let d = ev(1);
-        c.execute(
-            "INSERT INTO dead_letters(seq, uuid, topic, key, payload, captured_at_ms, reason, failed_at_ms)
-             VALUES (7, ?1, ?2, ?3, ?4, ?5, 'poison', 0)",
-            (&d.uuid, &d.topic, &d.key, &d.payload, d.captured_at_ms),
-        )
-        .unwrap();
-        let window = dedup::DEFAULT_WINDOW.as_millis() as i64;
-        for (uuid, at) in [(ev(2).uuid, now - 1000), (ev(3).uuid, now - window - 1000)] {
-            c.execute(
-                "INSERT INTO recent_uuids(uuid, delivered_at_ms) VALUES (?1, ?2)",
-                (uuid, at),
-            )
-            .unwrap();
-        }
-    }
-    let (w, h) = start(dir.path(), u64::MAX, dedup::DEFAULT_WINDOW);
-    let r = open_reader(dir.path()).unwrap();
-    let s = stats(&r).unwrap();
-    assert_eq!((s.schema_version, s.volume_id.as_str()), (3, "v2-volume"));
-    let gone: i64 = r
-        .query_row(
-            "SELECT count(*) FROM sqlite_master
-             WHERE name IN ('recent_uuids', 'events_uuid', 'dead_letters_uuid')",
-            [],
-            |x| x.get(0),
-        )
-        .unwrap();
-    assert_eq!(gone, 0, "version 2's table and indexes are dropped");
-    buffered_rows_match(dir.path());
-    // Buffered, dead-lettered and recently delivered uuids are known; the
-    // one delivered before the window is stored again.
-    h.append(vec![ev(0), ev(1), ev(2), ev(3)]).await.unwrap();
-    let stored = uuids(&r);
-    assert_eq!(stored, vec![ev(0).uuid, ev(3).uuid]);
-    assert_eq!(
-        h.state.window_bytes.load(Ordering::Relaxed),
-        dedup::window_bytes(&r).unwrap()
-    );
-    stop(w, h).await;
-}
-
-#[tokio::test]
-async fn turning_the_window_on_covers_events_buffered_while_it_was_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let r = || open_reader(dir.path()).unwrap();
-    let (w, h) = start(dir.path(), u64::MAX, Duration::ZERO);
-    h.append(vec![ev(0), ev(1)]).await.unwrap();
-    stop(w, h).await;
-
-    let (w, h) = start(dir.path(), u64::MAX, dedup::DEFAULT_WINDOW);
-    buffered_rows_match(dir.path());
-    h.append(vec![ev(0), ev(2)]).await.unwrap();
-    assert_eq!(uuids(&r()), vec![ev(0).uuid, ev(1).uuid, ev(2).uuid]);
-    deliver_all(&h, &r()).await;
-    assert_eq!(
-        dedup::remembered(&r(), dedup::DEFAULT_WINDOW, now_ms()).unwrap(),
-        3
-    );
-    stop(w, h).await;
-
-    // Off again: nothing is remembered, nothing counts against the quota.
-    let (w, h) = start(dir.path(), u64::MAX, Duration::ZERO);
-    assert_eq!(dedup::window_bytes(&r()).unwrap(), 0);
-    assert_eq!(h.state.window_bytes.load(Ordering::Relaxed), 0);
-    h.append(vec![ev(0)]).await.unwrap();
-    assert_eq!(uuids(&r()), vec![ev(0).uuid]);
     stop(w, h).await;
 }

@@ -21,20 +21,19 @@
 //!    or delivered within the deduplication window is acknowledged again
 //!    and not stored.
 //!
-//! On-disk format (schema version 3):
+//! On-disk format (schema version 2):
 //! ```sql
 //! meta(key TEXT PRIMARY KEY, value TEXT)      -- volume_id, schema_version, created_at_ms, ...
 //! events(seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT, topic TEXT,
 //!        key BLOB, payload BLOB, captured_at_ms INTEGER)
 //! dead_letters(seq INTEGER PRIMARY KEY, uuid, topic, key, payload,
 //!        captured_at_ms, reason TEXT, failed_at_ms INTEGER, dlq_delivered INTEGER)
-//! uuids(seq INTEGER PRIMARY KEY, uuid TEXT, delivered_at_ms INTEGER)
-//! -- indexes on uuids(uuid), uuids(delivered_at_ms)
+//! recent_uuids(id INTEGER PRIMARY KEY, uuid TEXT, delivered_at_ms INTEGER)
+//! -- indexes on events(uuid), dead_letters(uuid), recent_uuids(uuid)
 //! ```
-//! Version 1 files (no window) and version 2 files (`recent_uuids` and uuid
-//! indexes on `events` and `dead_letters`) are migrated forward in one
-//! transaction when opened for writing; a version 3 file is refused by
-//! older binaries.
+//! Version 1 files (no `recent_uuids`, no uuid indexes) are migrated
+//! forward when opened for writing; a version 2 file is refused by older
+//! binaries.
 
 mod commit;
 pub mod dedup;
@@ -57,7 +56,7 @@ pub use commit::DeadLetter;
 pub use writer::{AppendError, GroupCommitWriter, SealReport, WriterHandle, WriterOptions};
 
 /// Schema version written in `meta`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 2;
 /// File name of the buffer inside the data directory.
 pub const DB_FILE: &str = "buffer.db";
 /// File name of the drainer lock inside the data directory.
@@ -295,13 +294,14 @@ fn migrate(conn: &Connection) -> Result<()> {
              reason TEXT NOT NULL,
              failed_at_ms INTEGER NOT NULL,
              dlq_delivered INTEGER NOT NULL DEFAULT 0);
-         -- Version 3: the deduplication window (see `dedup`).
-         CREATE TABLE IF NOT EXISTS uuids (
-             seq INTEGER PRIMARY KEY,
+         -- Version 2: the deduplication window (see `dedup`).
+         CREATE TABLE IF NOT EXISTS recent_uuids (
+             id INTEGER PRIMARY KEY,
              uuid TEXT NOT NULL,
              delivered_at_ms INTEGER NOT NULL);
-         CREATE INDEX IF NOT EXISTS uuids_uuid ON uuids(uuid);
-         CREATE INDEX IF NOT EXISTS uuids_delivered ON uuids(delivered_at_ms);",
+         CREATE INDEX IF NOT EXISTS recent_uuids_uuid ON recent_uuids(uuid);
+         CREATE INDEX IF NOT EXISTS events_uuid ON events(uuid);
+         CREATE INDEX IF NOT EXISTS dead_letters_uuid ON dead_letters(uuid);",
     )?;
     let version: Option<String> = conn
         .query_row(
@@ -312,7 +312,13 @@ fn migrate(conn: &Connection) -> Result<()> {
         .optional()?;
     match version.and_then(|v| v.parse::<i64>().ok()) {
         Some(found) if found > SCHEMA_VERSION => return Err(Error::SchemaVersion { found }),
-        Some(found) if found < SCHEMA_VERSION => migrate_window(conn)?,
+        Some(found) if found < SCHEMA_VERSION => {
+            // The tables and indexes above are the whole migration.
+            conn.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                [SCHEMA_VERSION.to_string()],
+            )?;
+        }
         Some(_) => {}
         None => {
             conn.execute(
@@ -327,49 +333,6 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Moves a version 1 or 2 file to version 3 in one transaction: the uuids
-/// of buffered events and dead letters become buffered rows of `uuids`,
-/// version 2's remembered uuids (`recent_uuids`) keep their delivery times
-/// under negative sequence numbers (they belong to no event), and the uuid
-/// indexes version 2 kept on `events` and `dead_letters` go.
-fn migrate_window(conn: &Connection) -> Result<()> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let result = (|| -> Result<()> {
-        for table in ["events", "dead_letters"] {
-            conn.execute(
-                &format!(
-                    "INSERT OR IGNORE INTO uuids(seq, uuid, delivered_at_ms)
-                     SELECT seq, uuid, ?1 FROM {table}"
-                ),
-                [dedup::BUFFERED],
-            )?;
-        }
-        let v2: bool = conn.query_row(
-            "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'recent_uuids')",
-            [],
-            |r| r.get(0),
-        )?;
-        if v2 {
-            conn.execute_batch(
-                "INSERT OR IGNORE INTO uuids(seq, uuid, delivered_at_ms)
-                     SELECT -id, uuid, delivered_at_ms FROM recent_uuids;
-                 DROP TABLE recent_uuids;",
-            )?;
-        }
-        conn.execute_batch(
-            "DROP INDEX IF EXISTS events_uuid;
-             DROP INDEX IF EXISTS dead_letters_uuid;",
-        )?;
-        conn.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
-            [SCHEMA_VERSION.to_string()],
-        )?;
-        Ok(())
-    })();
-    conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
-    result
 }
 
 /// Reads a `meta` value.

@@ -325,7 +325,6 @@ impl GroupCommitWriter {
         super::quarantine::quarantine_if_damaged(dir)?;
         let wal_pages = wal_pages(opts.max_wal_bytes);
         let conn = super::open_writer(dir, opts.durability)?;
-        super::dedup::Window::new(opts.dedup_window).reconcile(&conn, super::now_ms())?;
         let (events, bytes) = super::totals(&conn)?;
         let (dead, dead_bytes) = super::dead_letter_totals(&conn)?;
         let state = Arc::new(BufferState::default());

@@ -36,8 +36,9 @@ pub(super) fn apply_settlements(
         {
             let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
             let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;
-            let mut count_through =
-                tx.prepare_cached("SELECT count(*) FROM events WHERE seq <= ?1")?;
+            let mut count_through = tx.prepare_cached(
+                "SELECT count(*), coalesce(sum(length(uuid)), 0) FROM events WHERE seq <= ?1",
+            )?;
             let mut bury = tx.prepare_cached(
                 "INSERT OR REPLACE INTO dead_letters(seq, uuid, topic, key, payload, captured_at_ms, reason, failed_at_ms)
                  SELECT seq, uuid, topic, key, payload, captured_at_ms, ?2, ?3 FROM events WHERE seq = ?1",
@@ -68,14 +69,20 @@ pub(super) fn apply_settlements(
                         // When a settlement covers the whole head of the queue,
                         // one range delete replaces a delete per row.
                         let through = delivered.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
-                        let head_rows: i64 = if through > 0 {
-                            count_through.query_row([through], |r| r.get(0))?
+                        let (head_rows, head_uuid_bytes) = if through > 0 {
+                            count_through.query_row([through], |r| Ok((r.get(0)?, r.get(1)?)))?
                         } else {
-                            0
+                            (0i64, 0i64)
                         };
                         let whole_head = through > 0 && delivered.len() as i64 == head_rows;
                         if whole_head {
-                            remembered += window.remember_through(&tx, through, failed_at)?;
+                            remembered += window.remember_through(
+                                &tx,
+                                through,
+                                head_rows,
+                                head_uuid_bytes,
+                                failed_at,
+                            )?;
                             let n = delete_through.execute([through])?;
                             t.events -= n as i128;
                             t.bytes -= delivered.iter().map(|(_, s)| *s as i128).sum::<i128>();
@@ -100,7 +107,7 @@ pub(super) fn apply_settlements(
                     Command::DeadLettersCopied { seqs, reply } => {
                         let now = now_ms();
                         for seq in &seqs {
-                            t.window_bytes += window.remember(&tx, *seq, now)? as i128;
+                            t.window_bytes += window.remember_dead_letter(&tx, *seq, now)? as i128;
                             let size: Option<i64> = forget
                                 .query_row([seq], |r| r.get(0))
                                 .map(Some)
