@@ -7,6 +7,10 @@
 //! topic created late, an ACL still propagating): such a topic is parked and
 //! retried with backoff while other topics flow; only when it keeps failing
 //! for `--poison-retry-window-secs` are its events judged poison.
+//!
+//! Deliveries never wait on a producer for good: one silent past the
+//! message timeout, or timing out every event while Kafka answers, is
+//! replaced (see `stall.rs`) and the unconfirmed events are sent again.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
