@@ -25,10 +25,10 @@ async fn pod_returning_while_its_flush_job_delivers_sends_nothing_twice() -> any
     let scene = Scene::start_exactly_once("orph-eos", &broker, 2).await?;
     let volume = scene.volume_of("buffer-events-1").await?;
     let load = Load::start(scene.client.clone(), &scene.ns, &scene.name);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    load.until_more_acked(1000, Duration::from_secs(60)).await?;
     // Kafka away: pod 1's buffer fills; then pod 1 is scaled away.
     broker.stop().await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.until_more_acked(500, Duration::from_secs(60)).await?;
     scene.scale(1).await?;
     let job_name = flush_job_name(&volume);
     poll_until("flush job running", Duration::from_secs(90), || async {
@@ -48,7 +48,8 @@ async fn pod_returning_while_its_flush_job_delivers_sends_nothing_twice() -> any
     broker.restart().await?;
     scene.scale(2).await?;
     scene.wait_ready(2).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Both pods take load while the Job may still deliver.
+    load.until_more_acked(1000, Duration::from_secs(60)).await?;
     let (acked, refused) = load.finish().await?;
     let (found, dups) = count_in_kafka(&broker, &acked).await?;
     report(

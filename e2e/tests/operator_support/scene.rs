@@ -5,6 +5,7 @@
 //! of every acknowledged uuid in Kafka ([`count_in_kafka`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -395,11 +396,15 @@ pub fn ensure_drained(volume: &str, d: &Drained) -> anyhow::Result<()> {
 pub struct Load {
     pub stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<(Vec<String>, u64)>,
+    /// Events acknowledged so far.
+    pub acked: Arc<AtomicUsize>,
 }
 
 impl Load {
     pub fn start(client: Client, ns: &str, name: &str) -> Self {
         let (stop, rx) = watch::channel(false);
+        let count = Arc::new(AtomicUsize::new(0));
+        let acked_count = count.clone();
         let pods: Api<Pod> = Api::namespaced(client, ns);
         let selector = format!("{CLUSTER_LABEL}={name},app.kubernetes.io/component=capture");
         let task = tokio::spawn(async move {
@@ -441,14 +446,32 @@ impl Load {
                     .send()
                     .await
                 {
-                    Ok(r) if r.status() == 200 => acked.extend(uuids),
+                    Ok(r) if r.status() == 200 => {
+                        acked.extend(uuids);
+                        acked_count.store(acked.len(), Ordering::Relaxed);
+                    }
                     _ => refused += 1,
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             (acked, refused)
         });
-        Self { stop, task }
+        Self {
+            stop,
+            task,
+            acked: count,
+        }
+    }
+
+    /// Waits until `more` events beyond those acknowledged now are
+    /// acknowledged (the load ran long enough to matter), or fails at the deadline.
+    pub async fn until_more_acked(&self, more: usize, within: Duration) -> anyhow::Result<()> {
+        let target = self.acked.load(Ordering::Relaxed) + more;
+        poll_until("more events acknowledged", within, || async {
+            (self.acked.load(Ordering::Relaxed) >= target).then_some(())
+        })
+        .await?;
+        Ok(())
     }
 
     pub async fn finish(self) -> anyhow::Result<(Vec<String>, u64)> {
