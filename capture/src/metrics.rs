@@ -66,7 +66,7 @@ pub struct Metrics {
     pub salvage: SalvageMetrics,
     /// Dead letters the dead-letter topic acknowledged (then forgotten locally).
     pub dead_letters_copied: Counter,
-    /// Kafka producers replaced after a fatal error.
+    /// Kafka producers replaced (fatal error, all timed out, or stalled).
     pub producer_recreated: Counter,
     /// Exactly-once delivery: transactions by outcome (committed, aborted).
     pub transactions: Family<OutcomeLabel, Counter>,
@@ -143,7 +143,7 @@ impl Metrics {
         let producer_recreated = Counter::default();
         registry.register(
             "kafka_producer_recreated",
-            "Kafka producers replaced after a fatal error",
+            "Kafka producers replaced: after a fatal error, a round in which every event timed out while Kafka answered, or a producer silent past its message timeout",
             producer_recreated.clone(),
         );
         let transactions = Family::<OutcomeLabel, Counter>::default();
