@@ -218,8 +218,32 @@ impl Session {
         let full = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
         if !full {
             self.conn = None;
+        } else if let Some(freed) = self.path.parent().and_then(super::release_reserve) {
+            // The forwarder does the same when a settlement fails; a commit
+            // of the writer's own (a recheck, an append the guard let
+            // through) failing for room is as much a sign of a full volume.
+            tracing::warn!(
+                bytes = freed,
+                "released the disk reserve: the volume is full"
+            );
         }
         AppendError::Disk(e.to_string())
+    }
+
+    /// While the volume is (nearly) full, copies the WAL into the database
+    /// file before a commit, so that the commit restarts the WAL at its
+    /// beginning (reusing the file) instead of growing it into the space the
+    /// checkpoint itself needs to extend the database file: deletes that
+    /// outrun the checkpoint can otherwise leave an empty buffer whose WAL
+    /// can neither restart nor grow.
+    fn checkpoint_when_low(&self) {
+        let low = self.state.disk_low.load(Ordering::Relaxed)
+            || self.state.disk_failed.load(Ordering::Relaxed);
+        if let (true, Some(conn)) = (low, &self.conn)
+            && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            tracing::debug!(error = %e, "checkpoint before a commit on a full volume failed");
+        }
     }
 
     /// Unready once an append was refused for room on the volume; ready again
@@ -277,6 +301,7 @@ impl Session {
         let mut answers = Vec::with_capacity(commands.len());
         let mut deleted_any = false;
         let window = self.window.clone();
+        self.checkpoint_when_low();
         let result = match self.connection() {
             Err(e) => Err(e),
             Ok(conn) => {
@@ -324,6 +349,7 @@ impl Session {
         let mut room = Room::unlimited();
         round.prune = self.window.append_prune_due();
         let window = self.window.clone();
+        self.checkpoint_when_low();
         let result = match self.connection().map(|_| ()) {
             Err(e) => Err(e),
             Ok(()) => {
