@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -111,7 +111,11 @@ async fn events_resent_alone_after_an_oversized_neighbour_are_counted_as_deliver
 
 /// Posts 10-event batches with client uuids until `stop`; returns the
 /// uuids acknowledged with `200`.
-async fn post_until(url: String, stop: Arc<AtomicBool>) -> HashSet<String> {
+async fn post_until(
+    url: String,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+) -> HashSet<String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -133,11 +137,26 @@ async fn post_until(url: String, stop: Arc<AtomicBool>) -> HashSet<String> {
                     .iter()
                     .map(|e| e["uuid"].as_str().unwrap_or_default().to_owned()),
             );
+            count.store(acked.len(), Ordering::Relaxed);
         }
         // About 1,000 events a second: a backlog, not a flood.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     acked
+}
+
+/// Waits until the client has `more` acknowledgements beyond its count now.
+async fn more_acked(count: &AtomicUsize, more: usize) -> Result<()> {
+    let target = count.load(Ordering::Relaxed) + more;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count.load(Ordering::Relaxed) < target {
+        ensure!(
+            Instant::now() < deadline,
+            "{more} more acknowledgements in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// The forwarder after broker outages shorter and longer than the message
@@ -183,14 +202,17 @@ async fn backlog_drains_after_each_kafka_outage_under_load() -> Result<()> {
             message_timeout * 2
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let load = tokio::spawn(post_until(url.clone(), stop.clone()));
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let count = Arc::new(AtomicUsize::new(0));
+        let load = tokio::spawn(post_until(url.clone(), stop.clone(), count.clone()));
+        // Load flowing (and delivered) before the broker goes.
+        more_acked(&count, 1000).await?;
         kafka.stop().await?;
         // The outage itself (the scenario), not a synchronisation.
         tokio::time::sleep(outage).await;
         kafka.restart().await?;
         let back = Instant::now();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Load keeps coming while the backlog drains.
+        more_acked(&count, 1000).await?;
         stop.store(true, Ordering::Relaxed);
         acked.extend(load.await?);
         // The forwarder's stall bound (message timeout + half of it, at
