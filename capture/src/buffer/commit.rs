@@ -257,7 +257,9 @@ impl Session {
                     "the volume is nearly full: refusing events until delivery frees space"
                 );
             }
-        } else if self.state.disk_low.load(Ordering::Relaxed) && room_left.take(READY_ROOM) {
+        } else if self.state.disk_low.load(Ordering::Relaxed)
+            && room_left.take(room::Cost::both(READY_ROOM))
+        {
             self.state.disk_low.store(false, Ordering::Relaxed);
             tracing::info!("room on the volume again: accepting events");
         }
@@ -493,7 +495,7 @@ fn apply_appends(
                                 quota,
                                 needed,
                             })
-                        } else if !room.take(room::cost(&events)) {
+                        } else if !room.take(room::cost(&events, t.events.max(0) as u64)) {
                             Some(AppendError::DiskFull { keep_free })
                         } else {
                             None

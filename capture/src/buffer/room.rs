@@ -22,19 +22,91 @@ use rusqlite::Connection;
 
 use super::NewEvent;
 
-/// Bytes SQLite adds to a stored event (record header, rowid, timestamp, cell pointer).
+/// SQLite's page size (the default; the buffer never changes it).
+const PAGE: u64 = 4096;
+/// Bytes SQLite adds to a stored row (record header, rowid, timestamp).
 const ROW_OVERHEAD: u64 = 48;
-/// A request may leave a page partly filled, in the WAL and in the table.
-const PAGE_SLACK: u64 = 4096 + 24;
+/// A cell's pointer on its page.
+const CELL_POINTER: u64 = 2;
+/// Bytes a leaf page gives its cells (the page less its header).
+const LEAF_ROOM: u64 = PAGE - 8;
+/// Largest row a table leaf keeps whole; longer ones spill into overflow pages.
+const MAX_LOCAL: u64 = PAGE - 35;
+/// Content bytes of an overflow page.
+const OVERFLOW_ROOM: u64 = PAGE - 4;
+/// Bytes an entry of the uuid index adds besides the uuid (header, rowid).
+const INDEX_OVERHEAD: u64 = 12;
+/// Pages a commit rewrites besides the rows' own: page 1, the AUTOINCREMENT
+/// counter, the partly filled last pages and interior pages of both trees.
+const FIXED_PAGES: u64 = 10;
+/// Frames a leaf split of the uuid index writes: the new page, a sibling
+/// rebalanced with it and their parent.
+const SPLIT_FRAMES: u64 = 3;
 /// Far from full, the cheap upper bound is enough and SQLite is not asked.
 const EXACT_BELOW: i128 = 256 << 20;
 /// WAL file header and per-frame header, bytes.
 const WAL_HEADER: u64 = 32;
 const FRAME_HEADER: u64 = 24;
+const FRAME: u64 = PAGE + FRAME_HEADER;
 
-/// Bytes SQLite writes for `events`, in the WAL or in the database file.
-pub(super) fn cost(events: &[NewEvent]) -> u64 {
-    events.iter().map(|e| e.size() + ROW_OVERHEAD).sum::<u64>() + PAGE_SLACK
+/// What a commit of some events takes on the volume: WAL frames, and the
+/// pages the checkpoint later adds to the database file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Cost {
+    pub wal: u64,
+    pub db: u64,
+}
+
+impl Cost {
+    /// `bytes` both in the WAL and in the database file.
+    pub const fn both(bytes: u64) -> Self {
+        Self {
+            wal: bytes,
+            db: bytes,
+        }
+    }
+}
+
+/// Least part of a spilling row SQLite keeps on the leaf: ((4096 − 12) × 32 / 255) − 23.
+const MIN_LOCAL: u64 = 489;
+/// The pointer to the first overflow page.
+const OVERFLOW_POINTER: u64 = 4;
+
+/// Bytes one row takes in the events table: its share of a leaf page (a
+/// row just over half a page has the page to itself), plus its overflow
+/// pages when it spills, split as SQLite splits it.
+fn table_bytes(e: &NewEvent) -> u64 {
+    let share = |cell: u64| PAGE.div_ceil(LEAF_ROOM / (cell + CELL_POINTER));
+    let row = e.size() + ROW_OVERHEAD;
+    if row <= MAX_LOCAL {
+        return share(row);
+    }
+    let k = MIN_LOCAL + (row - MIN_LOCAL) % OVERFLOW_ROOM;
+    let local = if k <= MAX_LOCAL { k } else { MIN_LOCAL };
+    (row - local).div_ceil(OVERFLOW_ROOM) * PAGE + share(local + OVERFLOW_POINTER)
+}
+
+/// An upper bound of what SQLite writes to append `events` to a table that
+/// holds `buffered` events. Random uuids land anywhere in the uuid index, so
+/// each event may dirty an index leaf of its own until there are more events
+/// than leaves; index pages split half full, so an entry takes twice its size.
+pub(super) fn cost(events: &[NewEvent], buffered: u64) -> Cost {
+    let table: u64 = events.iter().map(table_bytes).sum();
+    let entries: u64 = events
+        .iter()
+        .map(|e| 2 * (e.uuid.len() as u64 + INDEX_OVERHEAD))
+        .sum();
+    let index_leaves = (buffered * 2 * (36 + INDEX_OVERHEAD) + entries).div_ceil(PAGE) + 1;
+    let leaves_touched = (events.len() as u64).min(index_leaves);
+    let db = table + entries + FIXED_PAGES * PAGE;
+    // A leaf that splits rewrites its siblings and parent as well: a few
+    // frames for each page the index grows by, and for one split besides.
+    let index_pages = entries.div_ceil(PAGE) + 1;
+    let frames = table.div_ceil(PAGE) + leaves_touched + SPLIT_FRAMES * index_pages + FIXED_PAGES;
+    Cost {
+        wal: WAL_HEADER + frames * FRAME,
+        db,
+    }
 }
 
 /// What appends may still take in this round.
@@ -61,12 +133,12 @@ impl Room {
         }
     }
 
-    /// Takes the room `cost` bytes of events need; false, and nothing taken,
-    /// when they do not fit.
-    pub fn take(&mut self, cost: u64) -> bool {
-        let from_tail = cost.min(self.wal_tail);
-        let from_free = cost.min(self.free_pages);
-        let from_disk = (cost - from_tail) as i128 + (cost - from_free) as i128;
+    /// Takes the room a commit of `cost` needs; false, and nothing taken,
+    /// when it does not fit.
+    pub fn take(&mut self, cost: Cost) -> bool {
+        let from_tail = cost.wal.min(self.wal_tail);
+        let from_free = cost.db.min(self.free_pages);
+        let from_disk = (cost.wal - from_tail) as i128 + (cost.db - from_free) as i128;
         // Below `keep_free` (deletes took some of it) the buffer still
         // reuses its own space: that takes nothing from the volume.
         if from_disk > 0 && from_disk > self.disk {
@@ -207,9 +279,12 @@ mod tests {
             free_pages: 0,
             keep_free: 0,
         };
-        assert!(room.take(4_000));
+        assert!(room.take(Cost::both(4_000)));
         assert_eq!(room.disk, 2_000);
-        assert!(!room.take(1_001), "2,002 bytes do not fit in 2,000");
+        assert!(
+            !room.take(Cost::both(1_001)),
+            "2,002 bytes do not fit in 2,000"
+        );
         assert_eq!(room.disk, 2_000, "a refused request takes nothing");
 
         let mut recycled = Room {
@@ -219,10 +294,10 @@ mod tests {
             keep_free: 0,
         };
         assert!(
-            recycled.take(5_000),
+            recycled.take(Cost::both(5_000)),
             "a drained buffer reuses its own space"
         );
-        assert!(!recycled.take(1), "and nothing past it");
+        assert!(!recycled.take(Cost::both(1)), "and nothing past it");
 
         let mut under = Room {
             disk: -3_000,
@@ -231,21 +306,108 @@ mod tests {
             keep_free: 0,
         };
         assert!(
-            under.take(5_000),
+            under.take(Cost::both(5_000)),
             "deletes took part of keep_free: reusing the buffer's own space is still fine"
         );
-        assert!(!under.take(1));
+        assert!(!under.take(Cost::both(1)));
+    }
+
+    /// The guard admits a request on `cost` counted once as WAL frames and
+    /// once as database pages; an estimate below either lets a full disk
+    /// wedge. Measured on a real buffer for the sizes where SQLite packs
+    /// worst: rows just over half a page (one per page), rows that spill into
+    /// overflow pages, and random uuids splitting the index mid-tree.
+    #[test]
+    fn cost_is_at_least_what_sqlite_writes_to_the_wal_and_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open_writer(dir.path(), crate::config::Durability::Fsync).unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        let db = dir.path().join(super::super::DB_FILE);
+        let page_count = |c: &Connection| -> u64 {
+            c.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+                .unwrap() as u64
+        };
+        let insert = |events: &[NewEvent]| {
+            let tx = conn.unchecked_transaction().unwrap();
+            for e in events {
+                tx.execute(
+                    "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    rusqlite::params![e.uuid, e.topic, e.key, e.payload, e.captured_at_ms],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        };
+        let events = |n: usize, payload: usize| -> Vec<NewEvent> {
+            (0..n)
+                .map(|_| NewEvent {
+                    uuid: uuid::Uuid::new_v4().to_string(),
+                    topic: "events".into(),
+                    key: b"key".to_vec(),
+                    payload: vec![b'x'; payload],
+                    captured_at_ms: 1_700_000_000_000,
+                })
+                .collect()
+        };
+        // A table that already holds rows, so index inserts land mid-tree.
+        insert(&events(3_000, 300));
+        let mut buffered = 3_000;
+        let mut short = Vec::new();
+        for payload in [
+            1, 100, 400, 1_000, 1_300, 1_900, 1_990, 2_000, 2_040, 2_100, 3_000, 4_000, 4_050,
+            4_100, 5_000, 9_000, 100_000, 1_000_000,
+        ] {
+            for n in [1, 7, 200] {
+                if payload * n > 30_000_000 {
+                    continue;
+                }
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .unwrap();
+                assert_eq!(file_len(&wal_path(&db)), 0, "the WAL starts empty");
+                let before = page_count(&conn);
+                let batch = events(n, payload);
+                insert(&batch);
+                let wal = file_len(&wal_path(&db));
+                let growth = (page_count(&conn) - before) * 4096;
+                let cost = cost(&batch, buffered);
+                buffered += n as u64;
+                if cost.wal < wal || cost.db < growth {
+                    short.push(format!(
+                        "{n} events of {payload} bytes: cost {cost:?} < WAL {wal} or growth {growth}"
+                    ));
+                }
+                eprintln!("{n} x {payload}: cost {cost:?} wal {wal} growth {growth}");
+            }
+        }
+        assert!(short.is_empty(), "{short:#?}");
     }
 
     #[test]
-    fn cost_covers_every_event_and_a_partial_page() {
-        let e = NewEvent {
+    fn a_row_just_over_half_a_page_has_the_page_to_itself() {
+        let e = |payload: usize| NewEvent {
             uuid: "0".repeat(36),
             topic: "t".into(),
             key: Vec::new(),
-            payload: vec![0; 100],
+            payload: vec![0; payload],
             captured_at_ms: 0,
         };
-        assert_eq!(cost(&[e.clone(), e]), 2 * (137 + ROW_OVERHEAD) + PAGE_SLACK);
+        assert_eq!(table_bytes(&e(2_100)), PAGE);
+        assert_eq!(table_bytes(&e(1_900)), PAGE / 2);
+        assert!(table_bytes(&e(10)) < 128);
+        assert_eq!(
+            table_bytes(&e(10_000)),
+            2 * PAGE + PAGE / 2,
+            "two overflow pages, and the 1,901 bytes kept on the leaf take half of it"
+        );
+        assert_eq!(
+            table_bytes(&e(4_000)),
+            PAGE + PAGE / 8,
+            "one overflow page, 489 bytes on the leaf"
+        );
+        let small = cost(&[e(10), e(10)], 1_000_000);
+        assert_eq!(
+            small.wal,
+            WAL_HEADER + (1 + 2 + SPLIT_FRAMES * 2 + FIXED_PAGES) * FRAME
+        );
     }
 }
