@@ -1,7 +1,8 @@
 //! One round of the group-commit writer: the commands it took, applied in at
 //! most two transactions, then answered. Settlements (and dead-letter
-//! bookkeeping) commit first and on their own; appends, replays and the seal
-//! commit second. Nothing is answered before its transaction committed.
+//! bookkeeping) commit first, on their own and without an fsync; appends,
+//! replays and the seal commit second, synced. Nothing is answered before
+//! its transaction committed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ mod settle;
 mod totals;
 use settle::{answers_unexpected, apply_settlements, fail_rest};
 use totals::Totals;
+pub(super) use totals::update_over_quota;
 
 /// An event Kafka rejected for good, on its way to the dead-letter table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,22 +113,6 @@ impl Answer {
             Answer::Count(r, _) => drop(r.send(Err(err.clone()))),
             Answer::Seal(r, _) => drop(r.send(Err(err.clone()))),
         }
-    }
-}
-
-/// Unready from 95% of the quota, or from 90% once a request was refused for
-/// lack of room; ready again only under 90%, so a pod at its quota does not
-/// flap. Evaluated after every commit.
-pub(super) fn update_over_quota(state: &BufferState, refused: bool) {
-    let quota = state.quota.load(Ordering::Relaxed);
-    // The deduplication window gives way to events: it never makes a pod unready.
-    let used = state.held_bytes();
-    let high = used.saturating_mul(100) >= quota.saturating_mul(95);
-    let band = used.saturating_mul(100) >= quota.saturating_mul(90);
-    if high || (refused && band) {
-        state.over_quota.store(true, Ordering::Relaxed);
-    } else if used.saturating_mul(100) < quota.saturating_mul(90) {
-        state.over_quota.store(false, Ordering::Relaxed);
     }
 }
 
@@ -303,6 +289,7 @@ impl Session {
         let mut answers = Vec::with_capacity(commands.len());
         let mut deleted_any = false;
         let window = self.window.clone();
+        let durability = self.durability;
         self.checkpoint_when_low();
         let result = match self.connection() {
             Err(e) => Err(e),
@@ -313,8 +300,13 @@ impl Session {
                     answers: &mut answers,
                     deleted_any: &mut deleted_any,
                 };
-                apply_settlements(conn, commands, &window, settled)
-                    .map_err(|(e, n)| self.failed(&e, n, "settlement"))
+                let (result, restored) = settle::unsynced(conn, durability, |conn| {
+                    apply_settlements(conn, commands, &window, settled)
+                });
+                if !restored {
+                    self.conn = None;
+                }
+                result.map_err(|(e, n)| self.failed(&e, n, "settlement"))
             }
         };
         self.settle_failed_at = result.is_err().then(std::time::Instant::now);

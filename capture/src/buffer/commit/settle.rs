@@ -152,3 +152,67 @@ pub(super) fn answers_unexpected(cmd: Command) {
         "command routed to the wrong transaction".into(),
     ));
 }
+
+/// Runs `settle` with its commit written but not fsynced, then restores
+/// `durability`'s setting for the appends that follow; the flag is false if
+/// that failed, and the connection must then be reopened before any append.
+///
+/// Only acknowledgements need an fsync before they are answered. A
+/// settlement lost to a power cut (its WAL frames unsynced) leaves delivered
+/// events buffered, to be sent again, which at-least-once delivery allows and
+/// exactly-once delivery drops on start from Kafka's own checkpoint; the next
+/// synced commit (every acknowledged append) syncs its frames too. Spares a
+/// second fsync in every round that settles and appends.
+pub(super) fn unsynced<T>(
+    conn: &mut Connection,
+    durability: crate::config::Durability,
+    settle: impl FnOnce(&mut Connection) -> Result<T, (rusqlite::Error, usize)>,
+) -> (Result<T, (rusqlite::Error, usize)>, bool) {
+    let normal = crate::buffer::synchronous_mode(crate::config::Durability::Os);
+    let own = crate::buffer::synchronous_mode(durability);
+    if own == normal {
+        return (settle(conn), true);
+    }
+    if let Err(e) = conn.pragma_update(None, "synchronous", normal) {
+        return (Err((e, 0)), true);
+    }
+    let result = settle(conn);
+    let restored = conn.pragma_update(None, "synchronous", own).is_ok();
+    (result, restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_settlement_commits_unsynced_and_appends_are_synced_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::buffer::open_writer(dir.path(), Durability::Fsync).unwrap();
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        assert_eq!(synchronous(&conn), FULL);
+        let (inside, restored) = unsynced(&mut conn, Durability::Fsync, |c| Ok(synchronous(c)));
+        assert_eq!((inside.unwrap(), restored), (NORMAL, true));
+        assert_eq!(synchronous(&conn), FULL, "restored after a settlement");
+        let (failed, restored): (Result<(), _>, _) = unsynced(&mut conn, Durability::Fsync, |_| {
+            Err((rusqlite::Error::InvalidQuery, 1))
+        });
+        assert!(failed.is_err() && restored);
+        assert_eq!(
+            synchronous(&conn),
+            FULL,
+            "restored after a failed settlement"
+        );
+
+        let mut os = crate::buffer::open_writer(dir.path(), Durability::Os).unwrap();
+        let (inside, _) = unsynced(&mut os, Durability::Os, |c| Ok(synchronous(c)));
+        assert_eq!((inside.unwrap(), synchronous(&os)), (NORMAL, NORMAL));
+    }
+}

@@ -63,3 +63,19 @@ impl Totals {
         Ok(())
     }
 }
+
+/// Unready from 95% of the quota, or from 90% once a request was refused for
+/// lack of room; ready again only under 90%, so a pod at its quota does not
+/// flap. Evaluated after every commit.
+pub(in crate::buffer) fn update_over_quota(state: &BufferState, refused: bool) {
+    let quota = state.quota.load(Ordering::Relaxed);
+    // The deduplication window gives way to events: it never makes a pod unready.
+    let used = state.held_bytes();
+    let high = used.saturating_mul(100) >= quota.saturating_mul(95);
+    let band = used.saturating_mul(100) >= quota.saturating_mul(90);
+    if high || (refused && band) {
+        state.over_quota.store(true, Ordering::Relaxed);
+    } else if used.saturating_mul(100) < quota.saturating_mul(90) {
+        state.over_quota.store(false, Ordering::Relaxed);
+    }
+}

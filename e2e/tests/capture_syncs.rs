@@ -1,0 +1,150 @@
+//! What a durable acknowledgement costs the disk, counted on the real binary
+//! with `strace`: every append commit is synced once, with `fdatasync` (an
+//! `fsync` would also flush the inode for every mtime change, a second
+//! synchronous write on ext4), and the forwarder's settlements (deletes of
+//! delivered events) add no sync of their own.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use holdfast_e2e::capture::{CaptureProcess, DiskFaults};
+use holdfast_e2e::kafka::KafkaBroker;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+
+/// Requests posted one after another, each waiting for its 200 and then for
+/// its delivery, so that every request is followed by a settlement.
+const REQUESTS: usize = 60;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_sync_once_with_fdatasync_and_settlements_add_no_sync() -> Result<()> {
+    if let Some(why) = DiskFaults::unavailable() {
+        bail!("this test counts syscalls with strace: {why}");
+    }
+    let kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let cap = CaptureProcess::start(&dir.path().join("buf"), &kafka.bootstrap(), &[]).await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/events", cap.url());
+    // Warm up: the first commits create the WAL and its index.
+    post_and_wait_delivered(&client, &cap, &url, 0).await?;
+    let trace = SyncCount::attach(cap.pid().context("the capture process has no pid")?)?;
+    for i in 1..=REQUESTS {
+        post_and_wait_delivered(&client, &cap, &url, i).await?;
+    }
+    let (fsync, fdatasync) = trace.finish()?;
+    eprintln!("{REQUESTS} requests, each delivered: fsync {fsync}, fdatasync {fdatasync}");
+    ensure!(
+        fsync == 0,
+        "SQLite synced with fsync {fsync} times; fdatasync is enough"
+    );
+    ensure!(
+        fdatasync >= REQUESTS as u64,
+        "{fdatasync} syncs for {REQUESTS} acknowledged requests: some 200 was not synced"
+    );
+    // The checkpointer syncs the WAL and the database file a few times a
+    // second; a synced settlement per request would double the count.
+    ensure!(
+        fdatasync < REQUESTS as u64 * 3 / 2,
+        "{fdatasync} syncs for {REQUESTS} requests and as many settlements: settlements are synced"
+    );
+    Ok(())
+}
+
+/// Posts one event, then waits until the buffer is empty again.
+async fn post_and_wait_delivered(
+    client: &reqwest::Client,
+    cap: &CaptureProcess,
+    url: &str,
+    i: usize,
+) -> Result<()> {
+    let r = client
+        .post(url)
+        .json(&json!({"i": i}))
+        .send()
+        .await
+        .context("posting")?;
+    ensure!(r.status().as_u16() == 200, "request {i}: {}", r.status());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = client
+            .get(format!("{}/metrics", cap.url()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let buffered = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("holdfast_buffer_events "))
+            .context("no holdfast_buffer_events in /metrics")?;
+        if buffered.trim() == "0" {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "request {i} was not delivered within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `strace -c` counting `fsync` and `fdatasync` in every thread of a process.
+struct SyncCount {
+    child: Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl SyncCount {
+    fn attach(pid: u32) -> Result<Self> {
+        use std::io::{BufRead, BufReader};
+        let out = tempfile::NamedTempFile::new()?;
+        let mut child = Command::new("strace")
+            .args(["-f", "-c", "-e", "trace=fsync,fdatasync", "-o"])
+            .arg(out.path())
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning strace")?;
+        let stderr = child.stderr.take().context("strace stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if line.contains("attached") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .context("strace did not attach within 10 s")?;
+        Ok(Self { child, out })
+    }
+
+    /// Detaches and returns the (fsync, fdatasync) counts.
+    fn finish(mut self) -> Result<(u64, u64)> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait()?.is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "strace did not detach within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let table = std::fs::read_to_string(self.out.path())?;
+        let calls = |name: &str| -> u64 {
+            table
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|cols| cols.last() == Some(&name) && cols.len() >= 5)
+                .and_then(|cols| cols[3].parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((calls("fsync"), calls("fdatasync")))
+    }
+}
