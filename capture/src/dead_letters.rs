@@ -177,6 +177,7 @@ mod tests {
             key: format!("k{i}").into_bytes(),
             payload: format!(r#"{{"i":{i}}}"#).into_bytes(),
             captured_at_ms: 1_000 + i as i64,
+            client_uuid: true,
         }
     }
 

@@ -31,6 +31,7 @@ async fn fill(dir: &std::path::Path, n: usize) -> Result<()> {
                 key: format!("k{}", i % 8).into_bytes(),
                 payload: format!(r#"{{"i":{i},"pad":"{pad}"}}"#).into_bytes(),
                 captured_at_ms: 1,
+                client_uuid: true,
             })
             .collect();
         writer.append(batch).await?;

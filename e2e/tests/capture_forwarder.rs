@@ -40,6 +40,7 @@ fn event(uuid: String, payload: String) -> NewEvent {
         key: Vec::new(),
         payload: payload.into_bytes(),
         captured_at_ms: 1,
+        client_uuid: true,
     }
 }
 

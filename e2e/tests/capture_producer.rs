@@ -41,6 +41,7 @@ fn events(prefix: &str, n: usize) -> Vec<NewEvent> {
             key: Vec::new(),
             payload: format!(r#"{{"i":{i}}}"#).into_bytes(),
             captured_at_ms: 1,
+            client_uuid: true,
         })
         .collect()
 }

@@ -443,7 +443,8 @@ fn apply_appends(
         }
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO events(uuid, topic, key, payload, captured_at_ms, client_uuid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut revive = tx.prepare_cached(
                 "INSERT INTO events(uuid, topic, key, payload, captured_at_ms)
@@ -512,7 +513,8 @@ fn apply_appends(
                                 e.topic,
                                 e.key,
                                 e.payload,
-                                e.captured_at_ms
+                                e.captured_at_ms,
+                                e.client_uuid
                             ])?;
                             last = tx.last_insert_rowid();
                             round.first_ms.get_or_insert(e.captured_at_ms);

@@ -2,10 +2,14 @@
 //! or kept as a dead letter), or was delivered within the deduplication
 //! window, is acknowledged again without being stored twice.
 //!
+//! Only uuids the client sent take part: a uuid made here (the event had
+//! none) is new by construction, so such events are not looked up, indexed
+//! or remembered, and cost the append path nothing.
+//!
 //! The window lives in the buffer file, so it survives restarts:
 //! ```sql
 //! recent_uuids(id INTEGER PRIMARY KEY, uuid TEXT NOT NULL, delivered_at_ms INTEGER NOT NULL)
-//! -- indexes: recent_uuids(uuid), events(uuid), dead_letters(uuid)
+//! -- indexes: recent_uuids(uuid), events(uuid) WHERE client_uuid = 1, dead_letters(uuid)
 //! ```
 //! The settlement that deletes delivered events records their uuids in the
 //! same transaction, so a uuid is always either buffered or remembered: a
@@ -101,7 +105,7 @@ impl Window {
             return Ok(vec![false; events.len()]);
         }
         let mut known = conn.prepare_cached(
-            "SELECT EXISTS(SELECT 1 FROM events WHERE uuid = ?1)
+            "SELECT EXISTS(SELECT 1 FROM events WHERE uuid = ?1 AND client_uuid = 1)
                  OR EXISTS(SELECT 1 FROM recent_uuids WHERE uuid = ?1 AND delivered_at_ms > ?2)
                  OR EXISTS(SELECT 1 FROM dead_letters WHERE uuid = ?1)",
         )?;
@@ -109,6 +113,10 @@ impl Window {
         let mut seen = HashSet::with_capacity(if events.len() > 1 { events.len() } else { 0 });
         let mut out = Vec::with_capacity(events.len());
         for e in events {
+            if !e.client_uuid {
+                out.push(false);
+                continue;
+            }
             let repeated = events.len() > 1 && !seen.insert(e.uuid.as_str());
             let dup = repeated || known.query_row((&e.uuid, cutoff), |r| r.get::<_, bool>(0))?;
             out.push(dup);
@@ -147,7 +155,8 @@ impl Window {
         let mut insert = conn.prepare_cached(match from {
             Source::Events => {
                 "INSERT INTO recent_uuids(uuid, delivered_at_ms)
-                 SELECT uuid, ?2 FROM events WHERE seq = ?1 RETURNING length(uuid)"
+                 SELECT uuid, ?2 FROM events WHERE seq = ?1 AND client_uuid = 1
+                 RETURNING length(uuid)"
             }
             Source::DeadLetters => {
                 "INSERT INTO recent_uuids(uuid, delivered_at_ms)
@@ -162,10 +171,10 @@ impl Window {
         Ok(bytes)
     }
 
-    /// Remembers the uuids of every event with `seq <= through` (about to be
-    /// deleted by one range delete). `rows` and `uuid_bytes` are what the
-    /// caller counted in that range; returns the bytes they count against the
-    /// quota (0 when off).
+    /// Remembers the client uuids of every event with `seq <= through` (about
+    /// to be deleted by one range delete). `rows` and `uuid_bytes` are what
+    /// the caller counted of client uuids in that range; returns the bytes
+    /// they count against the quota (0 when off).
     pub fn remember_through(
         &self,
         conn: &Connection,
@@ -179,7 +188,7 @@ impl Window {
         }
         let mut insert = conn.prepare_cached(
             "INSERT INTO recent_uuids(uuid, delivered_at_ms)
-             SELECT uuid, ?2 FROM events WHERE seq <= ?1",
+             SELECT uuid, ?2 FROM events WHERE seq <= ?1 AND client_uuid = 1",
         )?;
         insert.execute((through, now_ms))?;
         Ok(uuid_bytes.max(0) as u64 + rows.max(0) as u64 * ROW_OVERHEAD)

@@ -23,6 +23,7 @@ fn event(random: bool) -> NewEvent {
         key: id.to_string().into_bytes(),
         payload: vec![b'x'; 300],
         captured_at_ms: 0,
+        client_uuid: true,
     }
 }
 

@@ -12,6 +12,7 @@ fn ev(i: usize) -> NewEvent {
         key: format!("k{i}").into_bytes(),
         payload: format!(r#"{{"i":{i}}}"#).into_bytes(),
         captured_at_ms: 1_000 + i as i64,
+        client_uuid: true,
     }
 }
 
@@ -340,7 +341,10 @@ async fn a_version_1_buffer_is_migrated_and_its_events_deduplicated() {
     let r = open_reader(dir.path()).unwrap();
     assert_eq!(uuids(&r), vec![ev(0).uuid, ev(1).uuid]);
     let s = stats(&r).unwrap();
-    assert_eq!((s.schema_version, s.volume_id.as_str()), (2, "v1-volume"));
+    assert_eq!(
+        (s.schema_version, s.volume_id.as_str()),
+        (SCHEMA_VERSION, "v1-volume")
+    );
     stop(w, h).await;
 }
 
@@ -370,5 +374,62 @@ async fn a_dead_lettered_uuid_is_not_stored_again_kept_or_copied() {
     assert_eq!(h.replay_dead_letters(vec![b[1].seq]).await.unwrap(), 1);
     h.append(vec![ev(1)]).await.unwrap();
     assert_eq!(uuids(&r), vec![ev(1).uuid]);
+    stop(w, h).await;
+}
+
+/// A uuid made by the server is new by construction: such events are not
+/// indexed, looked up or remembered, even when (as a test can arrange, and
+/// no client can) two of them carry the same uuid; client uuids among them
+/// are deduplicated as before, delivered one at a time or by range.
+#[tokio::test]
+async fn server_made_uuids_are_neither_indexed_nor_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX, dedup::DEFAULT_WINDOW);
+    let r = open_reader(dir.path()).unwrap();
+    let made = |i| NewEvent {
+        client_uuid: false,
+        ..ev(i)
+    };
+    h.append(vec![made(0), made(0), ev(1)]).await.unwrap();
+    assert_eq!(uuids(&r), vec![ev(0).uuid, ev(0).uuid, ev(1).uuid]);
+    let indexed: i64 = r
+        .query_row(
+            "SELECT count(*) FROM events INDEXED BY events_client_uuid WHERE client_uuid = 1",
+            [],
+            |x| x.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexed, 1, "only the client's uuid is in the index");
+    assert_eq!(deliver_all(&h, &r).await, 3);
+    let remembered: Vec<String> = r
+        .prepare("SELECT uuid FROM recent_uuids")
+        .unwrap()
+        .query_map([], |x| x.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(remembered, vec![ev(1).uuid]);
+    assert_eq!(
+        h.state.window_bytes.load(Ordering::Relaxed),
+        dedup::window_bytes(&r).unwrap(),
+        "the quota counts what is remembered, no more"
+    );
+    // The client's retry is acknowledged without being stored; the server's
+    // events are new again.
+    h.append(vec![ev(1), made(0)]).await.unwrap();
+    assert_eq!(uuids(&r), vec![ev(0).uuid]);
+    // Delivered one by one (not the whole head): the same.
+    h.append(vec![ev(2), made(3)]).await.unwrap();
+    let b = read_batch(&r, 0, 10).unwrap();
+    h.settle(vec![(b[1].seq, b[1].event.size())], vec![])
+        .await
+        .unwrap();
+    h.settle(vec![(b[2].seq, b[2].event.size())], vec![])
+        .await
+        .unwrap();
+    let n: i64 = r
+        .query_row("SELECT count(*) FROM recent_uuids", [], |x| x.get(0))
+        .unwrap();
+    assert_eq!(n, 2, "ev(1) and ev(2), not the server's uuid");
     stop(w, h).await;
 }

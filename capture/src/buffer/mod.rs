@@ -56,7 +56,7 @@ pub use commit::DeadLetter;
 pub use writer::{AppendError, GroupCommitWriter, SealReport, WriterHandle, WriterOptions};
 
 /// Schema version written in `meta`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// File name of the buffer inside the data directory.
 pub const DB_FILE: &str = "buffer.db";
 /// File name of the drainer lock inside the data directory.
@@ -141,6 +141,10 @@ pub struct NewEvent {
     pub payload: Vec<u8>,
     /// Capture time, ms since the Unix epoch.
     pub captured_at_ms: i64,
+    /// The client sent the `uuid`. Only such events are deduplicated: a uuid
+    /// made here is new by construction, so it is never looked up, indexed
+    /// or remembered (see [`dedup`]).
+    pub client_uuid: bool,
 }
 
 impl NewEvent {
@@ -283,7 +287,8 @@ fn migrate(conn: &Connection) -> Result<()> {
              topic TEXT NOT NULL,
              key BLOB NOT NULL,
              payload BLOB NOT NULL,
-             captured_at_ms INTEGER NOT NULL);
+             captured_at_ms INTEGER NOT NULL,
+             client_uuid INTEGER NOT NULL DEFAULT 1);
          CREATE TABLE IF NOT EXISTS dead_letters (
              seq INTEGER PRIMARY KEY,
              uuid TEXT NOT NULL,
@@ -300,8 +305,23 @@ fn migrate(conn: &Connection) -> Result<()> {
              uuid TEXT NOT NULL,
              delivered_at_ms INTEGER NOT NULL);
          CREATE INDEX IF NOT EXISTS recent_uuids_uuid ON recent_uuids(uuid);
-         CREATE INDEX IF NOT EXISTS events_uuid ON events(uuid);
          CREATE INDEX IF NOT EXISTS dead_letters_uuid ON dead_letters(uuid);",
+    )?;
+    // Version 3: only client uuids are indexed. Rows of older files count as
+    // the client's (the column's default), so they stay deduplicated.
+    let has_flag: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM pragma_table_info('events') WHERE name = 'client_uuid')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_flag {
+        conn.execute_batch(
+            "ALTER TABLE events ADD COLUMN client_uuid INTEGER NOT NULL DEFAULT 1;",
+        )?;
+    }
+    conn.execute_batch(
+        "DROP INDEX IF EXISTS events_uuid;
+         CREATE INDEX IF NOT EXISTS events_client_uuid ON events(uuid) WHERE client_uuid = 1;",
     )?;
     let version: Option<String> = conn
         .query_row(
@@ -354,6 +374,8 @@ fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
             key: r.get(3)?,
             payload: r.get(4)?,
             captured_at_ms: r.get(5)?,
+            // Read back for delivery, where it does not matter.
+            client_uuid: true,
         },
     })
 }

@@ -346,6 +346,7 @@ mod tests {
                     key: b"key".to_vec(),
                     payload: vec![b'x'; payload],
                     captured_at_ms: 1_700_000_000_000,
+                    client_uuid: true,
                 })
                 .collect()
         };
@@ -390,6 +391,7 @@ mod tests {
             key: Vec::new(),
             payload: vec![0; payload],
             captured_at_ms: 0,
+            client_uuid: true,
         };
         assert_eq!(table_bytes(&e(2_100)), PAGE);
         assert_eq!(table_bytes(&e(1_900)), PAGE / 2);

@@ -296,6 +296,8 @@ impl<'a> Output<'a> {
             key,
             payload,
             captured_at_ms: at,
+            // Unknown once salvaged: kept deduplicated, as in older files.
+            client_uuid: true,
         };
         self.bytes += event.size();
         self.batch.push(event);

@@ -118,6 +118,7 @@ async fn copy_dead_letters(
             key: row.key.clone(),
             payload: row.payload.clone(),
             captured_at_ms: row.captured_at_ms,
+            client_uuid: true,
         };
         let record = FutureRecord::to(dlq)
             .key(&row.key)

@@ -393,6 +393,7 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
             format!("event {index} is not valid JSON: {e}"),
         )
     })?;
+    let client_uuid = !matches!(fields.uuid.map(RawValue::get), None | Some("null"));
     let uuid = match fields.uuid.map(RawValue::get) {
         None | Some("null") => uuid::Uuid::now_v7().to_string(),
         Some(v) => {
@@ -420,6 +421,7 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
         key,
         payload: raw.as_bytes().to_vec(),
         captured_at_ms: opts.now_ms,
+        client_uuid,
     })
 }
 

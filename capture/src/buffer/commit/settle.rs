@@ -37,7 +37,9 @@ pub(super) fn apply_settlements(
             let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
             let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;
             let mut count_through = tx.prepare_cached(
-                "SELECT count(*), coalesce(sum(length(uuid)), 0) FROM events WHERE seq <= ?1",
+                "SELECT count(*), count(*) FILTER (WHERE client_uuid = 1),
+                        coalesce(sum(length(uuid)) FILTER (WHERE client_uuid = 1), 0)
+                 FROM events WHERE seq <= ?1",
             )?;
             let mut bury = tx.prepare_cached(
                 "INSERT OR REPLACE INTO dead_letters(seq, uuid, topic, key, payload, captured_at_ms, reason, failed_at_ms)
@@ -69,18 +71,19 @@ pub(super) fn apply_settlements(
                         // When a settlement covers the whole head of the queue,
                         // one range delete replaces a delete per row.
                         let through = delivered.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
-                        let (head_rows, head_uuid_bytes) = if through > 0 {
-                            count_through.query_row([through], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        let (head_rows, client_rows, client_uuid_bytes) = if through > 0 {
+                            count_through
+                                .query_row([through], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                         } else {
-                            (0i64, 0i64)
+                            (0i64, 0i64, 0i64)
                         };
                         let whole_head = through > 0 && delivered.len() as i64 == head_rows;
                         if whole_head {
                             remembered += window.remember_through(
                                 &tx,
                                 through,
-                                head_rows,
-                                head_uuid_bytes,
+                                client_rows,
+                                client_uuid_bytes,
                                 failed_at,
                             )?;
                             let n = delete_through.execute([through])?;

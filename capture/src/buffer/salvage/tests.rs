@@ -24,6 +24,7 @@ fn ev(i: usize) -> NewEvent {
         key: format!("k{i}").into_bytes(),
         payload: format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(pad)).into_bytes(),
         captured_at_ms: 1_000 + i as i64,
+        client_uuid: true,
     }
 }
 

@@ -27,12 +27,17 @@ fn parses_object_array_and_ndjson_keeping_payload_bytes() {
 #[test]
 fn keeps_client_uuid_and_generates_v7_otherwise() {
     let evs = parse(
-        br#"[{"uuid":"0190A6E2-6F1B-7C3A-9F00-000000000001"},{"x":1}]"#,
+        br#"[{"uuid":"0190A6E2-6F1B-7C3A-9F00-000000000001"},{"x":1},{"uuid":null}]"#,
         Format::Json,
         &opts(),
     )
     .unwrap();
     assert_eq!(evs[0].uuid, "0190a6e2-6f1b-7c3a-9f00-000000000001");
+    assert_eq!(
+        evs.iter().map(|e| e.client_uuid).collect::<Vec<_>>(),
+        [true, false, false],
+        "only a uuid the client sent is deduplicated"
+    );
     let generated = uuid::Uuid::parse_str(&evs[1].uuid).unwrap();
     assert_eq!(generated.get_version_num(), 7);
     assert_eq!(
