@@ -433,3 +433,39 @@ async fn server_made_uuids_are_neither_indexed_nor_remembered() {
     assert_eq!(n, 2, "ev(1) and ev(2), not the server's uuid");
     stop(w, h).await;
 }
+
+/// The client-uuid column is not a new schema version because a rolled-back
+/// binary still works on the file: its inserts (without the column) count as
+/// client uuids and stay deduplicated, and its own full index is dropped
+/// again when this binary returns.
+#[tokio::test]
+async fn a_rolled_back_binary_writes_rows_that_stay_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open_writer(dir.path(), Durability::Fsync).unwrap());
+    {
+        // What the previous release does on open and on append.
+        let c = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.execute_batch("CREATE INDEX IF NOT EXISTS events_uuid ON events(uuid);")
+            .unwrap();
+        let e = ev(0);
+        c.execute(
+            "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            (&e.uuid, &e.topic, &e.key, &e.payload, e.captured_at_ms),
+        )
+        .unwrap();
+    }
+    let (w, h) = start(dir.path(), u64::MAX, dedup::DEFAULT_WINDOW);
+    h.append(vec![ev(0), ev(1)]).await.unwrap();
+    let r = open_reader(dir.path()).unwrap();
+    assert_eq!(uuids(&r), vec![ev(0).uuid, ev(1).uuid]);
+    let indexes: Vec<String> = r
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")
+        .unwrap()
+        .query_map([], |x| x.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(indexes, ["events_client_uuid"]);
+    assert_eq!(stats(&r).unwrap().schema_version, 2);
+    stop(w, h).await;
+}

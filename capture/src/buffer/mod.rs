@@ -56,7 +56,7 @@ pub use commit::DeadLetter;
 pub use writer::{AppendError, GroupCommitWriter, SealReport, WriterHandle, WriterOptions};
 
 /// Schema version written in `meta`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 2;
 /// File name of the buffer inside the data directory.
 pub const DB_FILE: &str = "buffer.db";
 /// File name of the drainer lock inside the data directory.
@@ -307,8 +307,10 @@ fn migrate(conn: &Connection) -> Result<()> {
          CREATE INDEX IF NOT EXISTS recent_uuids_uuid ON recent_uuids(uuid);
          CREATE INDEX IF NOT EXISTS dead_letters_uuid ON dead_letters(uuid);",
     )?;
-    // Version 3: only client uuids are indexed. Rows of older files count as
-    // the client's (the column's default), so they stay deduplicated.
+    // Only client uuids are indexed. Rows of older files count as the
+    // client's (the column's default), so they stay deduplicated. Not a new
+    // version: an older binary (a rollback) still reads and writes this file
+    // correctly (its inserts take the default; it recreates its own index).
     let has_flag: bool = conn.query_row(
         "SELECT EXISTS(SELECT 1 FROM pragma_table_info('events') WHERE name = 'client_uuid')",
         [],
