@@ -271,23 +271,14 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Disk I/O errors injected into a running process: `strace` attaches to
-/// every thread and answers each `pwrite64`, `fdatasync` and `fsync` with
-/// `EIO` without running it, until [`heal`](Self::heal) (or drop) detaches.
-/// SQLite writes its database and WAL with exactly these calls, and nothing
-/// else in `holdfast-capture` uses them, so sockets, logs and the runtime's
-/// wake-ups keep working: only the disk fails, as a dying or read-only
-/// remounted disk would. (A `mount -o remount,ro` cannot do it: the kernel
-/// refuses with `EBUSY` while a file is open for writing.)
+/// `strace` attached to every thread of a running process until
+/// [`detach`](Self::detach) (or drop).
 #[derive(Debug)]
-pub struct DiskFaults {
+pub struct Strace {
     child: Option<Child>,
 }
 
-/// Syscalls failed by [`DiskFaults`].
-const FAILED_SYSCALLS: &str = "pwrite64,pwritev,pwritev2,fdatasync,fsync";
-
-impl DiskFaults {
+impl Strace {
     /// Whether `strace` can be run here; the reason when it cannot.
     pub fn unavailable() -> Option<String> {
         match Command::new("strace").arg("-V").output() {
@@ -297,14 +288,12 @@ impl DiskFaults {
         }
     }
 
-    /// Starts failing `pid`'s disk writes; returns once every thread is attached.
-    pub fn inject(pid: u32) -> Result<Self> {
+    /// Runs `strace -f <args> -p <pid>`; returns once every thread is attached.
+    pub fn attach(pid: u32, args: &[&str]) -> Result<Self> {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new("strace")
-            .args(["-f", "-o", "/dev/null", "-e"])
-            .arg(format!("trace={FAILED_SYSCALLS}"))
-            .arg("-e")
-            .arg(format!("inject={FAILED_SYSCALLS}:error=EIO"))
+            .arg("-f")
+            .args(args)
             .arg("-p")
             .arg(pid.to_string())
             .stdin(Stdio::null())
@@ -327,20 +316,16 @@ impl DiskFaults {
                 }
             }
         });
-        let faults = Self { child: Some(child) };
+        let trace = Self { child: Some(child) };
         match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(faults),
+            Ok(Ok(())) => Ok(trace),
             Ok(Err(line)) => bail!("strace could not attach to {pid}: {line}"),
             Err(_) => bail!("strace did not attach to {pid} within 10s"),
         }
     }
 
-    /// Stops failing: strace detaches (on SIGINT) and the process runs untraced.
-    pub fn heal(mut self) -> Result<()> {
-        self.detach()
-    }
-
-    fn detach(&mut self) -> Result<()> {
+    /// Detaches (strace stops on SIGINT, writing its output) and waits for it.
+    pub fn detach(&mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -358,8 +343,44 @@ impl DiskFaults {
     }
 }
 
-impl Drop for DiskFaults {
+impl Drop for Strace {
     fn drop(&mut self) {
         let _ = self.detach();
+    }
+}
+
+/// Disk I/O errors injected into a running process: `strace` attaches to
+/// every thread and answers each `pwrite64`, `fdatasync` and `fsync` with
+/// `EIO` without running it, until [`heal`](Self::heal) (or drop) detaches.
+/// SQLite writes its database and WAL with exactly these calls, and nothing
+/// else in `holdfast-capture` uses them, so sockets, logs and the runtime's
+/// wake-ups keep working: only the disk fails, as a dying or read-only
+/// remounted disk would. (A `mount -o remount,ro` cannot do it: the kernel
+/// refuses with `EBUSY` while a file is open for writing.)
+#[derive(Debug)]
+pub struct DiskFaults {
+    trace: Strace,
+}
+
+/// Syscalls failed by [`DiskFaults`].
+const FAILED_SYSCALLS: &str = "pwrite64,pwritev,pwritev2,fdatasync,fsync";
+
+impl DiskFaults {
+    /// Whether `strace` can be run here; the reason when it cannot.
+    pub fn unavailable() -> Option<String> {
+        Strace::unavailable()
+    }
+
+    /// Starts failing `pid`'s disk writes; returns once every thread is attached.
+    pub fn inject(pid: u32) -> Result<Self> {
+        let trace = format!("trace={FAILED_SYSCALLS}");
+        let inject = format!("inject={FAILED_SYSCALLS}:error=EIO");
+        let trace = Strace::attach(pid, &["-o", "/dev/null", "-e", &trace, "-e", &inject])?;
+        Ok(Self { trace })
+    }
+
+    /// Stops failing: strace detaches (on SIGINT) and the process runs untraced.
+    pub fn heal(mut self) -> Result<()> {
+        self.trace.detach()
     }
 }

@@ -4,14 +4,11 @@
 //! synchronous write on ext4), and the forwarder's settlements (deletes of
 //! delivered events) add no sync of their own.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use holdfast_e2e::capture::{CaptureProcess, DiskFaults};
+use holdfast_e2e::capture::{CaptureProcess, Strace};
 use holdfast_e2e::kafka::KafkaBroker;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::json;
 
 /// Requests posted one after another, each waiting for its 200 and then for
@@ -20,7 +17,7 @@ const REQUESTS: usize = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_sync_once_with_fdatasync_and_settlements_add_no_sync() -> Result<()> {
-    if let Some(why) = DiskFaults::unavailable() {
+    if let Some(why) = Strace::unavailable() {
         bail!("this test counts syscalls with strace: {why}");
     }
     let kafka = KafkaBroker::start().await?;
@@ -107,49 +104,21 @@ struct SyncCall {
 /// `strace` recording `fsync` and `fdatasync` in every thread of a process.
 struct SyncCount {
     pid: u32,
-    child: Child,
+    trace: Strace,
     out: tempfile::NamedTempFile,
 }
 
 impl SyncCount {
     fn attach(pid: u32) -> Result<Self> {
-        use std::io::{BufRead, BufReader};
         let out = tempfile::NamedTempFile::new()?;
-        let mut child = Command::new("strace")
-            .args(["-f", "-e", "trace=fsync,fdatasync", "-o"])
-            .arg(out.path())
-            .arg("-p")
-            .arg(pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning strace")?;
-        let stderr = child.stderr.take().context("strace stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                if line.contains("attached") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(10))
-            .context("strace did not attach within 10 s")?;
-        Ok(Self { pid, child, out })
+        let path = out.path().to_str().context("temporary path")?.to_owned();
+        let trace = Strace::attach(pid, &["-e", "trace=fsync,fdatasync", "-o", &path])?;
+        Ok(Self { pid, trace, out })
     }
 
     /// Detaches and returns every sync seen, named by thread.
     fn finish(mut self) -> Result<Vec<SyncCall>> {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait()?.is_none() {
-            ensure!(
-                Instant::now() < deadline,
-                "strace did not detach within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.trace.detach()?;
         let thread = |tid: &str| {
             std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", self.pid))
                 .map(|n| n.trim().to_owned())

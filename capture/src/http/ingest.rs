@@ -393,9 +393,10 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
             format!("event {index} is not valid JSON: {e}"),
         )
     })?;
-    let client_uuid = !matches!(fields.uuid.map(RawValue::get), None | Some("null"));
-    let uuid = match fields.uuid.map(RawValue::get) {
-        None | Some("null") => uuid::Uuid::now_v7().to_string(),
+    let given = fields.uuid.map(RawValue::get).filter(|v| *v != "null");
+    let client_uuid = given.is_some();
+    let uuid = match given {
+        None => uuid::Uuid::now_v7().to_string(),
         Some(v) => {
             // An owned String: a uuid written with JSON escapes is still a uuid.
             let parsed = serde_json::from_str::<String>(v)
