@@ -2,7 +2,9 @@
 //! with `strace`: every append commit is synced once, with `fdatasync` (an
 //! `fsync` would also flush the inode for every mtime change, a second
 //! synchronous write on ext4), and the forwarder's settlements (deletes of
-//! delivered events) add no sync of their own.
+//! delivered events) add no sync of their own. The volume guard measures the
+//! disk (`statfs`, which can block on ext4) at most every 100 ms while it is
+//! far from full, not once per commit.
 
 use std::time::{Duration, Instant};
 
@@ -29,10 +31,13 @@ async fn appends_sync_once_with_fdatasync_and_settlements_add_no_sync() -> Resul
     // Warm up: the first commits create the WAL and its index.
     post_and_wait_delivered(&client, &cap, &url, 0).await?;
     let trace = SyncCount::attach(cap.pid().context("the capture process has no pid")?)?;
+    let started = Instant::now();
     for i in 1..=REQUESTS {
         post_and_wait_delivered(&client, &cap, &url, i).await?;
     }
-    let syncs = trace.finish()?;
+    let elapsed = started.elapsed();
+    let calls = trace.finish()?;
+    let (statfs, syncs): (Vec<_>, Vec<_>) = calls.into_iter().partition(|c| c.call == "statfs");
     let mut by_thread = std::collections::BTreeMap::<(&str, &str), usize>::new();
     for s in &syncs {
         *by_thread.entry((&s.thread, &s.call)).or_default() += 1;
@@ -53,6 +58,19 @@ async fn appends_sync_once_with_fdatasync_and_settlements_add_no_sync() -> Resul
     ensure!(
         writer < REQUESTS * 3 / 2,
         "{writer} writer syncs for {REQUESTS} requests and as many settlements: settlements are synced"
+    );
+    // One measurement per 100 ms at most (and a little slack at the ends),
+    // where one per commit would be 60. Assumes the test's disk has more
+    // than 256 MiB free (closer to full, the guard measures every round).
+    let measured = statfs
+        .iter()
+        .filter(|c| c.thread == "buffer-writer")
+        .count();
+    let most = elapsed.as_millis() as usize / 100 + 3;
+    eprintln!("{measured} statfs by the writer in {elapsed:?}");
+    ensure!(
+        measured <= most,
+        "the writer measured the volume {measured} times in {elapsed:?} for {REQUESTS} commits (at most {most})"
     );
     Ok(())
 }
@@ -101,7 +119,7 @@ struct SyncCall {
     thread: String,
 }
 
-/// `strace` recording `fsync` and `fdatasync` in every thread of a process.
+/// `strace` recording `fsync`, `fdatasync` and `statfs` in every thread of a process.
 struct SyncCount {
     pid: u32,
     trace: Strace,
@@ -112,11 +130,11 @@ impl SyncCount {
     fn attach(pid: u32) -> Result<Self> {
         let out = tempfile::NamedTempFile::new()?;
         let path = out.path().to_str().context("temporary path")?.to_owned();
-        let trace = Strace::attach(pid, &["-e", "trace=fsync,fdatasync", "-o", &path])?;
+        let trace = Strace::attach(pid, &["-e", "trace=fsync,fdatasync,statfs", "-o", &path])?;
         Ok(Self { pid, trace, out })
     }
 
-    /// Detaches and returns every sync seen, named by thread.
+    /// Detaches and returns every call seen, named by thread.
     fn finish(mut self) -> Result<Vec<SyncCall>> {
         self.trace.detach()?;
         let thread = |tid: &str| {
@@ -131,10 +149,12 @@ impl SyncCount {
                 let mut words = l.split_whitespace();
                 let tid = words.next()?;
                 let call = words.next()?.split('(').next()?;
-                ["fsync", "fdatasync"].contains(&call).then(|| SyncCall {
-                    call: call.to_owned(),
-                    thread: thread(tid),
-                })
+                ["fsync", "fdatasync", "statfs"]
+                    .contains(&call)
+                    .then(|| SyncCall {
+                        call: call.to_owned(),
+                        thread: thread(tid),
+                    })
             })
             .collect())
     }

@@ -200,6 +200,7 @@ impl Session {
 
     fn failed(&mut self, e: &rusqlite::Error, commands: usize, what: &str) -> AppendError {
         tracing::error!(error = %e, commands, "buffer {what} commit failed");
+        self.guard.forget();
         self.state.disk_failed.store(true, Ordering::Relaxed);
         let full = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
         if !full {
@@ -366,6 +367,9 @@ impl Session {
                 .map_err(|(e, n)| self.failed(&e, n, "append"))
             }
         };
+        if result.is_ok() && !refuse_appends {
+            self.guard.left(room);
+        }
         match result {
             Ok(()) => {
                 // Conservative: true whenever a mark may exist.
