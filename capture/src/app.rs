@@ -389,6 +389,11 @@ pub async fn flush(args: FlushArgs, kafka: KafkaConfig) -> Result<Stats> {
         buffer::meta(&conn, "volume_id")?.unwrap_or_default()
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    // A drain Job: speed over the duplicates a kill of it could cause.
+    let kafka = KafkaConfig {
+        in_flight_events: crate::config::FLUSH_IN_FLIGHT_EVENTS,
+        ..kafka
+    };
     let mut task = spawn_drainer(
         dir,
         writer.clone(),

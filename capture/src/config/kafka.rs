@@ -88,7 +88,21 @@ pub struct KafkaConfig {
     pub delivery: Delivery,
     /// Checkpoint topic (exactly-once).
     pub checkpoint_topic: String,
+    /// At-least-once: most events sent to Kafka and not yet acknowledged, and
+    /// most acknowledged and waiting for their settlement. With one
+    /// settlement of as many committing, three times this bounds what a
+    /// SIGKILL can make a later drainer send twice.
+    pub in_flight_events: usize,
 }
+
+/// `serve`'s in-flight window: a killed pod's drainer resends at most 3,000
+/// events (`e2e/tests/capture_sigkill.rs` measures ~1,000 per kill).
+pub const SERVE_IN_FLIGHT_EVENTS: usize = 1000;
+/// `flush`'s in-flight window: a drain is bound by the round trip of a
+/// window (send, Kafka's acknowledgement, the settlement's commit), so a
+/// window five times larger drains about twice as fast; a killed flush
+/// resends at most 15,000 events (`e2e/tests/capture_flush_kill.rs`).
+pub const FLUSH_IN_FLIGHT_EVENTS: usize = 5000;
 
 impl KafkaArgs {
     /// Validates into [`KafkaConfig`].
@@ -134,6 +148,7 @@ impl KafkaArgs {
             message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
             delivery: self.delivery,
             checkpoint_topic: self.checkpoint_topic.clone(),
+            in_flight_events: SERVE_IN_FLIGHT_EVENTS,
         })
     }
 }

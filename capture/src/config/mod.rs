@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod kafka;
 
 pub use kafka::{
-    Delivery, KafkaArgs, KafkaConfig, LIBRDKAFKA_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES,
+    Delivery, FLUSH_IN_FLIGHT_EVENTS, KafkaArgs, KafkaConfig, LIBRDKAFKA_MESSAGE_MAX_BYTES,
+    RECORD_OVERHEAD_BYTES, SERVE_IN_FLIGHT_EVENTS,
 };
 
 /// Result of validating configuration.

@@ -37,15 +37,10 @@ use crate::metrics::{Metrics, TopicLabel};
 
 /// How often an idle forwarder checks that Kafka answers.
 const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
-/// Delivered events are settled at least this often while a batch is in flight.
+/// Delivered events are settled at least this often while a batch is in
+/// flight, or as soon as the in-flight window's worth are waiting
+/// ([`KafkaConfig::in_flight_events`]).
 const SETTLE_INTERVAL: Duration = Duration::from_millis(5);
-/// ... or as soon as this many are waiting.
-const SETTLE_MAX_EVENTS: usize = 1000;
-/// Most events sent to Kafka and not yet acknowledged. With
-/// [`SETTLE_MAX_EVENTS`] waiting and as many committing, it bounds what a
-/// SIGKILL can make a later drainer send twice (3,000 events; in practice a
-/// few hundred, see `e2e/tests/capture_sigkill.rs`).
-pub const IN_FLIGHT_WINDOW: usize = 1000;
 /// On stop, deliveries in flight get this long to be acknowledged and settled.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Failed settlement commits before a settlement is given up (and its
@@ -293,6 +288,7 @@ impl Forwarder {
         let mut outstanding: BTreeSet<usize> = BTreeSet::new();
         let mut watchdog = Watchdog::new(&self.cfg);
         let mut stalled = false;
+        let window = self.cfg.in_flight_events.max(1);
         let mut tick = tokio::time::interval(SETTLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One settlement commits while the next deliveries are sent and acknowledged.
@@ -301,13 +297,13 @@ impl Forwarder {
         > = None;
         let this = &*self;
         loop {
-            // At most IN_FLIGHT_WINDOW events sent and not yet acknowledged,
-            // SETTLE_MAX_EVENTS acknowledged and waiting, and one settlement
-            // committing: all a kill can make a later drainer send twice.
+            // At most a window of events sent and not yet acknowledged, a
+            // window acknowledged and waiting, and one settlement committing:
+            // all a kill can make a later drainer send twice.
             while next < batch.len()
                 && stop_deadline.is_none()
-                && in_flight.len() < IN_FLIGHT_WINDOW
-                && delivered_now.len() < SETTLE_MAX_EVENTS
+                && in_flight.len() < window
+                && delivered_now.len() < window
             {
                 if *stop.borrow() {
                     // Not sent: these stay in the buffer for the next drainer.
@@ -330,7 +326,7 @@ impl Forwarder {
             let sent_all = next >= batch.len() || stop_deadline.is_some();
             if settling.is_none()
                 && !delivered_now.is_empty()
-                && (delivered_now.len() >= SETTLE_MAX_EVENTS || (in_flight.is_empty() && sent_all))
+                && (delivered_now.len() >= window || (in_flight.is_empty() && sent_all))
             {
                 let list = std::mem::take(&mut delivered_now);
                 settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
