@@ -391,10 +391,12 @@ pub fn read_batch(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Sto
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Reads the oldest events, at most `limit` of them and at most `max_bytes`
-/// of them (but always one, however large), skipping `exclude_topics`.
+/// Reads the oldest events with `seq > after`, at most `limit` of them and
+/// at most `max_bytes` of them (but always one, however large), skipping
+/// `exclude_topics`.
 pub fn read_batch_bounded(
     conn: &Connection,
+    after: i64,
     limit: usize,
     max_bytes: u64,
     exclude_topics: &[&str],
@@ -402,9 +404,9 @@ pub fn read_batch_bounded(
     let exclude = serde_json::to_string(exclude_topics).unwrap_or_else(|_| "[]".into());
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLUMNS} FROM events
-         WHERE topic NOT IN (SELECT value FROM json_each(?1)) ORDER BY seq LIMIT ?2"
+         WHERE seq > ?3 AND topic NOT IN (SELECT value FROM json_each(?1)) ORDER BY seq LIMIT ?2"
     ))?;
-    let mut rows = stmt.query(params![exclude, limit as i64])?;
+    let mut rows = stmt.query(params![exclude, limit as i64, after])?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
     while let Some(r) = rows.next()? {

@@ -386,12 +386,15 @@ async fn bounded_reads_stop_at_the_byte_limit_and_skip_parked_topics() {
     h.append(vec![ev(0), parked, ev(2), ev(3)]).await.unwrap();
     let r = open_reader(dir.path()).unwrap();
     let one = ev(0).size();
-    let b = read_batch_bounded(&r, 10, one * 2, &["parked"]).unwrap();
+    let b = read_batch_bounded(&r, 0, 10, one * 2, &["parked"]).unwrap();
     let got: Vec<_> = b.iter().map(|s| s.event.clone()).collect();
     assert_eq!(got, vec![ev(0), ev(2)]);
     // A single event larger than the byte limit is still read, alone.
-    let b = read_batch_bounded(&r, 10, 1, &[]).unwrap();
+    let b = read_batch_bounded(&r, 0, 10, 1, &[]).unwrap();
     assert_eq!(b.len(), 1);
+    // A read ahead starts past the batch already read.
+    let b = read_batch_bounded(&r, 3, 10, u64::MAX, &[]).unwrap();
+    assert_eq!(b.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![4]);
     stop(w, h).await;
 }
 

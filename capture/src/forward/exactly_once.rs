@@ -339,7 +339,7 @@ impl ExactlyOnce {
         let max_bytes = self.cfg.batch_bytes;
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            buffer::read_batch_bounded(&conn, limit, max_bytes, &[])
+            buffer::read_batch_bounded(&conn, 0, limit, max_bytes, &[])
         })
         .await
         .map_err(|_| buffer::Error::WriterStopped)?

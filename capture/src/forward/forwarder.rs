@@ -12,7 +12,7 @@
 //! message timeout, or timing out every event while Kafka answers, is
 //! replaced (see `stall.rs`) and the unconfirmed events are sent again.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -28,12 +28,14 @@ use tokio::time::Instant;
 
 use super::dlq::DlqCopier;
 
+mod acks;
 mod judge;
 use super::stall::{self, Watchdog};
 use super::{Result, SharedProducer, enqueue};
 use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
 use crate::metrics::{Metrics, TopicLabel};
+use acks::Acks;
 
 /// How often an idle forwarder checks that Kafka answers.
 const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
@@ -48,6 +50,9 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 const SETTLE_ATTEMPTS: u32 = 4;
 /// Longest pause between retries of a parked topic.
 const PARK_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// The next batch, being read while the current one is delivered.
+type ReadAhead = tokio::task::JoinHandle<buffer::Result<Vec<StoredEvent>>>;
 
 /// When the forwarder stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +128,13 @@ impl Forwarder {
         })
     }
 
-    async fn read(&self) -> Result<Vec<StoredEvent>> {
+    /// Reads the oldest events past `after` (0: from the head), at most a
+    /// batch of them and at most `max_bytes`, skipping parked topics.
+    fn spawn_read(
+        &self,
+        after: i64,
+        max_bytes: u64,
+    ) -> tokio::task::JoinHandle<buffer::Result<Vec<StoredEvent>>> {
         let reader = self.reader.clone();
         let now = Instant::now();
         let exclude: Vec<String> = self
@@ -132,15 +143,38 @@ impl Forwarder {
             .filter(|(_, p)| p.retry_at > now)
             .map(|(t, _)| t.clone())
             .collect();
-        let (limit, max_bytes) = (self.cfg.batch_events, self.cfg.batch_bytes);
+        let limit = self.cfg.batch_events;
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             let exclude: Vec<&str> = exclude.iter().map(String::as_str).collect();
-            buffer::read_batch_bounded(&conn, limit, max_bytes, &exclude)
+            buffer::read_batch_bounded(&conn, after, limit, max_bytes, &exclude)
         })
-        .await
-        .map_err(|_| buffer::Error::WriterStopped)?
-        .map_err(Into::into)
+    }
+
+    async fn read(&self) -> Result<Vec<StoredEvent>> {
+        self.spawn_read(0, self.cfg.batch_bytes)
+            .await
+            .map_err(|_| buffer::Error::WriterStopped)?
+            .map_err(Into::into)
+    }
+
+    /// Starts reading the batch after `batch` while `batch` is delivered,
+    /// within what is left of the batch byte bound (so both together hold
+    /// no more than one batch may). Used only if `batch` goes through
+    /// cleanly, when the rows past it are the head of the queue.
+    fn read_ahead(&self, batch: &[StoredEvent]) -> Option<ReadAhead> {
+        let bytes: u64 = batch.iter().map(|s| s.event.size()).sum();
+        let left = self.cfg.batch_bytes.checked_sub(bytes).filter(|&b| b > 0)?;
+        Some(self.spawn_read(batch.last()?.seq, left))
+    }
+
+    /// The batch read ahead, if it was read and holds events.
+    async fn take_ahead(ahead: Option<ReadAhead>) -> Option<Vec<StoredEvent>> {
+        match ahead?.await {
+            Ok(Ok(batch)) if !batch.is_empty() => Some(batch),
+            // Nothing past the last batch, or a failed read: read from the head.
+            _ => None,
+        }
     }
 
     /// Starts a pass copying dead letters (see [`DlqCopier`]).
@@ -171,12 +205,17 @@ impl Forwarder {
             .without_max_times();
         let mut backoff = backoff_builder.build();
         let mut last_probe: Option<Instant> = None;
+        let mut ahead: Option<ReadAhead> = None;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
             self.copy_dead_letters_in_background();
-            let outcome = match self.read().await {
+            let read = match Self::take_ahead(ahead.take()).await {
+                Some(batch) => Ok(batch),
+                None => self.read().await,
+            };
+            let outcome = match read {
                 Err(e) => Err(e),
                 Ok(batch) if batch.is_empty() => {
                     if until == RunUntil::Empty && self.drained() {
@@ -185,7 +224,15 @@ impl Forwarder {
                     self.idle(&mut stop, &mut last_probe).await;
                     continue;
                 }
-                Ok(batch) => self.forward(&batch, &mut stop).await,
+                Ok(batch) => {
+                    ahead = self.read_ahead(&batch);
+                    let round = self.forward(&batch, &mut stop).await;
+                    if !matches!(&round, Ok(r) if r.retried == 0) {
+                        // Rows of this batch stay buffered before the ones read ahead.
+                        ahead = None;
+                    }
+                    round
+                }
             };
             let delay = match outcome {
                 Ok(round) if round.retried == 0 => {
@@ -282,10 +329,9 @@ impl Forwarder {
         let mut in_flight = FuturesUnordered::new();
         let mut stop_deadline: Option<Instant> = None;
         let mut next = 0;
-        let mut delivered_now: Vec<(i64, u64)> = Vec::new();
+        // Sent, acknowledged, handed to a settlement.
+        let mut acks = Acks::new(batch.len());
         let mut delivered_total: Vec<usize> = Vec::new();
-        // Sent and not yet reported, and when the producer last showed progress.
-        let mut outstanding: BTreeSet<usize> = BTreeSet::new();
         let mut watchdog = Watchdog::new(&self.cfg);
         let mut stalled = false;
         let window = self.cfg.in_flight_events.max(1);
@@ -303,7 +349,7 @@ impl Forwarder {
             while next < batch.len()
                 && stop_deadline.is_none()
                 && in_flight.len() < window
-                && delivered_now.len() < window
+                && acks.waiting() < window
             {
                 if *stop.borrow() {
                     // Not sent: these stay in the buffer for the next drainer.
@@ -316,7 +362,7 @@ impl Forwarder {
                             watchdog.progressed();
                         }
                         let i = next;
-                        outstanding.insert(i);
+                        acks.sent(i);
                         in_flight.push(async move { (i, fut.await) });
                     }
                     Err(e) => failures.push((next, e)),
@@ -325,13 +371,13 @@ impl Forwarder {
             }
             let sent_all = next >= batch.len() || stop_deadline.is_some();
             if settling.is_none()
-                && !delivered_now.is_empty()
-                && (delivered_now.len() >= window || (in_flight.is_empty() && sent_all))
+                && acks.waiting() > 0
+                && (acks.waiting() >= window || (in_flight.is_empty() && sent_all))
             {
-                let list = std::mem::take(&mut delivered_now);
+                let list = acks.take_all();
                 settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
             }
-            if in_flight.is_empty() && delivered_now.is_empty() && settling.is_none() && sent_all {
+            if in_flight.is_empty() && acks.waiting() == 0 && settling.is_none() && sent_all {
                 break;
             }
             let deadline =
@@ -339,25 +385,32 @@ impl Forwarder {
             tokio::select! {
                 report = in_flight.next(), if !in_flight.is_empty() => {
                     watchdog.progressed();
-                    if let Some((i, _)) = &report {
-                        outstanding.remove(i);
-                    }
-                    match report {
-                        None => {}
+                    let failure = match report {
+                        None => None,
                         Some((i, Ok(Ok(_)))) => {
-                            delivered_now.push((batch[i].seq, batch[i].event.size()));
+                            acks.acked(i);
                             delivered_total.push(i);
+                            None
                         }
-                        Some((i, Ok(Err((e, _))))) => failures.push((i, e)),
-                        Some((i, Err(_canceled))) => failures.push((i, KafkaError::Canceled)),
+                        Some((i, Ok(Err((e, _))))) => Some((i, e)),
+                        Some((i, Err(_canceled))) => Some((i, KafkaError::Canceled)),
+                    };
+                    if let Some((i, e)) = failure {
+                        acks.failed(i);
+                        failures.push((i, e));
                     }
                 },
                 _ = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
                     settling = None;
                 }
-                _ = tick.tick(), if settling.is_none() && !delivered_now.is_empty() => {
-                    let list = std::mem::take(&mut delivered_now);
-                    settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
+                _ = tick.tick(), if settling.is_none() && acks.waiting() > 0 => {
+                    // Only the acknowledged head: the writer deletes it as one
+                    // range; the rest waits until it joins the head, or until
+                    // a window's worth is waiting.
+                    let list = acks.take_head();
+                    if !list.is_empty() {
+                        settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
+                    }
                 }
                 _ = stop.changed(), if stop_deadline.is_none() => {
                     stop_deadline = Some(Instant::now() + STOP_GRACE);
@@ -380,7 +433,7 @@ impl Forwarder {
         let suspect = if stalled {
             self.producer.replace_stalled(producer);
             let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
-            failures.extend(outstanding.iter().map(|&i| (i, timed_out.clone())));
+            failures.extend(acks.outstanding().map(|i| (i, timed_out.clone())));
             None
         } else {
             Some(producer)
@@ -389,7 +442,7 @@ impl Forwarder {
             pending.await;
         }
         drop(settling);
-        let rest = std::mem::take(&mut delivered_now);
+        let rest = acks.take_all();
         this.settle_list(rest, batch, stop.clone()).await;
         if stop_deadline.is_some() {
             // Stopping: no lone retries; unsettled events stay buffered.
@@ -418,27 +471,33 @@ impl Forwarder {
     /// counts it as delivered once committed.
     async fn settle_list(
         &self,
-        list: Vec<(i64, u64)>,
+        indices: Vec<usize>,
         batch: &[StoredEvent],
         stop: watch::Receiver<bool>,
     ) {
-        if list.is_empty() {
+        if indices.is_empty() {
             return;
         }
-        if !self.settle(list.clone(), Vec::new(), &stop).await {
-            self.unsettled.fetch_add(list.len(), Ordering::Relaxed);
+        let list = indices
+            .iter()
+            .map(|&i| (batch[i].seq, batch[i].event.size()))
+            .collect();
+        if !self.settle(list, Vec::new(), &stop).await {
+            self.unsettled.fetch_add(indices.len(), Ordering::Relaxed);
             return;
         }
-        self.count_delivered(&list, batch);
+        self.count_delivered(indices.iter().map(|&i| &batch[i]));
     }
 
     /// Counts settled deliveries in `holdfast_events_delivered_total`, by topic.
-    fn count_delivered(&self, settled: &[(i64, u64)], batch: &[StoredEvent]) {
-        let mut by_topic: HashMap<&str, u64> = HashMap::new();
-        for (seq, _) in settled {
-            // The batch is read in sequence order.
-            if let Ok(i) = batch.binary_search_by_key(seq, |s| s.seq) {
-                *by_topic.entry(batch[i].event.topic.as_str()).or_default() += 1;
+    fn count_delivered<'a>(&self, settled: impl Iterator<Item = &'a StoredEvent>) {
+        // Few topics, and runs of one topic: a short list beats hashing each event.
+        let mut by_topic: Vec<(&str, u64)> = Vec::new();
+        for stored in settled {
+            let topic = stored.event.topic.as_str();
+            match by_topic.iter_mut().find(|(t, _)| *t == topic) {
+                Some((_, n)) => *n += 1,
+                None => by_topic.push((topic, 1)),
             }
         }
         for (topic, n) in by_topic {

@@ -47,7 +47,7 @@ impl Forwarder {
                 let alone = tokio::time::timeout(bound, send_all(&producer, &event));
                 match alone.await.map(|mut results| results.pop()) {
                     Ok(Some(Ok(()))) => {
-                        lone_delivered.push((stored.seq, stored.event.size()));
+                        lone_delivered.push(i);
                         continue;
                     }
                     Ok(Some(Err(e))) => error = e,
@@ -112,16 +112,20 @@ impl Forwarder {
             tracing::warn!(%topic, reason, retry_in_ms = p.retry_at.duration_since(now).as_millis() as u64, refused_for_s = now.duration_since(p.since).as_secs(), "kafka refused the topic; other topics keep flowing");
         }
         // A topic that took an event is healthy again.
-        for i in delivered_idx {
-            self.parked.remove(&batch[*i].event.topic);
+        if !self.parked.is_empty() {
+            for i in delivered_idx {
+                self.parked.remove(&batch[*i].event.topic);
+            }
         }
         delivered += lone_delivered.len();
         if !lone_delivered.is_empty() || !dead.is_empty() {
-            let committed = self
-                .settle(lone_delivered.clone(), dead.clone(), stop)
-                .await;
+            let list = lone_delivered
+                .iter()
+                .map(|&i| (batch[i].seq, batch[i].event.size()))
+                .collect();
+            let committed = self.settle(list, dead.clone(), stop).await;
             if committed {
-                self.count_delivered(&lone_delivered, batch);
+                self.count_delivered(lone_delivered.iter().map(|&i| &batch[i]));
                 for reason in dead_reasons {
                     self.metrics
                         .dead_lettered
