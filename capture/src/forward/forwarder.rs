@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use futures::stream::FuturesUnordered;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
@@ -385,19 +385,31 @@ impl Forwarder {
             tokio::select! {
                 report = in_flight.next(), if !in_flight.is_empty() => {
                     watchdog.progressed();
-                    let failure = match report {
-                        None => None,
-                        Some((i, Ok(Ok(_)))) => {
-                            acks.acked(i);
-                            delivered_total.push(i);
-                            None
+                    // Reports come in bursts (one per record batch Kafka
+                    // acknowledged): take every one ready before going round
+                    // the loop again, bounded so sending goes on.
+                    let mut report = report;
+                    let mut taken = 0;
+                    while let Some((i, result)) = report {
+                        let failure = match result {
+                            Ok(Ok(_)) => {
+                                acks.acked(i);
+                                delivered_total.push(i);
+                                None
+                            }
+                            Ok(Err((e, _))) => Some(e),
+                            Err(_canceled) => Some(KafkaError::Canceled),
+                        };
+                        if let Some(e) = failure {
+                            acks.failed(i);
+                            failures.push((i, e));
                         }
-                        Some((i, Ok(Err((e, _))))) => Some((i, e)),
-                        Some((i, Err(_canceled))) => Some((i, KafkaError::Canceled)),
-                    };
-                    if let Some((i, e)) = failure {
-                        acks.failed(i);
-                        failures.push((i, e));
+                        taken += 1;
+                        report = if taken < window {
+                            in_flight.next().now_or_never().flatten()
+                        } else {
+                            None
+                        };
                     }
                 },
                 _ = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
