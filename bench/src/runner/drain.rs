@@ -148,6 +148,10 @@ pub async fn fill(s: &Settings, build: &Build, dir: &Path) -> Result<u64> {
     Ok(events)
 }
 
+/// Copies the filled buffer, then writes back everything dirty on the
+/// machine: otherwise the kernel writes the copy (and the broker's log of
+/// the previous drain) back while the next drain is timed, and a drain
+/// measures the disk's write-back instead of the drainer.
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir_all(to)?;
@@ -157,6 +161,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
             std::fs::copy(entry.path(), to.join(entry.file_name()))?;
         }
     }
+    nix::unistd::sync();
     Ok(())
 }
 
@@ -261,6 +266,8 @@ impl ProducerContext for Deliveries {
 pub async fn raw_produce(bootstrap: &str, events: u64, event_bytes: usize) -> DrainRun {
     let id = "raw produce";
     let attempt = async {
+        // Like each drain: the previous drain's write-back is not timed here.
+        nix::unistd::sync();
         let before = topic_records(bootstrap, RAW_TOPIC).await?;
         let bootstrap_owned = bootstrap.to_owned();
         let seconds =

@@ -244,6 +244,12 @@ async fn run_drains(s: &Settings, builds: &[Build], bootstrap: &str) -> Vec<drai
             }
         }
     }
+    // A fresh broker is slow at first (its JIT cold, the idempotence
+    // coordinator still loading: `flush` logged `Coordinator load in
+    // progress`), and only the first drain would pay for it: warm it up,
+    // untimed, with the raw produce loop.
+    let warm = drain::raw_produce(bootstrap, events, s.event_bytes).await;
+    progress("broker warm-up (not reported)", drain_line(&warm));
     for (m, (mode, flags)) in drain::MODES.iter().enumerate() {
         let n = sources.len();
         for k in 0..n {

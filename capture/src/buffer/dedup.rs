@@ -183,7 +183,9 @@ impl Window {
         uuid_bytes: i64,
         now_ms: i64,
     ) -> rusqlite::Result<u64> {
-        if !self.is_on() {
+        // No client uuid in the range (the caller counted in this
+        // transaction): spare the scan.
+        if !self.is_on() || rows <= 0 {
             return Ok(0);
         }
         let mut insert = conn.prepare_cached(
