@@ -160,8 +160,9 @@ impl Forwarder {
 
     /// Starts reading the batch after `batch` while `batch` is delivered,
     /// within what is left of the batch byte bound (so both together hold
-    /// no more than one batch may). Used only if `batch` goes through
-    /// cleanly, when the rows past it are the head of the queue.
+    /// no more than one batch may, and at most one event more: a read always
+    /// returns one). Used only if `batch` goes through cleanly, when the rows
+    /// past it are the head of the queue.
     fn read_ahead(&self, batch: &[StoredEvent]) -> Option<ReadAhead> {
         let bytes: u64 = batch.iter().map(|s| s.event.size()).sum();
         let left = self.cfg.batch_bytes.checked_sub(bytes).filter(|&b| b > 0)?;
