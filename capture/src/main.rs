@@ -2,12 +2,6 @@ use clap::Parser;
 use holdfast_capture::app;
 use holdfast_capture::config::{Cli, Command, LogFormat};
 
-/// glibc's allocator spent about a tenth of a drain's CPU consolidating the
-/// small blocks of each freed batch (`perf record`, README "Drain");
-/// mimalloc's thread-local free lists do not.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
