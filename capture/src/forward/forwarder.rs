@@ -162,8 +162,13 @@ impl Forwarder {
     /// within what is left of the batch byte bound (so both together hold
     /// no more than one batch may, and at most one event more: a read always
     /// returns one). Used only if `batch` goes through cleanly, when the rows
-    /// past it are the head of the queue.
+    /// past it are the head of the queue. Not while a topic is parked: its
+    /// events before the cursor would be passed over once its retry time
+    /// comes, and its newer events sent before them.
     fn read_ahead(&self, batch: &[StoredEvent]) -> Option<ReadAhead> {
+        if !self.parked.is_empty() {
+            return None;
+        }
         let bytes: u64 = batch.iter().map(|s| s.event.size()).sum();
         let left = self.cfg.batch_bytes.checked_sub(bytes).filter(|&b| b > 0)?;
         Some(self.spawn_read(batch.last()?.seq, left))
