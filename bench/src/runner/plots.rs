@@ -213,8 +213,8 @@ fn thousands(v: f64) -> String {
 }
 
 /// Requests/s of single-event closed-loop runs against connections, one line per series and build.
-/// Plots throughput against connections; false when no run has the data
-/// (a `--only` selection without closed-loop single-event runs).
+/// Returns false, drawing nothing, when no run has the data (a `--only`
+/// selection without closed-loop single-event runs).
 fn throughput(path: &Path, report: &Report) -> Result<bool> {
     font()?;
     let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
