@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use edges_support::*;
 use holdfast_e2e::capture::CaptureProcess;
-use holdfast_e2e::kafka::{KafkaBroker, KafkaOptions};
 
 /// librdkafka's wait for a missing topic and for a send: long, so a stall
 /// behind the dead-letter copy would be plain to see.
@@ -26,11 +25,7 @@ const SLOW: [&str; 4] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_dead_letter_topic_never_holds_up_delivery() -> Result<()> {
-    let kafka = KafkaBroker::start_with(KafkaOptions {
-        auto_create_topics: false,
-        ..KafkaOptions::default()
-    })
-    .await?;
+    let kafka = broker_without_auto_create().await?;
     // The broker refuses records over 1,000 bytes on this topic: an event
     // larger than that is poison, and its copy goes to a topic that is missing.
     kafka

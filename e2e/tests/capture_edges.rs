@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use edges_support::*;
 use holdfast_e2e::capture::{self, CaptureProcess, DiskFaults, Tmpfs};
-use holdfast_e2e::kafka::{KafkaBroker, KafkaOptions};
+use holdfast_e2e::kafka::KafkaBroker;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -324,16 +324,6 @@ async fn io_errors_refuse_then_recover_by_themselves() -> Result<()> {
     );
     assert_eq!(cap.pid(), Some(pid), "the capture process was restarted");
     Ok(())
-}
-
-/// A broker that refuses to create topics on first use, so a topic exists
-/// only once a test creates it.
-async fn broker_without_auto_create() -> Result<KafkaBroker> {
-    KafkaBroker::start_with(KafkaOptions {
-        auto_create_topics: false,
-        ..KafkaOptions::default()
-    })
-    .await
 }
 
 /// librdkafka reports an unknown topic after this long (default 30 s).

@@ -379,11 +379,7 @@ async fn a_poison_event_aborts_only_its_transaction_and_the_rest_arrives_once() 
 /// batch, committed a checkpoint past them, then deleted them unsent.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_topic_is_never_skipped_by_the_checkpoint() -> Result<()> {
-    let kafka = KafkaBroker::start_with(holdfast_e2e::kafka::KafkaOptions {
-        auto_create_topics: false,
-        ..Default::default()
-    })
-    .await?;
+    let kafka = broker_without_auto_create().await?;
     kafka.create_topic("events", 1, &[]).await?;
     let dir = tempdir();
     let buf = dir.path().join("buf");

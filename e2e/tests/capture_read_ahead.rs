@@ -15,15 +15,10 @@ use std::time::Duration;
 use anyhow::Result;
 use edges_support::*;
 use holdfast_e2e::capture::CaptureProcess;
-use holdfast_e2e::kafka::{KafkaBroker, KafkaOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_topic_keeps_its_order_while_another_stream_flows() -> Result<()> {
-    let kafka = KafkaBroker::start_with(KafkaOptions {
-        auto_create_topics: false,
-        ..KafkaOptions::default()
-    })
-    .await?;
+    let kafka = broker_without_auto_create().await?;
     kafka.create_topic("flowing", 1, &[]).await?;
     let dir = tempdir();
     let buf = dir.path().join("buf");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use holdfast_e2e::capture::{self, CaptureProcess};
-use holdfast_e2e::kafka::{KafkaBroker, Record};
+use holdfast_e2e::kafka::{KafkaBroker, KafkaOptions, Record};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
@@ -380,4 +380,14 @@ pub async fn read_response(s: &mut tokio::net::TcpStream) -> Result<(u16, String
         ensure!(n > 0, "connection closed before a response");
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// A broker that refuses to create topics on first use, so a topic exists
+/// only once a test creates it.
+pub async fn broker_without_auto_create() -> Result<KafkaBroker> {
+    KafkaBroker::start_with(KafkaOptions {
+        auto_create_topics: false,
+        ..KafkaOptions::default()
+    })
+    .await
 }
