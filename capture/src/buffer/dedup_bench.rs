@@ -88,7 +88,8 @@ async fn window_cost() {
     // durability os, window on or off (for `perf record`).
     if let Ok(case) = std::env::var("HOLDFAST_BENCH_PROFILE") {
         let window = if case == "on" { 600 } else { 0 };
-        let rate = run(Duration::from_secs(window), false, Durability::Os, total).await;
+        let random = std::env::var_os("HOLDFAST_BENCH_RANDOM").is_some();
+        let rate = run(Duration::from_secs(window), random, Durability::Os, total).await;
         println!("window {case}: {rate:.0}/s");
         return;
     }

@@ -35,6 +35,7 @@
 //! forward when opened for writing; a version 2 file is refused by older
 //! binaries.
 
+mod census;
 mod commit;
 pub mod dedup;
 pub mod quarantine;

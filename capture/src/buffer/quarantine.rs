@@ -68,64 +68,98 @@ fn data_dir_error(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 /// opposed to damage) are errors: a disk that cannot be read is not a reason
 /// to move a file aside.
 pub fn check(dir: &Path) -> Result<Verdict> {
+    Ok(check_beside(dir, || ())?.0)
+}
+
+/// [`check`], running `beside` on a thread of its own while the integrity
+/// check (a pass over every page) runs, once the file passed the checks
+/// before it. `beside`'s answer comes back only when the file proved sound.
+pub fn check_beside<T: Send>(
+    dir: &Path,
+    beside: impl FnOnce() -> T + Send,
+) -> Result<(Verdict, Option<T>)> {
+    let db = match screen(dir)? {
+        Screened::Judged(verdict) => return Ok((verdict, None)),
+        Screened::Checkable(db) => db,
+    };
+    let (checked, side) = std::thread::scope(|s| {
+        let side = s.spawn(beside);
+        let checked = quick_check(&db);
+        (checked, side.join().ok())
+    });
+    let verdict = match checked {
+        Ok(problems) if problems.is_empty() => Verdict::Sound,
+        Ok(problems) => Verdict::Damaged(format!("quick_check: {}", problems.join("; "))),
+        Err(rusqlite::Error::SqliteFailure(e, msg))
+            if matches!(e.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
+        {
+            Verdict::Damaged(msg.unwrap_or_else(|| e.to_string()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let side = side.filter(|_| verdict == Verdict::Sound);
+    Ok((verdict, side))
+}
+
+/// What the checks before the integrity check found.
+enum Screened {
+    /// A verdict already (missing, or damaged in a way SQLite would not notice).
+    Judged(Verdict),
+    /// The file, ready for the integrity check.
+    Checkable(PathBuf),
+}
+
+/// The cheap checks, before the integrity check.
+fn screen(dir: &Path) -> Result<Screened> {
+    use Screened::Judged;
     let db = dir.join(DB_FILE);
     let wal = wal_of(&db);
     let wal_len = len_of(&wal).map_err(data_dir_error(&wal))?.unwrap_or(0);
     let Some(len) = len_of(&db).map_err(data_dir_error(&db))? else {
         // SQLite would start a new file and delete this log.
-        return Ok(if wal_len > 32 {
+        return Ok(Judged(if wal_len > 32 {
             Verdict::Damaged("write-ahead log without its database file".into())
         } else {
             Verdict::Missing
-        });
+        }));
     };
     // A file SQLite opened once is never empty again: the switch to WAL mode
     // writes page 1 straight into it. An empty file was truncated (and
     // SQLite would delete a WAL next to it without reading it).
     if len == 0 {
-        return Ok(Verdict::Damaged(
+        return Ok(Judged(Verdict::Damaged(
             "database file is empty (truncated)".into(),
-        ));
+        )));
     }
     let mut head = [0u8; 100];
     let read = std::fs::File::open(&db)
         .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0));
     if read.is_err() || &head[..16] != MAGIC {
-        return Ok(Verdict::Damaged(
+        return Ok(Judged(Verdict::Damaged(
             "not a database: the file header is overwritten or truncated".into(),
-        ));
+        )));
     }
     let page = match u16::from_be_bytes([head[16], head[17]]) {
         1 => 65536,
         n => n as u64,
     };
     if !page.is_power_of_two() || !(512..=65536).contains(&page) {
-        return Ok(Verdict::Damaged(format!("invalid page size {page}")));
+        return Ok(Judged(Verdict::Damaged(format!(
+            "invalid page size {page}"
+        ))));
     }
     if !len.is_multiple_of(page) {
-        return Ok(Verdict::Damaged(format!(
+        return Ok(Judged(Verdict::Damaged(format!(
             "file size {len} is not a multiple of the page size {page} (truncated)"
-        )));
+        ))));
     }
     // SQLite stops reading a WAL at the first bad frame and drops every
     // commit after it without a word; quick_check would pass.
     if let Some(why) = super::salvage::pages::wal_damage(&wal).map_err(data_dir_error(&wal))? {
-        return Ok(Verdict::Damaged(why));
+        return Ok(Judged(Verdict::Damaged(why)));
     }
     roll_back_hot_journal(&db)?;
-    match quick_check(&db) {
-        Ok(problems) if problems.is_empty() => Ok(Verdict::Sound),
-        Ok(problems) => Ok(Verdict::Damaged(format!(
-            "quick_check: {}",
-            problems.join("; ")
-        ))),
-        Err(rusqlite::Error::SqliteFailure(e, msg))
-            if matches!(e.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
-        {
-            Ok(Verdict::Damaged(msg.unwrap_or_else(|| e.to_string())))
-        }
-        Err(e) => Err(e.into()),
-    }
+    Ok(Screened::Checkable(db))
 }
 
 /// A power cut right after a volume's first start can leave the rollback
@@ -171,10 +205,20 @@ fn quick_check(db: &Path) -> rusqlite::Result<Vec<String>> {
 /// Checks `dir`'s buffer and, when it is damaged, moves it (with its WAL)
 /// into the quarantine folder. Returns the quarantined path.
 pub fn quarantine_if_damaged(dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(quarantine_if_damaged_beside(dir, || ())?.0)
+}
+
+/// [`quarantine_if_damaged`], running `beside` while the integrity check
+/// runs (see [`check_beside`]); its answer comes back only if the file
+/// proved sound and stays where it is.
+pub fn quarantine_if_damaged_beside<T: Send>(
+    dir: &Path,
+    beside: impl FnOnce() -> T + Send,
+) -> Result<(Option<PathBuf>, Option<T>)> {
     finish_pending(dir).map_err(data_dir_error(dir))?;
-    let reason = match check(dir)? {
-        Verdict::Missing | Verdict::Sound => return Ok(None),
-        Verdict::Damaged(reason) => reason,
+    let reason = match check_beside(dir, beside)? {
+        (Verdict::Missing | Verdict::Sound, side) => return Ok((None, side)),
+        (Verdict::Damaged(reason), _) => reason,
     };
     let to = move_aside(dir).map_err(data_dir_error(dir))?;
     tracing::error!(
@@ -185,7 +229,7 @@ pub fn quarantine_if_damaged(dir: &Path) -> Result<Option<PathBuf>> {
          its readable events are salvaged into the new one (serve does it in the \
          background, flush before draining)"
     );
-    Ok(Some(to))
+    Ok((Some(to), None))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

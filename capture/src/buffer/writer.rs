@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::census;
 use super::commit::{self, Command, DeadLetter};
 use super::{Error, NewEvent, Result};
 use crate::config::Durability;
@@ -322,27 +323,31 @@ impl GroupCommitWriter {
         opts: WriterOptions,
         observer: Option<CommitObserver>,
     ) -> Result<(Self, WriterHandle)> {
-        super::quarantine::quarantine_if_damaged(dir)?;
+        // The census is taken beside the integrity check, and kept only if
+        // the file it counted proved sound (see `census`).
+        let (_, ahead) =
+            super::quarantine::quarantine_if_damaged_beside(dir, || census::take_read_only(dir))?;
         let wal_pages = wal_pages(opts.max_wal_bytes);
         let conn = super::open_writer(dir, opts.durability)?;
-        let (events, bytes) = super::totals(&conn)?;
-        let (dead, dead_bytes) = super::dead_letter_totals(&conn)?;
+        let census = match ahead {
+            Some(Ok(census)) => census,
+            // Quarantined, missing, or not countable read-only: count the
+            // file the writer starts with.
+            _ => census::take(&conn)?,
+        };
         let state = Arc::new(BufferState::default());
-        state.events.store(events, Ordering::Relaxed);
-        state.bytes.store(bytes, Ordering::Relaxed);
-        state.dead_letters.store(dead, Ordering::Relaxed);
-        state.dead_bytes.store(dead_bytes, Ordering::Relaxed);
+        state.events.store(census.events, Ordering::Relaxed);
+        state.bytes.store(census.bytes, Ordering::Relaxed);
+        state
+            .dead_letters
+            .store(census.dead_letters, Ordering::Relaxed);
+        state.dead_bytes.store(census.dead_bytes, Ordering::Relaxed);
         state
             .window_bytes
-            .store(super::dedup::window_bytes(&conn)?, Ordering::Relaxed);
+            .store(census.window_bytes, Ordering::Relaxed);
         state.quota.store(opts.quota, Ordering::Relaxed);
-        state.oldest_ms.store(
-            super::oldest_captured_at(&conn)?.unwrap_or(0),
-            Ordering::Relaxed,
-        );
-        state
-            .last_seq
-            .store(super::last_seq(&conn)?, Ordering::Relaxed);
+        state.oldest_ms.store(census.oldest_ms, Ordering::Relaxed);
+        state.last_seq.store(census.last_seq, Ordering::Relaxed);
         commit::update_over_quota(&state, false);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let appended = Arc::new(Notify::new());

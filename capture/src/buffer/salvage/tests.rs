@@ -119,10 +119,63 @@ async fn open_and_salvage(dir: &Path) -> (SalvageReport, HashSet<String>) {
 async fn sound_or_missing_buffers_are_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(quarantine::check(dir.path()).unwrap(), Verdict::Missing);
+    assert_eq!(
+        quarantine::check_beside(dir.path(), || 7).unwrap(),
+        (Verdict::Missing, None)
+    );
     build(dir.path(), 10, 0).await;
     assert_eq!(quarantine::check(dir.path()).unwrap(), Verdict::Sound);
+    assert_eq!(
+        quarantine::check_beside(dir.path(), || 7).unwrap(),
+        (Verdict::Sound, Some(7))
+    );
     assert_eq!(quarantine::quarantine_if_damaged(dir.path()).unwrap(), None);
     assert_eq!(unsalvaged_quarantine(dir.path()).unwrap(), 0);
+}
+
+/// The writer counts the buffer beside the integrity check (`census`); a
+/// file the check then quarantines must lend it none of its counts. A
+/// damaged index leaves the table countable, so the count beside the check
+/// succeeds on the damaged file.
+#[tokio::test]
+async fn a_quarantined_file_lends_the_writer_none_of_its_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    build(dir.path(), 400, 0).await;
+    let db = dir.path().join(DB_FILE);
+    let index_leaf: i64 = Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT pageno FROM dbstat WHERE name = 'events_client_uuid' AND pagetype = 'leaf'
+             ORDER BY pageno LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    overwrite(&db, (index_leaf as u64 - 1) * PAGE, PAGE as usize);
+    let counted = crate::buffer::census::take_read_only(dir.path()).unwrap();
+    assert_eq!(
+        (counted.events, counted.last_seq),
+        (400, 400),
+        "the damaged file must still be countable, or this test shows nothing"
+    );
+    let (verdict, side) = quarantine::check_beside(dir.path(), || 7).unwrap();
+    assert!(matches!(verdict, Verdict::Damaged(_)), "{verdict:?}");
+    assert_eq!(side, None);
+
+    let (w, h) = GroupCommitWriter::start(dir.path(), Durability::Fsync, u64::MAX, None).unwrap();
+    assert_eq!(unsalvaged_quarantine(dir.path()).unwrap(), 1);
+    let s = &h.state;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        (
+            s.events.load(Relaxed),
+            s.bytes.load(Relaxed),
+            s.last_seq.load(Relaxed)
+        ),
+        (0, 0, 0),
+        "counts of the quarantined file"
+    );
+    stop(w, h).await;
 }
 
 #[tokio::test]
