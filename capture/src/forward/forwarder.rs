@@ -30,12 +30,14 @@ use super::dlq::DlqCopier;
 
 mod acks;
 mod judge;
+mod settler;
 use super::stall::{self, Watchdog};
 use super::{Result, SharedProducer, enqueue};
-use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
+use crate::buffer::{self, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
-use crate::metrics::{Metrics, TopicLabel};
+use crate::metrics::Metrics;
 use acks::Acks;
+use settler::{Settler, Settling};
 
 /// How often an idle forwarder checks that Kafka answers.
 const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
@@ -45,9 +47,6 @@ const KAFKA_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 const SETTLE_INTERVAL: Duration = Duration::from_millis(5);
 /// On stop, deliveries in flight get this long to be acknowledged and settled.
 const STOP_GRACE: Duration = Duration::from_secs(3);
-/// Failed settlement commits before a settlement is given up (and its
-/// events left to be sent again).
-const SETTLE_ATTEMPTS: u32 = 4;
 /// Longest pause between retries of a parked topic.
 const PARK_MAX_DELAY: Duration = Duration::from_secs(30);
 
@@ -86,15 +85,13 @@ struct Round {
 
 /// Drains the buffer into Kafka, oldest first.
 pub struct Forwarder {
-    dir: std::path::PathBuf,
     reader: Arc<std::sync::Mutex<Connection>>,
     writer: WriterHandle,
     producer: SharedProducer,
     cfg: KafkaConfig,
     metrics: Arc<Metrics>,
     parked: HashMap<String, Parked>,
-    /// Delivered events of the current batch whose settlement was given up.
-    unsettled: std::sync::atomic::AtomicUsize,
+    settler: Settler,
     /// Copies to the dead-letter topic run beside the main queue, so a
     /// missing or refusing dead-letter topic never holds up delivery.
     dlq: DlqCopier,
@@ -116,14 +113,13 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         Ok(Self {
-            dir: dir.to_owned(),
             reader: Arc::new(std::sync::Mutex::new(buffer::open_reader(dir)?)),
+            settler: Settler::new(dir.to_owned(), writer.clone(), metrics.clone()),
             writer,
             producer,
             cfg,
             metrics,
             parked: HashMap::new(),
-            unsettled: Default::default(),
             dlq: DlqCopier::default(),
         })
     }
@@ -212,14 +208,27 @@ impl Forwarder {
         let mut backoff = backoff_builder.build();
         let mut last_probe: Option<Instant> = None;
         let mut ahead: Option<ReadAhead> = None;
+        // The last settlement of the batch before, still committing while
+        // the next batch (read ahead) is sent.
+        let mut pending: Option<Settling> = None;
         loop {
             if *stop.borrow() {
+                if let Some(last) = pending.take() {
+                    let _ = last.await;
+                }
                 return Ok(());
             }
             self.copy_dead_letters_in_background();
             let read = match Self::take_ahead(ahead.take()).await {
                 Some(batch) => Ok(batch),
-                None => self.read().await,
+                None => {
+                    // A read from the head must not find rows a settlement
+                    // is still deleting: they would be sent twice.
+                    if let Some(last) = pending.take() {
+                        let _ = last.await;
+                    }
+                    self.read().await
+                }
             };
             let outcome = match read {
                 Err(e) => Err(e),
@@ -232,7 +241,12 @@ impl Forwarder {
                 }
                 Ok(batch) => {
                     ahead = self.read_ahead(&batch);
-                    let round = self.forward(&batch, &mut stop).await;
+                    let round = self.forward(&batch, pending.take(), &mut stop).await.map(
+                        |(round, last)| {
+                            pending = last;
+                            round
+                        },
+                    );
                     if !matches!(&round, Ok(r) if r.retried == 0) {
                         // Rows of this batch stay buffered before the ones read ahead.
                         ahead = None;
@@ -315,22 +329,21 @@ impl Forwarder {
     }
 
     fn release_reserve(&self) {
-        if let Some(freed) = buffer::release_reserve(&self.dir) {
-            tracing::warn!(
-                bytes = freed,
-                "released the disk reserve so delivered events can be deleted"
-            );
-        }
+        self.settler.release_reserve();
     }
 
     /// Forwards one batch, settling deliveries as they are acknowledged.
+    /// `carried` is the last settlement of the batch before, still
+    /// committing. When this batch goes through cleanly its own last
+    /// settlement is handed back still committing, so the next batch is sent
+    /// meanwhile; otherwise every settlement has finished on return.
     async fn forward(
         &mut self,
         batch: &[StoredEvent],
+        carried: Option<Settling>,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<Round> {
+    ) -> Result<(Round, Option<Settling>)> {
         let producer = self.producer.get();
-        self.unsettled.store(0, Ordering::Relaxed);
         let mut failures: Vec<(usize, KafkaError)> = Vec::new();
         let mut in_flight = FuturesUnordered::new();
         let mut stop_deadline: Option<Instant> = None;
@@ -343,11 +356,9 @@ impl Forwarder {
         let window = self.cfg.in_flight_events.max(1);
         let mut tick = tokio::time::interval(SETTLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // One settlement commits while the next deliveries are sent and acknowledged.
-        let mut settling: Option<
-            std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>,
-        > = None;
-        let this = &*self;
+        // One settlement commits while the next deliveries are sent and
+        // acknowledged (the first may be the batch before's last).
+        let mut settling: Option<Settling> = carried;
         loop {
             // At most a window of events sent and not yet acknowledged, a
             // window acknowledged and waiting, and one settlement committing:
@@ -381,9 +392,16 @@ impl Forwarder {
                 && (acks.waiting() >= window || (in_flight.is_empty() && sent_all))
             {
                 let list = acks.take_all();
-                settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
+                settling = Some(self.settler.delivered(&list, batch, stop.clone()));
             }
-            if in_flight.is_empty() && acks.waiting() == 0 && settling.is_none() && sent_all {
+            // Everything acknowledged is handed over. A clean batch leaves
+            // its last settlement committing for the caller to carry.
+            let clean = failures.is_empty() && stop_deadline.is_none();
+            if in_flight.is_empty()
+                && acks.waiting() == 0
+                && sent_all
+                && (settling.is_none() || clean)
+            {
                 break;
             }
             let deadline =
@@ -427,7 +445,7 @@ impl Forwarder {
                     // a window's worth is waiting.
                     let list = acks.take_head();
                     if !list.is_empty() {
-                        settling = Some(Box::pin(this.settle_list(list, batch, stop.clone())));
+                        settling = Some(self.settler.delivered(&list, batch, stop.clone()));
                     }
                 }
                 _ = stop.changed(), if stop_deadline.is_none() => {
@@ -456,119 +474,43 @@ impl Forwarder {
         } else {
             Some(producer)
         };
-        if let Some(pending) = settling.take() {
-            pending.await;
-        }
-        drop(settling);
         let rest = acks.take_all();
-        this.settle_list(rest, batch, stop.clone()).await;
+        let carry = if !stalled && rest.is_empty() && failures.is_empty() && stop_deadline.is_none()
+        {
+            settling.take()
+        } else {
+            None
+        };
+        if let Some(last) = settling.take() {
+            let _ = last.await;
+        }
+        if !rest.is_empty() {
+            let _ = self.settler.delivered(&rest, batch, stop.clone()).await;
+        }
         if stop_deadline.is_some() {
             // Stopping: no lone retries; unsettled events stay buffered.
             let retried = batch.len() - delivered_total.len();
-            return Ok(Round {
-                delivered: delivered_total.len(),
-                retried,
-                ..Round::default()
-            });
+            self.settler.take_unsettled();
+            return Ok((
+                Round {
+                    delivered: delivered_total.len(),
+                    retried,
+                    ..Round::default()
+                },
+                None,
+            ));
         }
         let mut round = self
             .judge_failures(batch, failures, &delivered_total, stop)
             .await?;
         // Delivered but not settled (the disk refused), or not sent after a
         // stall: sent again later.
-        round.retried += self.unsettled.load(Ordering::Relaxed) + (batch.len() - next);
+        round.retried += self.settler.take_unsettled() + (batch.len() - next);
         if round.all_timed_out
             && let Some(producer) = suspect
         {
             stall::replace_if_kafka_answers(&self.producer, producer).await;
         }
-        Ok(round)
-    }
-
-    /// Settles what Kafka acknowledged (see [`settle`](Self::settle)) and
-    /// counts it as delivered once committed.
-    async fn settle_list(
-        &self,
-        indices: Vec<usize>,
-        batch: &[StoredEvent],
-        stop: watch::Receiver<bool>,
-    ) {
-        if indices.is_empty() {
-            return;
-        }
-        let list = indices
-            .iter()
-            .map(|&i| (batch[i].seq, batch[i].event.size()))
-            .collect();
-        if !self.settle(list, Vec::new(), &stop).await {
-            self.unsettled.fetch_add(indices.len(), Ordering::Relaxed);
-            return;
-        }
-        self.count_delivered(indices.iter().map(|&i| &batch[i]));
-    }
-
-    /// Counts settled deliveries in `holdfast_events_delivered_total`, by topic.
-    fn count_delivered<'a>(&self, settled: impl Iterator<Item = &'a StoredEvent>) {
-        // Few topics, and runs of one topic: a short list beats hashing each event.
-        let mut by_topic: Vec<(&str, u64)> = Vec::new();
-        for stored in settled {
-            let topic = stored.event.topic.as_str();
-            match by_topic.iter_mut().find(|(t, _)| *t == topic) {
-                Some((_, n)) => *n += 1,
-                None => by_topic.push((topic, 1)),
-            }
-        }
-        for (topic, n) in by_topic {
-            self.metrics
-                .delivered
-                .get_or_create(&TopicLabel {
-                    topic: topic.to_owned(),
-                })
-                .inc_by(n);
-        }
-    }
-
-    /// Records a settlement, retrying with backoff while the disk refuses it
-    /// (releasing the disk reserve, and settling in ever smaller parts: on a
-    /// full disk a delete of a few rows needs only a few WAL pages). Gives up
-    /// after [`SETTLE_ATTEMPTS`] failures (or on stop): the events stay
-    /// buffered and are sent again later, so delivery goes on even while the
-    /// disk refuses every write (duplicates, never loss). Returns whether all
-    /// of it committed.
-    async fn settle(
-        &self,
-        delivered: Vec<(i64, u64)>,
-        dead: Vec<DeadLetter>,
-        stop: &watch::Receiver<bool>,
-    ) -> bool {
-        let mut rest = delivered;
-        let mut dead = dead;
-        let mut chunk = rest.len().max(1);
-        let mut delay = Duration::from_millis(50);
-        let mut failures = 0u32;
-        while !rest.is_empty() || !dead.is_empty() {
-            let take = rest.len().min(chunk);
-            let part = rest[..take].to_vec();
-            match self.writer.settle(part, dead.clone()).await {
-                Ok(()) => {
-                    rest.drain(..take);
-                    dead.clear();
-                }
-                Err(e) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::error!(error = %e, events = rest.len() + dead.len(), chunk, attempt = failures, "could not record delivered events; retrying in smaller parts");
-                    }
-                    self.release_reserve();
-                    if failures >= SETTLE_ATTEMPTS || (*stop.borrow() && failures >= 2) {
-                        return false;
-                    }
-                    chunk = (chunk / 4).max(1);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-        true
+        Ok((round, carry))
     }
 }

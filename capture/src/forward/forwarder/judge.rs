@@ -123,9 +123,10 @@ impl Forwarder {
                 .iter()
                 .map(|&i| (batch[i].seq, batch[i].event.size()))
                 .collect();
-            let committed = self.settle(list, dead.clone(), stop).await;
+            let committed = self.settler.settle(list, dead.clone(), stop).await;
             if committed {
-                self.count_delivered(lone_delivered.iter().map(|&i| &batch[i]));
+                self.settler
+                    .count_delivered(lone_delivered.iter().map(|&i| &batch[i]));
                 for reason in dead_reasons {
                     self.metrics
                         .dead_lettered
