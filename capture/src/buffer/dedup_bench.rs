@@ -84,7 +84,8 @@ async fn window_cost() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    // `HOLDFAST_BENCH_PROFILE=on|off`: one long run of ordered uuids,
+    // `HOLDFAST_BENCH_PROFILE=on|off`: one long run of ordered uuids (random
+    // v4 ones with `HOLDFAST_BENCH_RANDOM` set),
     // durability os, window on or off (for `perf record`).
     if let Ok(case) = std::env::var("HOLDFAST_BENCH_PROFILE") {
         let window = if case == "on" { 600 } else { 0 };
