@@ -500,9 +500,20 @@ impl Forwarder {
                 None,
             ));
         }
-        let mut round = self
+        let mut round = match self
             .judge_failures(batch, failures, &delivered_total, stop)
-            .await?;
+            .await
+        {
+            Ok(round) => round,
+            Err(e) => {
+                // Never leave a settlement running behind an error: the next
+                // read from the head would find its rows.
+                if let Some(last) = carry {
+                    let _ = last.await;
+                }
+                return Err(e);
+            }
+        };
         // Delivered but not settled (the disk refused), or not sent after a
         // stall: sent again later.
         round.retried += self.settler.take_unsettled() + (batch.len() - next);
