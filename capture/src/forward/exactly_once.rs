@@ -33,9 +33,11 @@ use super::{
     Error, ErrorClass, KafkaContext, KafkaProducer, Result, RunUntil, SharedProducer, classify,
     enqueue, producer_config,
 };
-use crate::buffer::{self, DeadLetter, StoredEvent, WriterHandle};
+use crate::buffer::{self, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
-use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel, TopicLabel};
+use crate::metrics::{Metrics, OutcomeLabel, TopicLabel};
+
+mod judge;
 
 /// How long `init_transactions`, commit and abort may block.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,6 +93,10 @@ pub struct ExactlyOnce {
     /// Batches left to send one event at a time.
     solo: usize,
     dlq: DlqCopier,
+    /// The deletion of the last committed batch's rows, still running while
+    /// the next batch is read and sent (rows at or below the checkpoint are
+    /// never sent again, so nothing hangs on it but the buffer's figures).
+    deleting: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl std::fmt::Debug for ExactlyOnce {
@@ -139,6 +145,7 @@ impl ExactlyOnce {
             parked: HashMap::new(),
             solo: 0,
             dlq: DlqCopier::default(),
+            deleting: None,
         })
     }
 
@@ -152,6 +159,9 @@ impl ExactlyOnce {
         }
         loop {
             if *stop.borrow() {
+                // Committed rows left buffered would only be deleted unsent
+                // by the next drainer; finish deleting them anyway.
+                let _ = self.finish_deleting().await;
                 return Ok(());
             }
             self.dlq.poll(
@@ -201,11 +211,18 @@ impl ExactlyOnce {
     /// One batch: read, drop what the checkpoint covers, send the rest in
     /// one transaction, delete what committed.
     async fn round(&mut self, until: RunUntil) -> Result<Step> {
-        let batch = self.read().await?;
+        // While the last batch's rows are being deleted, read past them.
+        let after = if self.deleting.is_some() {
+            self.committed_through
+        } else {
+            0
+        };
+        let batch = self.read(after).await?;
         let (old, mut batch): (Vec<StoredEvent>, Vec<StoredEvent>) = batch
             .into_iter()
             .partition(|e| e.seq <= self.committed_through);
         if !old.is_empty() {
+            self.finish_deleting().await?;
             // Kafka has them (a delete failed, or the checkpoint says so).
             let rows = old.iter().map(|e| (e.seq, e.event.size())).collect();
             self.writer.settle(rows, Vec::new()).await?;
@@ -227,15 +244,22 @@ impl ExactlyOnce {
             batch.truncate(cut);
         }
         if batch.is_empty() {
+            self.finish_deleting().await?;
             if until == RunUntil::Empty && self.drained() {
                 return Ok(Step::Done);
             }
             self.report_lag();
             return Ok(Step::Wait(now + Duration::from_millis(500)));
         }
-        Ok(match self.deliver(&batch).await? {
+        let outcome = self.deliver(&batch).await;
+        // One deletion at a time. Its failure is the buffer's, reported as
+        // such, after a fence (which stops this drainer for good).
+        let deleted = self.finish_deleting().await;
+        let outcome = outcome?;
+        deleted?;
+        Ok(match outcome {
             Outcome::Committed(rows) => {
-                self.settle(&batch, rows).await?;
+                self.settle(&batch, rows);
                 self.metrics.kafka_up.set(1);
                 Step::Next
             }
@@ -329,7 +353,7 @@ impl ExactlyOnce {
         self.metrics.checkpoint_lag.set(lag);
     }
 
-    async fn read(&self) -> Result<Vec<StoredEvent>> {
+    async fn read(&self, after: i64) -> Result<Vec<StoredEvent>> {
         let reader = self.reader.clone();
         let limit = if self.solo > 0 {
             1
@@ -339,7 +363,7 @@ impl ExactlyOnce {
         let max_bytes = self.cfg.batch_bytes;
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            buffer::read_batch_bounded(&conn, 0, limit, max_bytes, &[])
+            buffer::read_batch_bounded(&conn, after, limit, max_bytes, &[])
         })
         .await
         .map_err(|_| buffer::Error::WriterStopped)?
@@ -470,82 +494,23 @@ impl ExactlyOnce {
         Ok(Outcome::Retry)
     }
 
-    /// After an aborted transaction: too-large events are retried alone,
-    /// poison is moved to dead letters, refused topics wait out their window.
-    async fn judge(
-        &mut self,
-        batch: &[StoredEvent],
-        failures: Vec<(usize, KafkaError)>,
-    ) -> Result<Outcome> {
-        let now = Instant::now();
-        let mut dead = Vec::new();
-        let mut reasons = Vec::new();
-        let mut parked_any = false;
-        for (i, error) in failures {
-            let stored = &batch[i];
-            let reason = match classify(&error) {
-                // Kafka judges size per record batch: only an event that
-                // fails alone is poison.
-                ErrorClass::DeadLetter("too_large") if batch.len() > 1 => {
-                    self.solo = SOLO_ROUNDS;
-                    continue;
-                }
-                ErrorClass::DeadLetter(reason) => reason,
-                ErrorClass::TopicRefused(reason) => {
-                    let since = *self
-                        .refused_since
-                        .entry(stored.event.topic.clone())
-                        .or_insert(now);
-                    let refused_for = now.duration_since(since);
-                    if refused_for < self.cfg.poison_retry_window {
-                        let wait = (refused_for / 2)
-                            .clamp(Duration::from_millis(500), Duration::from_secs(30));
-                        if self
-                            .parked
-                            .insert(stored.event.topic.clone(), now + wait)
-                            .is_none()
-                        {
-                            tracing::warn!(topic = %stored.event.topic, reason, error = %error, refused_for_s = refused_for.as_secs(), "kafka refused the topic; its events wait for it, events ahead of them flow");
-                        }
-                        parked_any = true;
-                        continue;
-                    }
-                    reason
-                }
-                ErrorClass::Retry | ErrorClass::Fatal => continue,
-            };
-            tracing::warn!(seq = stored.seq, uuid = %stored.event.uuid, topic = %stored.event.topic, reason, error = %error, "kafka rejected event for good; moving it to dead letters");
-            dead.push(DeadLetter {
-                seq: stored.seq,
-                size: stored.event.size(),
-                reason: format!("{reason}: {error}"),
-            });
-            reasons.push(reason);
-        }
-        if dead.is_empty() {
-            return Ok(if self.solo == SOLO_ROUNDS || parked_any {
-                Outcome::Progress
-            } else {
-                Outcome::Retry
-            });
-        }
-        self.writer.settle(Vec::new(), dead).await?;
-        self.solo = 0;
-        for reason in reasons {
-            self.metrics
-                .dead_lettered
-                .get_or_create(&ReasonLabel {
-                    reason: reason.to_owned(),
-                })
-                .inc();
-        }
-        Ok(Outcome::Progress)
+    /// Waits for the deletion of the last committed batch's rows.
+    async fn finish_deleting(&mut self) -> Result<()> {
+        let Some(deleting) = self.deleting.take() else {
+            return Ok(());
+        };
+        let deleted = deleting
+            .await
+            .unwrap_or(Err(Error::Buffer(buffer::Error::WriterStopped)));
+        self.report_lag();
+        deleted
     }
 
-    /// Counts what Kafka committed, then deletes the rows; a failed delete
-    /// leaves them to a later read, which finds them at or below the
+    /// Counts what Kafka committed, then starts deleting the rows (see
+    /// [`finish_deleting`](Self::finish_deleting)); a failed delete leaves
+    /// them to a later read from the head, which finds them at or below the
     /// checkpoint and deletes them unsent.
-    async fn settle(&mut self, batch: &[StoredEvent], rows: Vec<(i64, u64, usize)>) -> Result<()> {
+    fn settle(&mut self, batch: &[StoredEvent], rows: Vec<(i64, u64, usize)>) {
         for e in batch {
             self.refused_since.remove(&e.event.topic);
             self.parked.remove(&e.event.topic);
@@ -563,9 +528,10 @@ impl ExactlyOnce {
                 .inc_by(n);
         }
         let list: Vec<(i64, u64)> = rows.iter().map(|(s, n, _)| (*s, *n)).collect();
-        self.writer.settle(list, Vec::new()).await?;
-        self.report_lag();
-        Ok(())
+        let writer = self.writer.clone();
+        self.deleting = Some(tokio::spawn(async move {
+            writer.settle(list, Vec::new()).await.map_err(Error::from)
+        }));
     }
 
     fn count(&self, outcome: &'static str) {
