@@ -434,3 +434,64 @@ async fn a_late_topic_is_never_skipped_by_the_checkpoint() -> Result<()> {
     }
     Ok(())
 }
+
+/// A transaction holds at most `--transaction-events` events: a buffer of
+/// 95 drained with a cap of 20 commits exactly five checkpoints, each
+/// covering the next 20 rows (the last 15), and every event arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_hold_at_most_the_configured_events() -> Result<()> {
+    let kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", 1, &[]).await?;
+    let dir = tempdir();
+    let buf = dir.path().join("buf");
+    // Filled by a pod that cannot reach Kafka, then killed.
+    let mut pod = CaptureProcess::start(&buf, "127.0.0.1:1", &[]).await?;
+    let events = events_with_pad(95, 10);
+    let (status, body) = post(
+        &reqwest::Client::new(),
+        &format!("{}/v1/events", pod.url()),
+        &events,
+    )
+    .await?;
+    ensure!(status == 200, "{body}");
+    pod.kill();
+    let volume = capture::inspect(&buf)?["volume_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(!volume.is_empty(), "inspect shows no volume id");
+
+    let mut args = EXACTLY_ONCE.to_vec();
+    args.extend(["--transaction-events", "20"]);
+    let (exit, log) = tokio::task::spawn_blocking({
+        let (buf, bootstrap) = (buf.clone(), kafka.bootstrap());
+        move || capture::flush_with(&buf, &bootstrap, 60, &args)
+    })
+    .await??;
+    ensure!(exit.success(), "flush failed: {log}");
+
+    let checkpoints: Vec<i64> = kafka
+        .consume_with(
+            "holdfast.checkpoints",
+            &ConsumeOptions::new(usize::MAX, Duration::from_secs(10)),
+        )
+        .await?
+        .iter()
+        .filter(|r| r.key_str() == Some(volume.as_str()))
+        .filter_map(|r| serde_json::from_str::<Value>(r.payload_str()?).ok())
+        .filter_map(|v| v["last_seq"].as_i64())
+        .collect();
+    ensure!(
+        checkpoints == [20, 40, 60, 80, 95],
+        "committed checkpoints {checkpoints:?}, want one per 20 events"
+    );
+    let seen = committed_uuids(&kafka, "events", events.len()).await?;
+    let want = uuids(&events);
+    let missing = want.iter().filter(|u| !seen.contains_key(*u)).count();
+    let twice = seen.values().filter(|n| **n > 1).count();
+    ensure!(
+        missing == 0 && twice == 0,
+        "{missing} missing, {twice} twice"
+    );
+    Ok(())
+}

@@ -30,6 +30,7 @@ fn config(bootstrap: &str, message_timeout: Duration) -> KafkaConfig {
         message_timeout,
         delivery: Delivery::AtLeastOnce,
         checkpoint_topic: "holdfast.checkpoints".into(),
+        transaction_events: 25_000,
         in_flight_events: holdfast_capture::config::SERVE_IN_FLIGHT_EVENTS,
     }
 }

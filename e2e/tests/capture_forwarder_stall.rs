@@ -92,6 +92,7 @@ async fn a_producer_that_stops_reporting_is_replaced_and_nothing_is_lost() -> Re
         message_timeout,
         delivery: Delivery::AtLeastOnce,
         checkpoint_topic: "holdfast.checkpoints".into(),
+        transaction_events: 25_000,
         in_flight_events: holdfast_capture::config::SERVE_IN_FLIGHT_EVENTS,
     };
     let shared = SharedProducer::new(&cfg, metrics.clone())?;

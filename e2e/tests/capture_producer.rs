@@ -30,6 +30,7 @@ fn config(bootstrap: &str) -> KafkaConfig {
         message_timeout: Duration::from_secs(30),
         delivery: Delivery::AtLeastOnce,
         checkpoint_topic: "holdfast.checkpoints".into(),
+        transaction_events: 25_000,
         in_flight_events: holdfast_capture::config::SERVE_IN_FLIGHT_EVENTS,
     }
 }

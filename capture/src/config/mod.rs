@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod kafka;
 
 pub use kafka::{
-    Delivery, FLUSH_IN_FLIGHT_EVENTS, KafkaArgs, KafkaConfig, LIBRDKAFKA_MESSAGE_MAX_BYTES,
-    RECORD_OVERHEAD_BYTES, SERVE_IN_FLIGHT_EVENTS,
+    DEFAULT_TRANSACTION_EVENTS, Delivery, FLUSH_IN_FLIGHT_EVENTS, KafkaArgs, KafkaConfig,
+    LIBRDKAFKA_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES, SERVE_IN_FLIGHT_EVENTS,
 };
 
 /// Result of validating configuration.

@@ -57,6 +57,7 @@ fn kafka_properties_override_and_must_be_key_value() {
         kafka_message_timeout_ms: 1000,
         delivery: crate::config::Delivery::AtLeastOnce,
         checkpoint_topic: "holdfast.checkpoints".into(),
+        transaction_events: 25_000,
     };
     let cfg = args.validate().unwrap();
     assert_eq!(cfg.properties["linger.ms"], "2");
@@ -141,4 +142,19 @@ fn refuses_properties_that_weaken_delivery_naming_the_property() {
     ] {
         serve_args(&["--kafka-property", ok]).validate().unwrap();
     }
+}
+
+#[test]
+fn transaction_events_default_and_zero_is_refused_naming_the_flag() {
+    let cfg = serve_args(&[]).validate().unwrap();
+    assert_eq!(cfg.kafka.transaction_events, DEFAULT_TRANSACTION_EVENTS);
+    let cfg = serve_args(&["--transaction-events", "7"])
+        .validate()
+        .unwrap();
+    assert_eq!(cfg.kafka.transaction_events, 7);
+    let err = serve_args(&["--transaction-events", "0"])
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--transaction-events"), "{err}");
 }

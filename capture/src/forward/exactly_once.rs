@@ -358,7 +358,7 @@ impl ExactlyOnce {
         let limit = if self.solo > 0 {
             1
         } else {
-            self.cfg.batch_events
+            self.cfg.transaction_events
         };
         let max_bytes = self.cfg.batch_bytes;
         tokio::task::spawn_blocking(move || {

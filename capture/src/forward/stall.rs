@@ -169,6 +169,7 @@ mod tests {
             message_timeout: Duration::from_secs(2),
             delivery: crate::config::Delivery::AtLeastOnce,
             checkpoint_topic: "holdfast.checkpoints".into(),
+            transaction_events: 25_000,
             in_flight_events: crate::config::SERVE_IN_FLIGHT_EVENTS,
         }
     }
