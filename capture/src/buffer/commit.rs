@@ -152,7 +152,7 @@ impl Session {
         durability: Durability,
         wal_pages: i64,
         keep_free: u64,
-        dedup_window: std::time::Duration,
+        window: Window,
         state: Arc<BufferState>,
     ) -> Self {
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
@@ -163,7 +163,7 @@ impl Session {
             durability,
             wal_pages,
             guard,
-            window: Window::new(dedup_window),
+            window,
             state,
             marked_clean: true,
             settle_failed_at: None,
@@ -313,6 +313,7 @@ impl Session {
         self.settle_failed_at = result.is_err().then(std::time::Instant::now);
         match result {
             Ok(()) => {
+                self.window.committed();
                 t.store(&state);
                 if t.events <= 0 {
                     state.oldest_ms.store(0, Ordering::Relaxed);
@@ -327,6 +328,7 @@ impl Session {
                 true
             }
             Err(err) => {
+                self.window.rolled_back();
                 answers.into_iter().for_each(|a| a.fail(&err));
                 false
             }
@@ -372,6 +374,7 @@ impl Session {
         }
         match result {
             Ok(()) => {
+                self.window.committed();
                 // Conservative: true whenever a mark may exist.
                 self.marked_clean = round.marked_clean_now || (marked_clean && !round.appended);
                 t.store(&state);
@@ -397,6 +400,7 @@ impl Session {
                 (true, round.appended)
             }
             Err(err) => {
+                self.window.rolled_back();
                 answers.into_iter().for_each(|a| a.fail(&err));
                 (false, false)
             }

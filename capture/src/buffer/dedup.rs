@@ -9,29 +9,38 @@
 //! The window lives in the buffer file, so it survives restarts:
 //! ```sql
 //! recent_uuids(id INTEGER PRIMARY KEY, uuid TEXT NOT NULL, delivered_at_ms INTEGER NOT NULL)
-//! -- indexes: recent_uuids(uuid), events(uuid) WHERE client_uuid = 1, dead_letters(uuid)
+//! -- indexes: events(uuid) WHERE client_uuid = 1, dead_letters(uuid)
 //! ```
-//! The settlement that deletes delivered events records their uuids in the
-//! same transaction, so a uuid is always either buffered or remembered: a
-//! crash between the two cannot open a gap. Rows are inserted in delivery
-//! order, so the oldest are those with the smallest `id`; every settlement
-//! (and at most once a second, an append round) prunes a bounded chunk of
-//! expired rows from that end. A remembered uuid counts
+//! `recent_uuids` has no index of its own: rows are only appended (in
+//! delivery order) and pruned from the oldest end, and an index in memory
+//! ([`recent`]) says which few rows may hold a uuid; it is rebuilt from the
+//! table at start. The settlement that deletes delivered events records
+//! their uuids in the same transaction, so a uuid is always either buffered
+//! or remembered: a crash between the two cannot open a gap. Every
+//! settlement (and at most once a second, an append round) prunes a bounded
+//! chunk of expired rows from the oldest end. A remembered uuid counts
 //! [`remembered_size`] bytes against the quota, like event data, but gives
 //! way: when events (or a settlement's new uuids) need the room, the oldest
 //! remembered uuids are forgotten early ([`Window::evict`]), so the window
 //! never makes the buffer refuse an event; it only covers less time while
-//! the buffer is nearly full.
+//! the buffer is nearly full. The same happens when the index in memory
+//! would pass its bound ([`recent::MAX_SEGMENTS`]).
 //!
 //! Only this buffer is consulted: a retry that lands on another pod (another
 //! volume) is not deduplicated there.
 
+mod recent;
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
 use super::NewEvent;
+use recent::{Hash, RecentIndex};
 
 /// Default deduplication window.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(600);
@@ -62,20 +71,81 @@ pub fn remembered_size(uuid: &str) -> u64 {
     uuid.len() as u64 + ROW_OVERHEAD
 }
 
-/// The deduplication window as the writer applies it.
+/// The deduplication window as the writer applies it. Clones share the
+/// index in memory.
 #[derive(Debug, Clone)]
 pub(super) struct Window {
     ms: i64,
     last_append_prune: Option<Instant>,
+    recent: Arc<Mutex<Recent>>,
+    /// Most segments the index in memory keeps ([`recent::MAX_SEGMENTS`]).
+    max_segments: usize,
+}
+
+/// The index in memory and the changes of the transaction in progress,
+/// applied only once it commits: the index never holds a row that is not
+/// in the table, nor misses one that is.
+#[derive(Debug, Default)]
+struct Recent {
+    index: RecentIndex,
+    inserted: Vec<(i64, Hash)>,
+    removed: Vec<i64>,
 }
 
 impl Window {
-    /// A window of `length` (zero: deduplication off).
+    /// A window of `length` (zero: deduplication off) over an empty table.
     pub fn new(length: Duration) -> Self {
         Self {
             ms: i64::try_from(length.as_millis()).unwrap_or(i64::MAX),
             last_append_prune: None,
+            recent: Arc::default(),
+            max_segments: recent::MAX_SEGMENTS,
         }
+    }
+
+    /// A window of `length` over the uuids `conn`'s table remembers (the
+    /// index is built from it: a pass over the table).
+    pub fn load(conn: &Connection, length: Duration) -> rusqlite::Result<Self> {
+        let window = Self::new(length);
+        if window.is_on() {
+            let mut recent = window.recent();
+            let mut rows = conn.prepare("SELECT id, uuid FROM recent_uuids")?;
+            let mut rows = rows.query([])?;
+            while let Some(r) = rows.next()? {
+                let (id, uuid): (i64, String) = (r.get(0)?, r.get(1)?);
+                let hash = recent.index.hash(&uuid);
+                recent.index.insert(id, hash);
+            }
+        }
+        Ok(window)
+    }
+
+    fn recent(&self) -> MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The transaction that remembered and forgot uuids since the last call
+    /// committed: the index takes its changes.
+    pub fn committed(&self) {
+        let mut recent = self.recent();
+        let Recent {
+            index,
+            inserted,
+            removed,
+        } = &mut *recent;
+        for (id, hash) in inserted.drain(..) {
+            index.insert(id, hash);
+        }
+        for id in removed.drain(..) {
+            index.remove(id);
+        }
+    }
+
+    /// The transaction failed: its changes never happened.
+    pub fn rolled_back(&self) {
+        let mut recent = self.recent();
+        recent.inserted.clear();
+        recent.removed.clear();
     }
 
     /// Whether appends are checked at all.
@@ -111,11 +181,15 @@ impl Window {
         if !self.is_on() {
             return Ok(vec![false; events.len()]);
         }
-        let mut known = conn.prepare_cached(
+        let mut buffered = conn.prepare_cached(
             "SELECT EXISTS(SELECT 1 FROM events WHERE uuid = ?1 AND client_uuid = 1)
-                 OR EXISTS(SELECT 1 FROM recent_uuids WHERE uuid = ?1 AND delivered_at_ms > ?2)
                  OR EXISTS(SELECT 1 FROM dead_letters WHERE uuid = ?1)",
         )?;
+        let mut remembered = conn.prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM recent_uuids
+                 WHERE id BETWEEN ?1 AND ?2 AND uuid = ?3 AND delivered_at_ms > ?4)",
+        )?;
+        let recent = self.recent();
         let cutoff = self.cutoff(now_ms);
         let mut seen = HashSet::with_capacity(if events.len() > 1 { events.len() } else { 0 });
         let mut out = Vec::with_capacity(events.len());
@@ -125,7 +199,15 @@ impl Window {
                 continue;
             }
             let repeated = events.len() > 1 && !seen.insert(e.uuid.as_str());
-            let dup = repeated || known.query_row((&e.uuid, cutoff), |r| r.get::<_, bool>(0))?;
+            let mut dup = repeated || buffered.query_row([&e.uuid], |r| r.get::<_, bool>(0))?;
+            if !dup {
+                for (lo, hi) in recent.index.candidates(recent.index.hash(&e.uuid)) {
+                    if remembered.query_row((lo, hi, &e.uuid, cutoff), |r| r.get::<_, bool>(0))? {
+                        dup = true;
+                        break;
+                    }
+                }
+            }
             out.push(dup);
         }
         Ok(out)
@@ -163,19 +245,14 @@ impl Window {
             Source::Events => {
                 "INSERT OR IGNORE INTO recent_uuids(uuid, delivered_at_ms)
                  SELECT uuid, ?2 FROM events WHERE seq = ?1 AND client_uuid = 1
-                 RETURNING length(uuid)"
+                 RETURNING id, uuid"
             }
             Source::DeadLetters => {
                 "INSERT OR IGNORE INTO recent_uuids(uuid, delivered_at_ms)
-                 SELECT uuid, ?2 FROM dead_letters WHERE seq = ?1 RETURNING length(uuid)"
+                 SELECT uuid, ?2 FROM dead_letters WHERE seq = ?1 RETURNING id, uuid"
             }
         })?;
-        let mut rows = insert.query((seq, now_ms))?;
-        let mut bytes = 0;
-        while let Some(r) = rows.next()? {
-            bytes += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
-        }
-        Ok(bytes)
+        self.inserted(insert.query((seq, now_ms))?)
     }
 
     /// Remembers the client uuids of every event with `seq <= through` (about
@@ -197,10 +274,55 @@ impl Window {
         }
         let mut insert = conn.prepare_cached(
             "INSERT OR IGNORE INTO recent_uuids(uuid, delivered_at_ms)
-             SELECT uuid, ?2 FROM events WHERE seq <= ?1 AND client_uuid = 1",
+             SELECT uuid, ?2 FROM events WHERE seq <= ?1 AND client_uuid = 1
+             RETURNING id, uuid",
         )?;
-        insert.execute((through, now_ms))?;
+        self.inserted(insert.query((through, now_ms))?)?;
         Ok(uuid_bytes.max(0) as u64 + rows.max(0) as u64 * ROW_OVERHEAD)
+    }
+
+    /// Notes rows `(id, uuid)` just inserted; returns the bytes they count.
+    fn inserted(&self, mut rows: rusqlite::Rows<'_>) -> rusqlite::Result<u64> {
+        let mut recent = self.recent();
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let uuid = r.get_ref(1)?.as_str()?;
+            bytes += uuid.len() as u64 + ROW_OVERHEAD;
+            let hash = recent.index.hash(uuid);
+            recent.inserted.push((id, hash));
+        }
+        Ok(bytes)
+    }
+
+    /// Notes rows `(id, length(uuid))` just deleted; returns the bytes freed
+    /// and how many.
+    fn removed(&self, mut rows: rusqlite::Rows<'_>) -> rusqlite::Result<(u64, usize)> {
+        let mut recent = self.recent();
+        let (mut bytes, mut n) = (0, 0);
+        while let Some(r) = rows.next()? {
+            recent.removed.push(r.get(0)?);
+            bytes += r.get::<_, i64>(1)? as u64 + ROW_OVERHEAD;
+            n += 1;
+        }
+        Ok((bytes, n))
+    }
+
+    /// Forgets the oldest remembered uuids, expired or not, if the index in
+    /// memory holds as many segments as it may; returns the bytes freed.
+    /// Called before remembering more.
+    pub fn bound_index(&self, conn: &Connection) -> rusqlite::Result<u64> {
+        let Some(below) = self.recent().index.overflow_below(self.max_segments - 1) else {
+            return Ok(0);
+        };
+        let mut forget = conn
+            .prepare_cached("DELETE FROM recent_uuids WHERE id < ?1 RETURNING id, length(uuid)")?;
+        let (bytes, n) = self.removed(forget.query([below])?)?;
+        tracing::warn!(
+            forgotten = n,
+            "the deduplication window's index reached its memory bound; the oldest remembered uuids were forgotten early"
+        );
+        Ok(bytes)
     }
 
     /// Forgets the oldest remembered uuids, expired or not, until `bytes`
@@ -209,18 +331,14 @@ impl Window {
         let mut evict = conn.prepare_cached(
             "DELETE FROM recent_uuids
              WHERE id IN (SELECT id FROM recent_uuids ORDER BY id LIMIT ?1)
-             RETURNING length(uuid)",
+             RETURNING id, length(uuid)",
         )?;
         let mut freed = 0;
         while freed < bytes {
             // Rows of a hyphenated uuid; a shorter one only takes another pass.
             let n = ((bytes - freed) / (36 + ROW_OVERHEAD)).max(1);
-            let mut rows = evict.query([n as i64])?;
-            let mut got = 0;
-            while let Some(r) = rows.next()? {
-                freed += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
-                got += 1;
-            }
+            let (got_bytes, got) = self.removed(evict.query([n as i64])?)?;
+            freed += got_bytes;
             if got == 0 {
                 break;
             }
@@ -236,15 +354,10 @@ impl Window {
             "DELETE FROM recent_uuids
              WHERE id IN (SELECT id FROM recent_uuids ORDER BY id LIMIT ?2)
                AND delivered_at_ms <= ?1
-             RETURNING length(uuid)",
+             RETURNING id, length(uuid)",
         )?;
         let chunk = at_least.max(PRUNE_CHUNK) as i64;
-        let mut rows = prune.query((self.cutoff(now_ms), chunk))?;
-        let mut bytes = 0;
-        while let Some(r) = rows.next()? {
-            bytes += r.get::<_, i64>(0)? as u64 + ROW_OVERHEAD;
-        }
-        Ok(bytes)
+        Ok(self.removed(prune.query((self.cutoff(now_ms), chunk))?)?.0)
     }
 }
 

@@ -29,7 +29,7 @@
 //! dead_letters(seq INTEGER PRIMARY KEY, uuid, topic, key, payload,
 //!        captured_at_ms, reason TEXT, failed_at_ms INTEGER, dlq_delivered INTEGER)
 //! recent_uuids(id INTEGER PRIMARY KEY, uuid TEXT, delivered_at_ms INTEGER)
-//! -- indexes on events(uuid), dead_letters(uuid), recent_uuids(uuid)
+//! -- indexes on events(uuid), dead_letters(uuid); recent_uuids is indexed in memory
 //! ```
 //! Version 1 files (no `recent_uuids`, no uuid indexes) are migrated
 //! forward when opened for writing; a version 2 file is refused by older
@@ -305,7 +305,9 @@ fn migrate(conn: &Connection) -> Result<()> {
              id INTEGER PRIMARY KEY,
              uuid TEXT NOT NULL,
              delivered_at_ms INTEGER NOT NULL);
-         CREATE INDEX IF NOT EXISTS recent_uuids_uuid ON recent_uuids(uuid);
+         -- Its uuids are indexed in memory (see `dedup`); an older binary
+         -- (a rollback) recreates this index on its own.
+         DROP INDEX IF EXISTS recent_uuids_uuid;
          CREATE INDEX IF NOT EXISTS dead_letters_uuid ON dead_letters(uuid);",
     )?;
     // Only client uuids are indexed. Rows of older files count as the

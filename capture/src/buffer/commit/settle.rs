@@ -57,6 +57,7 @@ pub(super) fn apply_settlements(
                         reply,
                     } => {
                         let failed_at = now_ms();
+                        t.window_bytes -= window.bound_index(&tx)? as i128;
                         let mut remembered = 0u64;
                         for d in &dead {
                             bury.execute(params![d.seq, d.reason, failed_at])?;
