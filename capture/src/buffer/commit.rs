@@ -443,6 +443,8 @@ fn apply_appends(
     let mut commands = commands.into_iter();
     let now = now_ms();
     let result = (|| -> rusqlite::Result<()> {
+        // Before the transaction: the index is built from what committed.
+        window.ensure_loaded(conn)?;
         let tx = conn.transaction()?;
         if round.prune && !refuse_appends {
             let freed = window.prune(&tx, 0, now)?;

@@ -87,6 +87,8 @@ pub(super) struct Window {
 /// in the table, nor misses one that is.
 #[derive(Debug, Default)]
 struct Recent {
+    /// The index reflects the table (it is built on first use).
+    loaded: bool,
     index: RecentIndex,
     inserted: Vec<(i64, Hash)>,
     removed: Vec<i64>,
@@ -94,7 +96,18 @@ struct Recent {
 
 impl Window {
     /// A window of `length` (zero: deduplication off) over an empty table.
+    #[cfg(test)]
     pub fn new(length: Duration) -> Self {
+        let window = Self::over_table(length);
+        window.recent().loaded = true;
+        window
+    }
+
+    /// A window of `length` (zero: deduplication off) over the uuids the
+    /// table remembers. Its index is built on the first append
+    /// ([`ensure_loaded`](Self::ensure_loaded)), so a drain that never
+    /// appends (`flush`) spends neither the pass nor the memory.
+    pub fn over_table(length: Duration) -> Self {
         Self {
             ms: i64::try_from(length.as_millis()).unwrap_or(i64::MAX),
             last_append_prune: None,
@@ -103,21 +116,42 @@ impl Window {
         }
     }
 
-    /// A window of `length` over the uuids `conn`'s table remembers (the
-    /// index is built from it: a pass over the table).
+    /// A window of `length` with its index built from `conn`'s table.
+    #[cfg(test)]
     pub fn load(conn: &Connection, length: Duration) -> rusqlite::Result<Self> {
-        let window = Self::new(length);
-        if window.is_on() {
-            let mut recent = window.recent();
-            let mut rows = conn.prepare("SELECT id, uuid FROM recent_uuids")?;
-            let mut rows = rows.query([])?;
-            while let Some(r) = rows.next()? {
-                let (id, uuid): (i64, String) = (r.get(0)?, r.get(1)?);
-                let hash = recent.index.hash(&uuid);
-                recent.index.insert(id, hash);
-            }
-        }
+        let window = Self::over_table(length);
+        window.ensure_loaded(conn)?;
         Ok(window)
+    }
+
+    /// Builds the index from the table (a pass over it) unless it was.
+    /// Called outside any transaction, so it reads only what committed.
+    pub fn ensure_loaded(&self, conn: &Connection) -> rusqlite::Result<()> {
+        let mut recent = self.recent();
+        if recent.loaded || !self.is_on() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut index = RecentIndex::default();
+        let mut rows = conn.prepare("SELECT id, uuid FROM recent_uuids")?;
+        let mut rows = rows.query([])?;
+        let mut n = 0u64;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let hash = index.hash(r.get_ref(1)?.as_str()?);
+            index.insert(id, hash);
+            n += 1;
+        }
+        recent.index = index;
+        recent.loaded = true;
+        recent.inserted.clear();
+        recent.removed.clear();
+        tracing::info!(
+            remembered = n,
+            ms = started.elapsed().as_millis() as u64,
+            "deduplication window indexed"
+        );
+        Ok(())
     }
 
     fn recent(&self) -> MutexGuard<'_, Recent> {
@@ -129,10 +163,17 @@ impl Window {
     pub fn committed(&self) {
         let mut recent = self.recent();
         let Recent {
+            loaded,
             index,
             inserted,
             removed,
         } = &mut *recent;
+        if !*loaded {
+            // The table holds them; the index is built from it when needed.
+            inserted.clear();
+            removed.clear();
+            return;
+        }
         for (id, hash) in inserted.drain(..) {
             index.insert(id, hash);
         }
@@ -190,6 +231,7 @@ impl Window {
                  WHERE id BETWEEN ?1 AND ?2 AND uuid = ?3 AND delivered_at_ms > ?4)",
         )?;
         let recent = self.recent();
+        debug_assert!(recent.loaded, "appends ensure the index is loaded first");
         let cutoff = self.cutoff(now_ms);
         let mut seen = HashSet::with_capacity(if events.len() > 1 { events.len() } else { 0 });
         let mut out = Vec::with_capacity(events.len());

@@ -177,6 +177,23 @@ async fn the_window_and_the_buffered_uuids_survive_a_restart() {
     stop(w, h).await;
 }
 
+/// A writer that delivers before it ever appends (a drain, or a pod whose
+/// first work after a restart is forwarding) builds its index only at the
+/// first append, from the table: what it delivered meanwhile is found.
+#[tokio::test]
+async fn deliveries_before_the_first_append_are_found_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX, dedup::DEFAULT_WINDOW);
+    h.append(vec![ev(0), ev(1)]).await.unwrap();
+    stop(w, h).await;
+    let (w, h) = start(dir.path(), u64::MAX, dedup::DEFAULT_WINDOW);
+    let r = open_reader(dir.path()).unwrap();
+    assert_eq!(deliver_all(&h, &r).await, 2);
+    h.append(vec![ev(0), ev(1), ev(2)]).await.unwrap();
+    assert_eq!(uuids(&r), vec![ev(2).uuid]);
+    stop(w, h).await;
+}
+
 #[tokio::test]
 async fn with_the_window_off_retries_are_stored_again() {
     let dir = tempfile::tempdir().unwrap();

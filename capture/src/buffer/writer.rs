@@ -349,7 +349,7 @@ impl GroupCommitWriter {
         state.oldest_ms.store(census.oldest_ms, Ordering::Relaxed);
         state.last_seq.store(census.last_seq, Ordering::Relaxed);
         commit::update_over_quota(&state, false);
-        let window = super::dedup::Window::load(&conn, opts.dedup_window)?;
+        let window = super::dedup::Window::over_table(opts.dedup_window);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let appended = Arc::new(Notify::new());
         let handle = WriterHandle {
