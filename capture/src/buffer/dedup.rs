@@ -414,7 +414,7 @@ pub fn window_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 
 /// Uuids remembered as delivered within the last `window` (for `inspect` and tests).
 pub fn remembered(conn: &Connection, window: Duration, now_ms: i64) -> rusqlite::Result<u64> {
-    let cutoff = Window::new(window).cutoff(now_ms);
+    let cutoff = Window::over_table(window).cutoff(now_ms);
     conn.query_row(
         "SELECT count(*) FROM recent_uuids WHERE delivered_at_ms > ?1",
         [cutoff],

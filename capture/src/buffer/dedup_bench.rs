@@ -114,3 +114,32 @@ async fn window_cost() {
         }
     }
 }
+
+/// How long the first append after a start takes to index a full window:
+/// `cargo test --release -p holdfast-capture --lib window_index_load -- --ignored --nocapture`
+/// (`HOLDFAST_BENCH_EVENTS` remembered uuids, default 6,000,000: 10,000
+/// client uuids/s for the default 10 minutes).
+#[test]
+#[ignore = "benchmark: run on demand, see the doc comment"]
+fn window_index_load() {
+    let total: i64 = std::env::var("HOLDFAST_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let c = open_writer(dir.path(), Durability::Os).unwrap();
+    c.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+         INSERT INTO recent_uuids(uuid, delivered_at_ms)
+         SELECT lower(hex(randomblob(16))), 0 FROM n",
+        [total],
+    )
+    .unwrap();
+    let started = Instant::now();
+    let w = dedup::Window::over_table(dedup::DEFAULT_WINDOW);
+    w.ensure_loaded(&c).unwrap();
+    println!(
+        "indexed {total} remembered uuids in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+}
