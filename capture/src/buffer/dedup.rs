@@ -389,9 +389,23 @@ impl Window {
     }
 
     /// Forgets expired uuids: only among the oldest `max(at_least, 1024)`
-    /// rows, so one prune's work is bounded however large the window is.
+    /// rows, so one prune's work is bounded however large the window is, and
+    /// only once the oldest has expired.
     /// Returns the bytes freed from the quota.
     pub fn prune(&self, conn: &Connection, at_least: usize, now_ms: i64) -> rusqlite::Result<u64> {
+        // Rows are in delivery order: while the oldest is unexpired, so is
+        // every other (one probe instead of reading a chunk).
+        let mut oldest =
+            conn.prepare_cached("SELECT delivered_at_ms FROM recent_uuids ORDER BY id LIMIT 1")?;
+        let cutoff = self.cutoff(now_ms);
+        let expired = match oldest.query_row([], |r| r.get::<_, i64>(0)) {
+            Ok(at) => at <= cutoff,
+            Err(rusqlite::Error::QueryReturnedNoRows) => false,
+            Err(e) => return Err(e),
+        };
+        if !expired {
+            return Ok(0);
+        }
         let mut prune = conn.prepare_cached(
             "DELETE FROM recent_uuids
              WHERE id IN (SELECT id FROM recent_uuids ORDER BY id LIMIT ?2)
@@ -399,7 +413,7 @@ impl Window {
              RETURNING id, length(uuid)",
         )?;
         let chunk = at_least.max(PRUNE_CHUNK) as i64;
-        Ok(self.removed(prune.query((self.cutoff(now_ms), chunk))?)?.0)
+        Ok(self.removed(prune.query((cutoff, chunk))?)?.0)
     }
 }
 
