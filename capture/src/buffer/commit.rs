@@ -445,7 +445,9 @@ fn apply_appends(
     let result = (|| -> rusqlite::Result<()> {
         // Before the transaction: the index is built from what committed.
         window.ensure_loaded(conn)?;
-        let tx = conn.transaction()?;
+        // Immediate: the write lock is taken (waiting out the busy timeout) before
+        // the first read, which a deferred transaction could not upgrade later.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if round.prune && !refuse_appends {
             let freed = window.prune(&tx, 0, now)?;
             t.window_bytes -= freed as i128;
@@ -471,7 +473,7 @@ fn apply_appends(
                         let dup = if state.sealed.load(Ordering::Relaxed) || refuse_appends {
                             vec![false; events.len()]
                         } else {
-                            window.duplicates(&tx, &events, now)?
+                            window.duplicates(&tx, &events, now, t.dead > 0)?
                         };
                         let fresh = || {
                             events

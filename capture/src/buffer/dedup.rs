@@ -211,21 +211,27 @@ impl Window {
     }
 
     /// Marks the events of one request that must not be stored again: a
-    /// uuid seen earlier in the request, buffered (queued, or a dead letter),
-    /// or delivered within the window. All false when the window is off.
+    /// uuid seen earlier in the request, buffered (queued, or a dead letter:
+    /// `dead_letters` says whether the buffer holds any), or delivered
+    /// within the window. All false when the window is off.
     pub fn duplicates(
         &self,
         conn: &Connection,
         events: &[NewEvent],
         now_ms: i64,
+        dead_letters: bool,
     ) -> rusqlite::Result<Vec<bool>> {
         if !self.is_on() {
             return Ok(vec![false; events.len()]);
         }
-        let mut buffered = conn.prepare_cached(
+        // Dead letters are rare: their index is looked at only when the
+        // buffer holds some.
+        let mut buffered = conn.prepare_cached(if dead_letters {
             "SELECT EXISTS(SELECT 1 FROM events WHERE uuid = ?1 AND client_uuid = 1)
-                 OR EXISTS(SELECT 1 FROM dead_letters WHERE uuid = ?1)",
-        )?;
+                 OR EXISTS(SELECT 1 FROM dead_letters WHERE uuid = ?1)"
+        } else {
+            "SELECT EXISTS(SELECT 1 FROM events WHERE uuid = ?1 AND client_uuid = 1)"
+        })?;
         let mut remembered = conn.prepare_cached(
             "SELECT EXISTS(SELECT 1 FROM recent_uuids
                  WHERE id BETWEEN ?1 AND ?2 AND uuid = ?3 AND delivered_at_ms > ?4)",

@@ -509,3 +509,26 @@ async fn appends_that_would_take_the_room_kept_for_deletes_are_refused() {
     assert_eq!(uuids, [ev(3).uuid], "the refused append wrote nothing");
     stop(w, h).await;
 }
+
+/// A statement failing half-way through a request's transaction answers
+/// that request with a disk error (not "stopped", as a dropped reply once
+/// did), and the writer goes on.
+#[tokio::test]
+async fn a_commit_failing_mid_request_answers_it_with_a_disk_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = GroupCommitWriter::start(dir.path(), Durability::Fsync, u64::MAX, None).unwrap();
+    h.append(vec![ev(0)]).await.unwrap();
+    let other = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    other
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        )
+        .unwrap();
+    let err = h.append(vec![ev(1)]).await.unwrap_err();
+    assert!(matches!(err, AppendError::Disk(_)), "{err:?}");
+    other.execute_batch("DROP TRIGGER refuse;").unwrap();
+    h.append(vec![ev(2)]).await.unwrap();
+    assert_eq!(h.state.events.load(Ordering::Relaxed), 2);
+    drop(h);
+    w.join();
+}

@@ -154,7 +154,15 @@ impl WriterHandle {
             .send(make(reply))
             .await
             .map_err(|_| AppendError::Stopped)?;
-        rx.await.map_err(|_| AppendError::Stopped)?
+        match rx.await {
+            Ok(answer) => answer,
+            // The writer still runs but dropped the reply: the command failed
+            // half-way through its transaction (the error is in its log).
+            Err(_) if !self.tx.is_closed() => Err(AppendError::Disk(
+                "the buffer's commit failed; see the capture log".into(),
+            )),
+            Err(_) => Err(AppendError::Stopped),
+        }
     }
 
     /// Appends a request's events; resolves once they are committed (and fsynced

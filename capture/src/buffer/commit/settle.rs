@@ -32,7 +32,9 @@ pub(super) fn apply_settlements(
     let n = commands.len();
     let mut commands = commands.into_iter();
     let result = (|| -> rusqlite::Result<()> {
-        let tx = conn.transaction()?;
+        // Immediate: the write lock is taken (waiting out the busy timeout) before
+        // the first read, which a deferred transaction could not upgrade later.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
             let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;

@@ -54,7 +54,7 @@ fn deliver_all(conn: &mut Connection, w: &Window, now: i64) -> i64 {
 }
 
 fn is_duplicate(conn: &Connection, w: &Window, uuid: &str, now: i64) -> bool {
-    w.duplicates(conn, &[event(uuid)], now).unwrap()[0]
+    w.duplicates(conn, &[event(uuid)], now, true).unwrap()[0]
 }
 
 #[test]
