@@ -8,10 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::message::Header;
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::BaseRecord;
 use rusqlite::Connection;
 
-use super::{KafkaProducer, ORIGINAL_TOPIC_HEADER, REASON_HEADER, SharedProducer, headers};
+use super::{
+    KafkaProducer, ORIGINAL_TOPIC_HEADER, REASON_HEADER, SharedProducer, delivery, headers,
+};
 use crate::buffer::{self, DeadLetterFilter, WriterHandle};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
@@ -120,7 +122,8 @@ async fn copy_dead_letters(
             captured_at_ms: row.captured_at_ms,
             client_uuid: true,
         };
-        let record = FutureRecord::to(dlq)
+        let (route, rx) = delivery::once();
+        let record = BaseRecord::with_opaque_to(dlq, route)
             .key(&row.key)
             .payload(&row.payload)
             .headers(
@@ -134,8 +137,8 @@ async fn copy_dead_letters(
                         value: Some(row.topic.as_bytes()),
                     }),
             );
-        match producer.send_result(record) {
-            Ok(fut) => pending.push((row.seq, fut)),
+        match producer.send(record) {
+            Ok(()) => pending.push((row.seq, rx)),
             Err((e, _)) => {
                 tracing::warn!(seq = row.seq, dlq, error = %e, "could not queue a dead letter for the dead-letter topic");
                 all_ok = false;
@@ -144,14 +147,13 @@ async fn copy_dead_letters(
         }
     }
     let mut copied = Vec::with_capacity(pending.len());
-    for (seq, fut) in pending {
-        match fut.await {
-            Ok(Ok(_)) => copied.push(seq),
-            Ok(Err((e, _))) => {
+    for (seq, rx) in pending {
+        match delivery::outcome(rx).await {
+            Ok(()) => copied.push(seq),
+            Err(e) => {
                 all_ok = false;
                 tracing::warn!(seq, dlq, error = %e, "could not copy a dead letter to the dead-letter topic; retrying later")
             }
-            Err(_) => all_ok = false,
         }
     }
     if copied.is_empty() {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rusqlite::Connection;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -31,7 +31,7 @@ use super::checkpoint;
 use super::dlq::DlqCopier;
 use super::{
     Error, ErrorClass, KafkaContext, KafkaProducer, Result, RunUntil, SharedProducer, classify,
-    enqueue, producer_config,
+    delivery, enqueue_once, producer_config,
 };
 use crate::buffer::{self, StoredEvent, WriterHandle};
 use crate::config::KafkaConfig;
@@ -380,25 +380,24 @@ impl ExactlyOnce {
         let mut pending = Vec::with_capacity(batch.len());
         let mut failures: Vec<(usize, KafkaError)> = Vec::new();
         for (i, stored) in batch.iter().enumerate() {
-            match enqueue(&self.producer, &stored.event).await {
+            match enqueue_once(&self.producer, &stored.event).await {
                 Ok(f) => pending.push((i, f)),
                 Err(e) => failures.push((i, e)),
             }
         }
-        let mark_sent = self.producer.send_result(
-            FutureRecord::to(&self.cfg.checkpoint_topic)
+        let (route, mark_rx) = delivery::once();
+        let mark_sent = self.producer.send(
+            BaseRecord::with_opaque_to(&self.cfg.checkpoint_topic, route)
                 .key(self.volume_id.as_bytes())
                 .payload(&mark),
         );
         let mark_ok = match mark_sent {
-            Ok(f) => matches!(f.await, Ok(Ok(_))),
+            Ok(()) => delivery::outcome(mark_rx).await.is_ok(),
             Err(_) => false,
         };
-        for (i, f) in pending {
-            match f.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => failures.push((i, e)),
-                Err(_) => failures.push((i, KafkaError::Canceled)),
+        for (i, rx) in pending {
+            if let Err(e) = delivery::outcome(rx).await {
+                failures.push((i, e));
             }
         }
         if failures.is_empty() && mark_ok {

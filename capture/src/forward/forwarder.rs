@@ -18,8 +18,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 use rusqlite::Connection;
@@ -31,6 +29,7 @@ use super::dlq::DlqCopier;
 mod acks;
 mod judge;
 mod settler;
+use super::delivery::{Reports, Route};
 use super::stall::{self, Watchdog};
 use super::{Result, SharedProducer, enqueue};
 use crate::buffer::{self, StoredEvent, WriterHandle};
@@ -345,7 +344,9 @@ impl Forwarder {
     ) -> Result<(Round, Option<Settling>)> {
         let producer = self.producer.get();
         let mut failures: Vec<(usize, KafkaError)> = Vec::new();
-        let mut in_flight = FuturesUnordered::new();
+        // This batch's delivery reports, and how many are still to come.
+        let reports = Arc::new(Reports::default());
+        let mut in_flight = 0usize;
         let mut stop_deadline: Option<Instant> = None;
         let mut next = 0;
         // Sent, acknowledged, handed to a settlement.
@@ -365,7 +366,7 @@ impl Forwarder {
             // all a kill can make a later drainer send twice.
             while next < batch.len()
                 && stop_deadline.is_none()
-                && in_flight.len() < window
+                && in_flight < window
                 && acks.waiting() < window
             {
                 if *stop.borrow() {
@@ -373,14 +374,14 @@ impl Forwarder {
                     stop_deadline = Some(Instant::now() + STOP_GRACE);
                     break;
                 }
-                match enqueue(&producer, &batch[next].event).await {
-                    Ok(fut) => {
-                        if in_flight.is_empty() {
+                let route = Box::new(Route::Batch(reports.clone(), next));
+                match enqueue(&producer, &batch[next].event, route).await {
+                    Ok(()) => {
+                        if in_flight == 0 {
                             watchdog.progressed();
                         }
-                        let i = next;
-                        acks.sent(i);
-                        in_flight.push(async move { (i, fut.await) });
+                        acks.sent(next);
+                        in_flight += 1;
                     }
                     Err(e) => failures.push((next, e)),
                 }
@@ -389,7 +390,7 @@ impl Forwarder {
             let sent_all = next >= batch.len() || stop_deadline.is_some();
             if settling.is_none()
                 && acks.waiting() > 0
-                && (acks.waiting() >= window || (in_flight.is_empty() && sent_all))
+                && (acks.waiting() >= window || (in_flight == 0 && sent_all))
             {
                 let list = acks.take_all();
                 settling = Some(self.settler.delivered(&list, batch, stop.clone()));
@@ -397,43 +398,28 @@ impl Forwarder {
             // Everything acknowledged is handed over. A clean batch leaves
             // its last settlement committing for the caller to carry.
             let clean = failures.is_empty() && stop_deadline.is_none();
-            if in_flight.is_empty()
-                && acks.waiting() == 0
-                && sent_all
-                && (settling.is_none() || clean)
-            {
+            if in_flight == 0 && acks.waiting() == 0 && sent_all && (settling.is_none() || clean) {
                 break;
             }
             let deadline =
                 stop_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                report = in_flight.next(), if !in_flight.is_empty() => {
+                taken = reports.take(), if in_flight > 0 => {
                     watchdog.progressed();
                     // Reports come in bursts (one per record batch Kafka
-                    // acknowledged): take every one ready before going round
-                    // the loop again, bounded so sending goes on.
-                    let mut report = report;
-                    let mut taken = 0;
-                    while let Some((i, result)) = report {
-                        let failure = match result {
-                            Ok(Ok(_)) => {
+                    // acknowledged): every one queued is taken at once.
+                    for (i, result) in taken {
+                        in_flight -= 1;
+                        match result {
+                            Ok(()) => {
                                 acks.acked(i);
                                 delivered_total.push(i);
-                                None
                             }
-                            Ok(Err((e, _))) => Some(e),
-                            Err(_canceled) => Some(KafkaError::Canceled),
-                        };
-                        if let Some(e) = failure {
-                            acks.failed(i);
-                            failures.push((i, e));
+                            Err(e) => {
+                                acks.failed(i);
+                                failures.push((i, e));
+                            }
                         }
-                        taken += 1;
-                        report = if taken < window {
-                            in_flight.next().now_or_never().flatten()
-                        } else {
-                            None
-                        };
                     }
                 },
                 _ = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
@@ -452,20 +438,21 @@ impl Forwarder {
                     stop_deadline = Some(Instant::now() + STOP_GRACE);
                 }
                 _ = tokio::time::sleep_until(deadline), if stop_deadline.is_some() => {
-                    tracing::warn!(events = in_flight.len(), "stopping with deliveries unconfirmed; they stay buffered");
+                    tracing::warn!(events = in_flight, "stopping with deliveries unconfirmed; they stay buffered");
                     break;
                 }
-                _ = tokio::time::sleep_until(watchdog.deadline()), if watchdog.armed() && !in_flight.is_empty() && stop_deadline.is_none() => {
+                _ = tokio::time::sleep_until(watchdog.deadline()), if watchdog.armed() && in_flight > 0 && stop_deadline.is_none() => {
                     let silent_ms = watchdog.silent_for().as_millis() as u64;
-                    tracing::warn!(events = in_flight.len(), silent_ms, "kafka producer stalled: no delivery report past the message timeout; replacing it and sending the unconfirmed events again");
+                    tracing::warn!(events = in_flight, silent_ms, "kafka producer stalled: no delivery report past the message timeout; replacing it and sending the unconfirmed events again");
                     stalled = true;
                     break;
                 }
             }
         }
-        // The stalled producer's reports are never awaited again: its
-        // unconfirmed events stay buffered and count as failed to retry.
-        drop(in_flight);
+        // The stalled producer's reports are never taken again (they land in
+        // `reports`, freed with the last): its unconfirmed events stay
+        // buffered and count as failed to retry.
+        drop(reports);
         let suspect = if stalled {
             self.producer.replace_stalled(producer);
             let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);

@@ -10,6 +10,7 @@
 
 mod checkpoint;
 mod classify;
+mod delivery;
 mod dlq;
 mod exactly_once;
 mod forwarder;
@@ -24,9 +25,10 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 pub use classify::{ErrorClass, classify};
+use delivery::Route;
 pub use exactly_once::{ExactlyOnce, transactional_id};
 pub use forwarder::{Forwarder, RunUntil};
 
@@ -113,8 +115,9 @@ impl ClientContext for KafkaContext {
     }
 }
 
-/// The producer used by the forwarder and direct streams.
-pub type KafkaProducer = FutureProducer<KafkaContext>;
+/// The producer used by the forwarder and direct streams; its polling
+/// thread hands each delivery report to the event's [`Route`].
+pub type KafkaProducer = ThreadedProducer<KafkaContext>;
 
 /// Producer properties: safe defaults first, the user's properties last (they win).
 pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -194,6 +197,8 @@ impl SharedProducer {
 }
 
 fn headers(event: &NewEvent) -> OwnedHeaders {
+    let mut digits = [0; 20];
+    let captured_at = itoa(&mut digits, event.captured_at_ms);
     OwnedHeaders::new_with_capacity(2)
         .insert(Header {
             key: UUID_HEADER,
@@ -201,29 +206,52 @@ fn headers(event: &NewEvent) -> OwnedHeaders {
         })
         .insert(Header {
             key: CAPTURED_AT_HEADER,
-            value: Some(event.captured_at_ms.to_string().as_bytes()),
+            value: Some(captured_at),
         })
 }
 
-/// Enqueues one event, waiting for queue space when librdkafka's queue is full.
+/// `n` in decimal, written into `buf` (no allocation per event).
+fn itoa(buf: &mut [u8; 20], n: i64) -> &[u8] {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // 20 bytes hold any i64 ("-9223372036854775808" is 20).
+    let _ = write!(cursor, "{n}");
+    let len = cursor.position() as usize;
+    &buf[..len]
+}
+
+/// Enqueues one event, its report going to `route`; waits for queue space
+/// when librdkafka's queue is full.
 async fn enqueue(
     producer: &KafkaProducer,
     event: &NewEvent,
-) -> std::result::Result<DeliveryFuture, KafkaError> {
+    route: Box<Route>,
+) -> std::result::Result<(), KafkaError> {
+    let mut route = route;
     loop {
-        let record = FutureRecord::to(&event.topic)
+        let record = BaseRecord::with_opaque_to(&event.topic, route)
             .key(&event.key)
             .payload(&event.payload)
             .headers(headers(event));
-        match producer.send_result(record) {
-            Ok(fut) => return Ok(fut),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                route = record.delivery_opaque;
                 // Deliveries in flight free the queue; librdkafka polls on its own thread.
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// Enqueues one event whose outcome comes back on its own channel.
+async fn enqueue_once(
+    producer: &KafkaProducer,
+    event: &NewEvent,
+) -> std::result::Result<futures::channel::oneshot::Receiver<delivery::Outcome>, KafkaError> {
+    let (route, rx) = delivery::once();
+    enqueue(producer, event, route).await.map(|()| rx)
 }
 
 /// Sends every event and waits for every delivery report. The result for
@@ -234,16 +262,12 @@ pub async fn send_all(
 ) -> Vec<std::result::Result<(), KafkaError>> {
     let mut pending = Vec::with_capacity(events.len());
     for event in events {
-        pending.push(enqueue(producer, event).await);
+        pending.push(enqueue_once(producer, event).await);
     }
     let mut results = Vec::with_capacity(events.len());
     for p in pending {
         results.push(match p {
-            Ok(fut) => match fut.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e),
-                Err(_canceled) => Err(KafkaError::Canceled),
-            },
+            Ok(rx) => delivery::outcome(rx).await,
             Err(e) => Err(e),
         });
     }
@@ -310,4 +334,17 @@ pub async fn wait_empty(writer: &WriterHandle, deadline: tokio::time::Instant) -
 /// Flushes librdkafka's queue (used before exit).
 pub fn flush_producer(producer: &KafkaProducer, timeout: Duration) {
     let _ = producer.flush(timeout);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::itoa;
+
+    #[test]
+    fn itoa_writes_every_i64_as_to_string_does() {
+        for n in [0, 7, -1, 1_765_000_000_123, i64::MAX, i64::MIN] {
+            let mut buf = [0; 20];
+            assert_eq!(itoa(&mut buf, n), n.to_string().as_bytes());
+        }
+    }
 }
