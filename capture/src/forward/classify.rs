@@ -3,6 +3,8 @@
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+use crate::buffer::{DeadLetter, StoredEvent};
+
 /// What to do with an event whose delivery failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -37,6 +39,17 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
         C::InvalidRecord => ErrorClass::DeadLetter("invalid_record"),
         C::Fatal | C::ProducerFenced | C::InvalidProducerEpoch | C::Fenced => ErrorClass::Fatal,
         _ => ErrorClass::Retry,
+    }
+}
+
+/// The dead letter for an event Kafka rejected for good, logged (by seq,
+/// uuid and topic: never its payload).
+pub fn dead_letter(stored: &StoredEvent, reason: &'static str, error: &KafkaError) -> DeadLetter {
+    tracing::warn!(seq = stored.seq, uuid = %stored.event.uuid, topic = %stored.event.topic, reason, error = %error, "kafka rejected event for good; moving it to dead letters");
+    DeadLetter {
+        seq: stored.seq,
+        size: stored.event.size(),
+        reason: format!("{reason}: {error}"),
     }
 }
 

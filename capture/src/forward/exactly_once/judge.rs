@@ -4,9 +4,10 @@
 use rdkafka::error::KafkaError;
 use tokio::time::{Duration, Instant};
 
+use super::super::classify::dead_letter;
 use super::super::{ErrorClass, Result, classify};
 use super::{ExactlyOnce, Outcome, SOLO_ROUNDS};
-use crate::buffer::{DeadLetter, StoredEvent};
+use crate::buffer::StoredEvent;
 use crate::metrics::ReasonLabel;
 
 impl ExactlyOnce {
@@ -54,12 +55,7 @@ impl ExactlyOnce {
                 }
                 ErrorClass::Retry | ErrorClass::Fatal => continue,
             };
-            tracing::warn!(seq = stored.seq, uuid = %stored.event.uuid, topic = %stored.event.topic, reason, error = %error, "kafka rejected event for good; moving it to dead letters");
-            dead.push(DeadLetter {
-                seq: stored.seq,
-                size: stored.event.size(),
-                reason: format!("{reason}: {error}"),
-            });
+            dead.push(dead_letter(stored, reason, &error));
             reasons.push(reason);
         }
         if dead.is_empty() {

@@ -9,6 +9,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::super::classify::dead_letter;
 use super::super::stall::{self, stall_bound};
 use super::super::{ErrorClass, Result, classify, send_all};
 use super::{Forwarder, PARK_MAX_DELAY, Parked, Round};
@@ -59,12 +60,7 @@ impl Forwarder {
             }
             match classify(&error) {
                 ErrorClass::DeadLetter(reason) => {
-                    tracing::warn!(seq = stored.seq, uuid = %stored.event.uuid, topic = %stored.event.topic, reason, error = %error, "kafka rejected event for good; moving it to dead letters");
-                    dead.push(DeadLetter {
-                        seq: stored.seq,
-                        size: stored.event.size(),
-                        reason: format!("{reason}: {error}"),
-                    });
+                    dead.push(dead_letter(stored, reason, &error));
                     dead_reasons.push(reason);
                 }
                 ErrorClass::TopicRefused(reason) => {
