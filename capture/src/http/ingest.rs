@@ -408,6 +408,17 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
                         format!("event {index}: uuid must be a UUID string, got {v}"),
                     )
                 })?;
+            // A zero-valued id field would make every event of a client "one
+            // event", which deduplication would then store once.
+            if parsed.is_nil() || parsed.is_max() {
+                return Err(bad(
+                    "invalid_uuid",
+                    format!(
+                        "event {index}: uuid {parsed} is a sentinel that identifies no event; \
+                         send a unique id or none (one is generated)"
+                    ),
+                ));
+            }
             parsed.hyphenated().to_string()
         }
     };

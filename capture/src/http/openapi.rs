@@ -57,7 +57,7 @@ pub const REASONS: &[ReasonDoc] = &[
     reason(
         "invalid_uuid",
         400,
-        "the event at `index` has a `uuid` that is not a UUID string",
+        "the event at `index` has a `uuid` that is not a UUID string, or is the nil or max UUID (which identify no event)",
     ),
     reason("no_events", 400, "the body holds no event"),
     reason("invalid_utf8", 400, "the (decompressed) body is not UTF-8"),

@@ -285,3 +285,39 @@ fn lone_surrogate_escapes_are_malformed_json_naming_the_event() {
         serde_json::from_slice::<serde_json::Value>(&evs[0].payload).unwrap();
     }
 }
+
+/// A zero-valued uuid field (Go's `uuid.Nil`, Java's `new UUID(0, 0)`) would
+/// make every event of a buggy client "the same event": the deduplication
+/// window would answer `200` for each and store only the first. Such ids are
+/// refused, in every spelling the parser accepts, and a real uuid next to
+/// them in the request is not stored either.
+#[test]
+fn refuses_the_nil_and_max_uuids_which_identify_no_event() {
+    for id in [
+        "00000000-0000-0000-0000-000000000000",
+        "00000000000000000000000000000000",
+        "urn:uuid:00000000-0000-0000-0000-000000000000",
+        "{00000000-0000-0000-0000-000000000000}",
+        "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF",
+    ] {
+        let body =
+            format!(r#"[{{"uuid":"0190a6e2-6f1b-7c3a-9f00-000000000001"}},{{"uuid":"{id}"}}]"#);
+        let r = parse(body.as_bytes(), Format::Json, &opts()).unwrap_err();
+        assert_eq!(
+            (r.status, r.index, r.reason),
+            (StatusCode::BAD_REQUEST, Some(1), "invalid_uuid"),
+            "{id}"
+        );
+        assert!(r.message.contains("identifies no event"), "{}", r.message);
+    }
+    // One bit off either sentinel is an ordinary id.
+    for id in [
+        "00000000-0000-0000-0000-000000000001",
+        "7fffffff-ffff-ffff-ffff-ffffffffffff",
+    ] {
+        let body = format!(r#"{{"uuid":"{id}"}}"#);
+        let evs = parse(body.as_bytes(), Format::Json, &opts()).unwrap();
+        assert_eq!(evs[0].uuid, id);
+    }
+}
