@@ -379,16 +379,11 @@ async fn accept(
         .streams
         .get(stream_name)
         .ok_or_else(|| ApiError::UnknownStream(stream_name.to_owned()))?;
-    let format = ingest::format_from_content_type(
-        headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    )
-    .map_err(ApiError::Rejected)?;
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
+    let format =
+        ingest::format_from_content_type(header_list(headers, &header::CONTENT_TYPE).as_deref())
+            .map_err(ApiError::Rejected)?;
+    let encoding =
+        header_list(headers, &header::CONTENT_ENCODING).map(|v| v.trim().to_ascii_lowercase());
     let gzip = match encoding.as_deref() {
         None | Some("identity") => false,
         Some("gzip") | Some("x-gzip") => true,
@@ -525,3 +520,22 @@ async fn direct(s: &AppState, events: &[NewEvent]) -> Result<(), ApiError> {
 
 #[cfg(test)]
 mod tests;
+
+/// A header's value, its lines joined into one list as RFC 9110 §5.3 reads
+/// them (so `identity` on one line and `gzip` on the next is `identity,
+/// gzip`, not `identity`); bytes that are not text stay visible (as U+FFFD)
+/// so they are refused rather than read as an absent header. One line of
+/// text, the usual case, is borrowed.
+fn header_list<'a>(
+    headers: &'a HeaderMap,
+    name: &header::HeaderName,
+) -> Option<std::borrow::Cow<'a, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = String::from_utf8_lossy(values.next()?.as_bytes());
+    Some(values.fold(first, |all, v| {
+        let mut all = all.into_owned();
+        all.push_str(", ");
+        all.push_str(&String::from_utf8_lossy(v.as_bytes()));
+        all.into()
+    }))
+}

@@ -222,6 +222,45 @@ async fn bad_input_gets_the_right_4xx_and_writes_nothing() {
     );
 }
 
+/// A header sent on several lines is one list (RFC 9110 §5.3): a body
+/// labelled `identity` and then `gzip` is gzip applied last, which a
+/// reading of the first line alone would take for plain JSON. Both such
+/// lists are refused as a whole, like their one-line forms, and nothing is
+/// written.
+#[tokio::test]
+async fn a_header_repeated_on_several_lines_is_read_as_one_list() {
+    let f = fixture(&[], u64::MAX);
+    let mut twice_encoded = post("/v1/events", "application/json", gzip(br#"{"a":1}"#));
+    for v in ["identity", "gzip"] {
+        twice_encoded
+            .headers_mut()
+            .append(header::CONTENT_ENCODING, HeaderValue::from_static(v));
+    }
+    let (s, _, body) = send(&f, twice_encoded).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    assert_eq!(body["error"], "unsupported_encoding", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("identity, gzip"),
+        "{body}"
+    );
+    let mut two_types = post("/v1/events", "application/json", r#"{"a":1}"#);
+    two_types
+        .headers_mut()
+        .append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    let (s, _, body) = send(&f, two_types).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    assert_eq!(body["error"], "unsupported_media_type", "{body}");
+    let mut not_text = post("/v1/events", "application/json", gzip(br#"{"a":1}"#));
+    not_text.headers_mut().insert(
+        header::CONTENT_ENCODING,
+        HeaderValue::from_bytes(b"gzip\xff").unwrap(),
+    );
+    let (s, _, body) = send(&f, not_text).await;
+    assert_eq!(body["error"], "unsupported_encoding", "{body}");
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(buffered(&f), 0);
+}
+
 #[tokio::test]
 async fn requires_a_valid_bearer_token_when_configured() {
     let f = fixture(&["s3cret", "other"], u64::MAX);
