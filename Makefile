@@ -63,7 +63,7 @@ image:
 e2e: build kafka e2e-bins
 	$(CARGO) test -p holdfast-e2e --no-fail-fast -- --test-threads 2
 
-## bench: release build, local Kafka and capture pods, every scenario -> target/bench/report.md, report.json, PNG plots (BASELINE=<git rev> runs that build too, alternating; BENCH_SECS, BENCH_DRAIN_EVENTS scale it)
+## bench: release build, local Kafka and capture pods, every scenario -> target/bench/report.md, report.json, PNG plots (BASELINE=<git rev> runs that build too, alternating; BENCH_SECS, BENCH_DRAIN_EVENTS scale it; BENCH_ROUNDS=3 repeats each run and reports medians)
 bench:
 	BASELINE="$(BASELINE)" bash scripts/bench.sh
 

@@ -5,6 +5,8 @@
 #
 # Knobs (environment): BENCH_SECS (measured seconds per scenario, default 10),
 # BENCH_WARMUP_SECS (1), BENCH_DRAIN_EVENTS (1,000,000; 0 skips the drains),
+# BENCH_ROUNDS (1: how many times each scenario and drain runs; the report
+# gives medians and each comparison's range over the rounds),
 # BENCH_ARGS (more `holdfast-bench run` flags, e.g. "--only fsync,drain").
 # BASELINE=<git revision>: also build that revision's holdfast-capture (a git
 # worktree under /tmp, its own target dir under ~/.cache/holdfast/bench-baseline,

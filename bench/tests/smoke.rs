@@ -186,6 +186,12 @@ fn tiny_bench_writes_a_complete_and_sane_report() -> Result<()> {
         assert!(v.is_finite() && v > 0.0, "{name}: {v}");
     }
     assert!(report.comparisons.is_empty(), "no baseline, no comparison");
+    // Without a baseline only the absolute targets are judged.
+    assert_eq!(report.targets.len(), 13);
+    for t in &report.targets {
+        assert_eq!(t.met.is_some(), !t.target.contains("the baseline"), "{t:?}");
+    }
+    assert!(md.contains("## Targets"), "{md}");
     assert_eq!(report.plots, ["latency.png", "throughput.png", "drain.png"]);
     for p in &report.plots {
         assert_png(&out.path().join(p))?;
@@ -195,6 +201,9 @@ fn tiny_bench_writes_a_complete_and_sane_report() -> Result<()> {
     Ok(())
 }
 
+/// Two rounds, each alternating the builds in the other order; drains too
+/// (the second round's exactly-once drains of the same volumes must deliver
+/// every event again, not find the first round's checkpoint).
 #[test]
 fn a_baseline_build_runs_alternately_and_is_compared_per_figure() -> Result<()> {
     // The same binary under another path stands in for a baseline build.
@@ -209,33 +218,51 @@ fn a_baseline_build_runs_alternately_and_is_compared_per_figure() -> Result<()> 
     let report = run(
         bench()
             .args(["--only", "fsync max c4,drain", "--drain-events", "2000"])
+            .args(["--rounds", "2"])
             .arg("--baseline-capture")
             .arg(&baseline)
             .args(["--baseline-label", "base"]),
         out.path().join("report").as_path(),
     )?;
-    let runs: Vec<(&str, &str)> = report
+    let runs: Vec<(&str, &str, usize)> = report
         .scenarios
         .iter()
-        .map(|r| (r.id.as_str(), r.build.as_str()))
+        .map(|r| (r.id.as_str(), r.build.as_str(), r.round))
         .collect();
-    assert_eq!(runs, [("fsync max c4", "this"), ("fsync max c4", "base")]);
-    // Drain modes alternate which build goes first.
-    let drains: Vec<(&str, &str)> = report
+    assert_eq!(
+        runs,
+        [
+            ("fsync max c4", "this", 0),
+            ("fsync max c4", "base", 0),
+            ("fsync max c4", "base", 1),
+            ("fsync max c4", "this", 1)
+        ]
+    );
+    // Drain modes alternate which build goes first, and so do rounds.
+    let drains: Vec<(&str, &str, usize)> = report
         .drains
         .iter()
-        .map(|d| (d.id.as_str(), d.build.as_str()))
+        .map(|d| (d.id.as_str(), d.build.as_str(), d.round))
         .collect();
     assert_eq!(
         drains,
         [
-            ("flush at-least-once", "this"),
-            ("flush at-least-once", "base"),
-            ("flush exactly-once", "base"),
-            ("flush exactly-once", "this"),
-            ("raw produce", "machine")
+            ("flush at-least-once", "this", 0),
+            ("flush at-least-once", "base", 0),
+            ("flush exactly-once", "base", 0),
+            ("flush exactly-once", "this", 0),
+            ("raw produce", "machine", 0),
+            ("flush at-least-once", "base", 1),
+            ("flush at-least-once", "this", 1),
+            ("flush exactly-once", "this", 1),
+            ("flush exactly-once", "base", 1),
+            ("raw produce", "machine", 1)
         ]
     );
+    for d in &report.drains {
+        assert_eq!(d.error, None, "{d:?}");
+        assert!(d.records_in_kafka >= d.events, "{d:?}");
+    }
     for figure in ["events/s", "P50 ms", "P99 ms", "P99.9 ms", "RSS MiB"] {
         let c = report
             .comparisons
@@ -244,7 +271,19 @@ fn a_baseline_build_runs_alternately_and_is_compared_per_figure() -> Result<()> 
             .with_context(|| format!("no comparison of {figure}"))?;
         assert!(c.this > 0.0 && c.baseline > 0.0, "{c:?}");
         assert!((c.ratio - c.this / c.baseline).abs() < 1e-9, "{c:?}");
+        assert!(
+            c.rounds == 2 && c.low <= c.high && c.low > 0.0,
+            "both rounds paired: {c:?}"
+        );
     }
+    let target = |name: &str| report.targets.iter().find(|t| t.target.starts_with(name));
+    let p50 = target("P50 at 4 connections: ≤ 0.6x").context("no P50 target")?;
+    assert!(
+        p50.met.is_some() && p50.measured.contains("ms against"),
+        "{p50:?}"
+    );
+    let batches = target("100-event batches at 32 connections: ≥").context("no batch target")?;
+    assert_eq!(batches.met, None, "not run: {batches:?}");
     for mode in ["flush at-least-once", "flush exactly-once"] {
         assert!(
             report
@@ -256,5 +295,7 @@ fn a_baseline_build_runs_alternately_and_is_compared_per_figure() -> Result<()> 
     }
     let md = std::fs::read_to_string(out.path().join("report/report.md"))?;
     assert!(md.contains("## `this` / `base`"), "{md}");
+    assert!(md.contains("## Targets"), "{md}");
+    assert!(md.contains("| fsync max c4 | base (round 2) |"), "{md}");
     Ok(())
 }

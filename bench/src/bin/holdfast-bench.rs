@@ -93,6 +93,11 @@ struct RunArgs {
     /// Run only scenarios whose name contains one of these (comma separated; `drain` for the drains).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run every scenario and drain this many times (builds alternating,
+    /// the order turning each round); the report gives medians and, per
+    /// comparison, the range of the rounds' ratios.
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 1)]
+    rounds: usize,
 }
 
 fn secs(v: f64, flag: &str) -> Result<Duration> {
@@ -120,6 +125,9 @@ fn settings(a: RunArgs) -> Result<Settings> {
     if a.batch_events < 2 {
         bail!("--batch-events must be at least 2");
     }
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     let duration = secs(a.duration_secs, "--duration-secs")?;
     if duration.is_zero() {
         bail!("--duration-secs must be above 0");
@@ -145,6 +153,7 @@ fn settings(a: RunArgs) -> Result<Settings> {
         partitions: a.partitions.max(1),
         fsync_probe: secs(a.fsync_probe_secs, "--fsync-probe-secs")?,
         only: a.only,
+        rounds: a.rounds,
         self_exe,
     })
 }

@@ -49,6 +49,9 @@ pub struct DrainRun {
     pub rss_peak_mib: Option<f64>,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// Which round of the run this was (`--rounds`; from 0).
+    #[serde(default)]
+    pub round: usize,
 }
 
 impl DrainRun {
@@ -63,6 +66,7 @@ impl DrainRun {
             records_in_kafka: 0,
             rss_peak_mib: None,
             error: Some(format!("{error:#}")),
+            round: 0,
         }
     }
 }
@@ -234,6 +238,7 @@ pub async fn flush(
             records_in_kafka: records,
             rss_peak_mib: rss,
             error: None,
+            round: 0,
         })
     };
     attempt
@@ -287,6 +292,7 @@ pub async fn raw_produce(bootstrap: &str, events: u64, event_bytes: usize) -> Dr
             records_in_kafka: records,
             rss_peak_mib: None,
             error: None,
+            round: 0,
         })
     };
     attempt

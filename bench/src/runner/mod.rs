@@ -13,6 +13,7 @@ pub mod plots;
 pub mod processes;
 pub mod report;
 pub mod scenarios;
+pub mod targets;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -69,6 +70,8 @@ pub struct Settings {
     /// Only scenarios whose id contains one of these, and drains if one is
     /// `drain` (empty: everything).
     pub only: Vec<String>,
+    /// Times every scenario and drain is run (at least 1).
+    pub rounds: usize,
     /// This program (runs the trivial handler as a child).
     pub self_exe: PathBuf,
 }
@@ -144,31 +147,44 @@ pub async fn run(s: &Settings) -> Result<Report> {
     };
     let list = scenarios::all(s);
     let mut runs = Vec::new();
-    for (i, sc) in list.iter().enumerate() {
-        let order = if sc.per_build() {
-            rotated(&builds, i)
-        } else {
-            vec![machine.clone()]
-        };
-        for b in order {
-            let run = scenarios::run(s, sc, &b, i, &kafka.bootstrap).await;
-            let line = match (&run.result, &run.error) {
-                (Some(r), _) => format!(
-                    "{:.0} req/s, {:.0} events/s, P50 {:.3} ms, P99 {:.3} ms, errors {:?}, RSS {:.0} MiB",
-                    r.requests_per_sec,
-                    r.events_per_sec,
-                    r.latency_ms.p50,
-                    r.latency_ms.p99,
-                    r.errors,
-                    run.rss_peak_mib.unwrap_or(0.0)
-                ),
-                (None, e) => format!("FAILED: {}", e.as_deref().unwrap_or("?")),
+    let rounds = s.rounds.max(1);
+    for round in 0..rounds {
+        for (i, sc) in list.iter().enumerate() {
+            let order = if sc.per_build() {
+                rotated(&builds, i + round)
+            } else {
+                vec![machine.clone()]
             };
-            progress(
-                &format!("[{}/{}] {} ({})", i + 1, list.len(), sc.id, b.label),
-                line,
-            );
-            runs.push(run);
+            for b in &order {
+                let mut run = scenarios::run(s, sc, b, i, &kafka.bootstrap).await;
+                run.round = round;
+                let line = match (&run.result, &run.error) {
+                    (Some(r), _) => format!(
+                        "{:.0} req/s, {:.0} events/s, P50 {:.3} ms, P99 {:.3} ms, errors {:?}, RSS {:.0} MiB",
+                        r.requests_per_sec,
+                        r.events_per_sec,
+                        r.latency_ms.p50,
+                        r.latency_ms.p99,
+                        r.errors,
+                        run.rss_peak_mib.unwrap_or(0.0)
+                    ),
+                    (None, e) => format!("FAILED: {}", e.as_deref().unwrap_or("?")),
+                };
+                let of_rounds = if rounds > 1 {
+                    format!(", round {}/{rounds}", round + 1)
+                } else {
+                    String::new()
+                };
+                let what = format!(
+                    "[{}/{}] {} ({}{of_rounds})",
+                    i + 1,
+                    list.len(),
+                    sc.id,
+                    b.label
+                );
+                progress(&what, line);
+                runs.push(run);
+            }
         }
     }
 
@@ -205,6 +221,7 @@ pub async fn run(s: &Settings) -> Result<Report> {
         ratios: Vec::new(),
         comparisons: Vec::new(),
         plots: Vec::new(),
+        targets: Vec::new(),
     };
     report.derive();
     report.plots = plots::write_all(&s.out_dir, &report)?;
@@ -250,19 +267,33 @@ async fn run_drains(s: &Settings, builds: &[Build], bootstrap: &str) -> Vec<drai
     // untimed, with the raw produce loop.
     let warm = drain::raw_produce(bootstrap, events, s.event_bytes).await;
     progress("broker warm-up (not reported)", drain_line(&warm));
-    for (m, (mode, flags)) in drain::MODES.iter().enumerate() {
-        let n = sources.len();
-        for k in 0..n {
-            let (b, source) = &sources[(k + m) % n];
-            let Some(source) = source else { continue };
-            let d = drain::flush(b, mode, flags, source, &s.work_dir, bootstrap, events).await;
-            progress(&format!("{mode} ({})", b.label), drain_line(&d));
-            out.push(d);
+    for round in 0..s.rounds.max(1) {
+        for (m, (mode, flags)) in drain::MODES.iter().enumerate() {
+            let n = sources.len();
+            for k in 0..n {
+                let (b, source) = &sources[(k + m + round) % n];
+                let Some(source) = source else { continue };
+                // Every copy of a source has its volume id: an exactly-once
+                // drain after the first would find its checkpoint at the
+                // end and send nothing, unless each round has its own topic.
+                let mut flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+                if round > 0 && flags.iter().any(|f| f == "exactly-once") {
+                    flags.push("--checkpoint-topic".to_owned());
+                    flags.push(format!("holdfast.checkpoints.round{round}"));
+                }
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                let mut d =
+                    drain::flush(b, mode, &flags, source, &s.work_dir, bootstrap, events).await;
+                d.round = round;
+                progress(&format!("{mode} ({})", b.label), drain_line(&d));
+                out.push(d);
+            }
         }
+        let mut d = drain::raw_produce(bootstrap, events, s.event_bytes).await;
+        d.round = round;
+        progress("raw produce", drain_line(&d));
+        out.push(d);
     }
-    let d = drain::raw_produce(bootstrap, events, s.event_bytes).await;
-    progress("raw produce", drain_line(&d));
-    out.push(d);
     out
 }
 

@@ -80,9 +80,53 @@ pub struct Comparison {
     pub this: f64,
     /// The baseline's value.
     pub baseline: f64,
-    /// `this / baseline`.
+    /// `this / baseline` (of the medians over rounds).
     pub ratio: f64,
+    /// Rounds in which both builds measured this figure.
+    #[serde(default)]
+    pub rounds: usize,
+    /// The lowest and highest of those rounds' own ratios.
+    #[serde(default)]
+    pub low: f64,
+    #[serde(default)]
+    pub high: f64,
 }
+
+/// The median of `values` (the mean of the middle two when there is an
+/// even number); `None` when there is no finite value.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+fn p50(r: &ScenarioRun) -> Option<f64> {
+    r.result.as_ref().map(|x| x.latency_ms.p50)
+}
+
+fn rps(r: &ScenarioRun) -> Option<f64> {
+    r.result.as_ref().map(|x| x.requests_per_sec)
+}
+
+/// A figure of a scenario run, by name.
+type Figure = (&'static str, fn(&ScenarioRun) -> Option<f64>);
+
+/// The figures compared between builds; `events/s` only for closed loops
+/// (an open loop's rate is the generator's).
+const FIGURES: [Figure; 5] = [
+    ("events/s", |r| {
+        (r.pace == Pace::Max).then_some(r.result.as_ref()?.events_per_sec)
+    }),
+    ("P50 ms", p50),
+    ("P99 ms", |r| Some(r.result.as_ref()?.latency_ms.p99)),
+    ("P99.9 ms", |r| Some(r.result.as_ref()?.latency_ms.p999)),
+    ("RSS MiB", |r| r.rss_peak_mib),
+];
 
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,38 +153,64 @@ pub struct Report {
     pub comparisons: Vec<Comparison>,
     /// PNG files written next to the report.
     pub plots: Vec<String>,
+    /// The speed targets, each met or not (see `targets.rs`).
+    #[serde(default)]
+    pub targets: Vec<super::targets::TargetCheck>,
 }
 
 impl Report {
-    /// The run of scenario `id` by `build`, if it measured anything.
+    /// The run of scenario `id` by `build`, if it measured anything (the
+    /// first round's).
     pub fn scenario(&self, id: &str, build: &str) -> Option<&ScenarioRun> {
         self.scenarios
             .iter()
             .find(|r| r.id == id && r.build == build && r.result.is_some())
     }
 
-    fn drain(&self, id: &str, build: &str) -> Option<&DrainRun> {
-        self.drains
+    /// Every run of scenario `id` by `build` that measured something, in
+    /// round order.
+    fn runs<'a>(&'a self, id: &'a str, build: &'a str) -> impl Iterator<Item = &'a ScenarioRun> {
+        self.scenarios
             .iter()
-            .find(|d| d.id == id && d.build == build && d.error.is_none())
+            .filter(move |r| r.id == id && r.build == build && r.result.is_some())
     }
 
-    /// Computes [`Report::ratios`] and [`Report::comparisons`] from the runs.
+    /// The median over rounds of figure `f` of scenario `id` by `build`.
+    pub fn median_of(
+        &self,
+        id: &str,
+        build: &str,
+        f: impl Fn(&ScenarioRun) -> Option<f64>,
+    ) -> Option<f64> {
+        median(self.runs(id, build).filter_map(f).collect())
+    }
+
+    /// The drains of `id` by `build` that finished, in round order.
+    fn drains_of<'a>(&'a self, id: &'a str, build: &'a str) -> impl Iterator<Item = &'a DrainRun> {
+        self.drains
+            .iter()
+            .filter(move |d| d.id == id && d.build == build && d.error.is_none())
+    }
+
+    /// The median drain rate of `id` by `build` over rounds.
+    pub fn drain_rate(&self, id: &str, build: &str) -> Option<f64> {
+        median(
+            self.drains_of(id, build)
+                .map(|d| d.events_per_sec)
+                .collect(),
+        )
+    }
+
+    /// Computes [`Report::ratios`] and [`Report::comparisons`] from the runs
+    /// (medians over rounds), and the targets from both.
     pub fn derive(&mut self) {
         let mut ratios = Vec::new();
-        let shapes: Vec<String> = self
-            .scenarios
-            .iter()
-            .filter(|r| r.series == "fsync" && r.body.events_per_request == 1)
-            .map(|r| r.shape.clone())
-            .fold(Vec::new(), |mut v, s| {
-                if !v.contains(&s) {
-                    v.push(s);
-                }
-                v
-            });
-        let p50 = |r: &ScenarioRun| r.result.as_ref().map_or(0.0, |x| x.latency_ms.p50);
-        let rps = |r: &ScenarioRun| r.result.as_ref().map_or(0.0, |x| x.requests_per_sec);
+        let mut shapes: Vec<String> = Vec::new();
+        for r in &self.scenarios {
+            if r.series == "fsync" && r.body.events_per_request == 1 && !shapes.contains(&r.shape) {
+                shapes.push(r.shape.clone());
+            }
+        }
         let mut add = |name: String, build: &str, value: f64, unit: &str| {
             if value.is_finite() {
                 ratios.push(Ratio {
@@ -152,40 +222,46 @@ impl Report {
             }
         };
         let fsync_median = self.fsync.first().map(|f| f.p50_ms);
+        // The probe taken just before the run, else the run's first.
+        let over_fsync = |r: &ScenarioRun| Some(p50(r)? - r.fsync_p50_ms.or(fsync_median)?);
         for b in &self.builds {
             let b = b.label.as_str();
             for shape in &shapes {
-                let durable = self.scenario(&format!("fsync {shape}"), b);
-                if let (Some(d), Some(x)) = (durable, self.scenario(&format!("direct {shape}"), b))
-                {
-                    let name = format!("durable P50 / direct P50, {shape}");
-                    add(name, b, p50(d) / p50(x), "x");
+                let durable = format!("fsync {shape}");
+                let direct = format!("direct {shape}");
+                if let (Some(d), Some(x)) = (
+                    self.median_of(&durable, b, p50),
+                    self.median_of(&direct, b, p50),
+                ) {
+                    add(format!("durable P50 / direct P50, {shape}"), b, d / x, "x");
                 }
-                let trivial = self.scenario(&format!("trivial {shape}"), "machine");
-                if let (Some(d), Some(t)) = (durable, trivial)
-                    && d.pace == Pace::Max
+                let closed = self
+                    .scenario(&durable, b)
+                    .is_some_and(|r| r.pace == Pace::Max);
+                if closed
+                    && let (Some(d), Some(t)) = (
+                        self.median_of(&durable, b, rps),
+                        self.median_of(&format!("trivial {shape}"), "machine", rps),
+                    )
                 {
                     let name = format!("durable req/s / trivial-handler req/s, {shape}");
-                    add(name, b, rps(d) / rps(t), "x");
+                    add(name, b, d / t, "x");
                 }
-                // The probe taken just before the run, else the run's first.
-                if let Some(d) = durable
-                    && let Some(f) = d.fsync_p50_ms.or(fsync_median)
-                {
-                    let name = format!("durable P50 - fsync median, {shape}");
-                    add(name, b, p50(d) - f, "ms");
+                if let Some(v) = self.median_of(&durable, b, over_fsync) {
+                    add(format!("durable P50 - fsync median, {shape}"), b, v, "ms");
                 }
             }
-            let raw = self.drain("raw produce", "machine");
+            let raw = self.drain_rate("raw produce", "machine");
             for mode in ["flush at-least-once", "flush exactly-once"] {
-                if let (Some(d), Some(r)) = (self.drain(mode, b), raw) {
+                if let (Some(d), Some(r)) = (self.drain_rate(mode, b), raw) {
                     let name = format!("drain / raw produce, {}", &mode[6..]);
-                    add(name, b, d.events_per_sec / r.events_per_sec, "x");
+                    add(name, b, d / r, "x");
                 }
             }
         }
         self.ratios = ratios;
         self.comparisons = self.compare();
+        self.targets = super::targets::evaluate(self);
     }
 
     fn compare(&self) -> Vec<Comparison> {
@@ -194,42 +270,68 @@ impl Report {
             _ => return Vec::new(),
         };
         let mut out = Vec::new();
-        let mut push = |id: &str, figure: &str, this: f64, baseline: f64| {
+        // Medians of each build's rounds, and the range of the ratios of
+        // the rounds both builds measured.
+        let mut push = |id: &str, figure: &str, a: Vec<(usize, f64)>, b: Vec<(usize, f64)>| {
+            let (Some(x), Some(y)) = (
+                median(a.iter().map(|v| v.1).collect()),
+                median(b.iter().map(|v| v.1).collect()),
+            ) else {
+                return;
+            };
+            let per_round: Vec<f64> = a
+                .iter()
+                .filter_map(|(round, v)| {
+                    let (_, w) = b.iter().find(|(r, _)| r == round)?;
+                    (*w > 0.0).then(|| v / w)
+                })
+                .collect();
             out.push(Comparison {
                 id: id.to_owned(),
                 figure: figure.to_owned(),
-                this,
-                baseline,
-                ratio: if baseline > 0.0 {
-                    this / baseline
-                } else {
-                    f64::NAN
-                },
+                this: x,
+                baseline: y,
+                ratio: if y > 0.0 { x / y } else { f64::NAN },
+                rounds: per_round.len(),
+                low: per_round.iter().copied().fold(f64::NAN, f64::min),
+                high: per_round.iter().copied().fold(f64::NAN, f64::max),
             })
         };
+        let mut ids: Vec<&str> = Vec::new();
         for r in self.scenarios.iter().filter(|r| r.build == this) {
-            let (Some(a), Some(b)) = (self.scenario(&r.id, this), self.scenario(&r.id, base))
-            else {
-                continue;
-            };
-            let (x, y) = (a.result.as_ref().unwrap(), b.result.as_ref().unwrap());
-            if r.pace == Pace::Max {
-                push(&r.id, "events/s", x.events_per_sec, y.events_per_sec);
-            }
-            push(&r.id, "P50 ms", x.latency_ms.p50, y.latency_ms.p50);
-            push(&r.id, "P99 ms", x.latency_ms.p99, y.latency_ms.p99);
-            push(&r.id, "P99.9 ms", x.latency_ms.p999, y.latency_ms.p999);
-            if let (Some(m), Some(n)) = (a.rss_peak_mib, b.rss_peak_mib) {
-                push(&r.id, "RSS MiB", m, n);
+            if !ids.contains(&r.id.as_str()) {
+                ids.push(&r.id);
             }
         }
-        for d in self.drains.iter().filter(|d| d.build == this) {
-            if let (Some(a), Some(b)) = (self.drain(&d.id, this), self.drain(&d.id, base)) {
-                push(&d.id, "events/s", a.events_per_sec, b.events_per_sec);
-                if let (Some(m), Some(n)) = (a.rss_peak_mib, b.rss_peak_mib) {
-                    push(&d.id, "RSS MiB", m, n);
-                }
+        for id in ids {
+            for (figure, f) in FIGURES {
+                let of = |build| -> Vec<(usize, f64)> {
+                    self.runs(id, build)
+                        .filter_map(|r| Some((r.round, f(r)?)))
+                        .collect()
+                };
+                push(id, figure, of(this), of(base));
             }
+        }
+        let mut ids: Vec<&str> = Vec::new();
+        for d in self.drains.iter().filter(|d| d.build == this) {
+            if !ids.contains(&d.id.as_str()) {
+                ids.push(&d.id);
+            }
+        }
+        for id in ids {
+            let rates = |build| -> Vec<(usize, f64)> {
+                self.drains_of(id, build)
+                    .map(|d| (d.round, d.events_per_sec))
+                    .collect()
+            };
+            push(id, "events/s", rates(this), rates(base));
+            let rss = |build| -> Vec<(usize, f64)> {
+                self.drains_of(id, build)
+                    .filter_map(|d| Some((d.round, d.rss_peak_mib?)))
+                    .collect()
+            };
+            push(id, "RSS MiB", rss(this), rss(base));
         }
         out
     }
@@ -292,7 +394,7 @@ impl Report {
                         m,
                         "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {fsync} |",
                         r.id,
-                        r.build,
+                        who(&r.build, r.round),
                         grouped(x.requests_per_sec),
                         grouped(x.events_per_sec),
                         l.p50,
@@ -308,7 +410,8 @@ impl Report {
                     let _ = writeln!(
                         m,
                         "| {} | {} | failed: {why} | | | | | | | | |",
-                        r.id, r.build
+                        r.id,
+                        who(&r.build, r.round)
                     );
                 }
             }
@@ -325,7 +428,7 @@ impl Report {
                         m,
                         "| {} | {} | {} | {:.2} | {} | {} | {rss} |",
                         d.id,
-                        d.build,
+                        who(&d.build, d.round),
                         grouped(d.events as f64),
                         d.seconds,
                         grouped(d.events_per_sec),
@@ -334,7 +437,8 @@ impl Report {
                 }
                 Some(e) => {
                     let e = first_line(e);
-                    let _ = writeln!(m, "| {} | {} | failed: {e} | | | | |", d.id, d.build);
+                    let who = who(&d.build, d.round);
+                    let _ = writeln!(m, "| {} | {who} | failed: {e} | | | | |", d.id);
                 }
             }
         }
@@ -355,25 +459,39 @@ impl Report {
                 m,
                 "\n## `{a}` / `{b}`\n\nRuns alternated build by build, scenario by scenario. \
                  Above 1 is better for rates, below 1 for latency and memory.\n\n\
-                 | scenario | figure | `{a}` | `{b}` | ratio |\n| --- | --- | ---: | ---: | ---: |"
+                 With several rounds each value is the median of its rounds, and the last column \
+                 the lowest and highest ratio of a single round.\n\n\
+                 | scenario | figure | `{a}` | `{b}` | ratio | rounds: range |\n| --- | --- | ---: | ---: | ---: | --- |"
             );
             for c in &self.comparisons {
                 let _ = writeln!(
                     m,
-                    "| {} | {} | {} | {} | {:.2}x |",
+                    "| {} | {} | {} | {} | {:.2}x | {}: {:.2}x to {:.2}x |",
                     c.id,
                     c.figure,
                     figure(c.this),
                     figure(c.baseline),
-                    c.ratio
+                    c.ratio,
+                    c.rounds,
+                    c.low,
+                    c.high
                 );
             }
         }
+        super::targets::markdown(&mut m, self);
         let _ = writeln!(m, "\n## Plots\n");
         for p in &self.plots {
             let _ = writeln!(m, "![{p}]({p})");
         }
         m
+    }
+}
+
+/// A build's label, and its round after the first.
+fn who(build: &str, round: usize) -> String {
+    match round {
+        0 => build.to_owned(),
+        r => format!("{build} (round {})", r + 1),
     }
 }
 
@@ -404,147 +522,4 @@ fn figure(v: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_are_grouped_by_thousands() {
-        assert_eq!(grouped(0.4), "0");
-        assert_eq!(grouped(999.0), "999");
-        assert_eq!(grouped(1000.0), "1,000");
-        assert_eq!(grouped(1234567.0), "1,234,567");
-    }
-
-    fn run(id: &str, build: &str, pace: Pace, rps: f64, p50: f64) -> ScenarioRun {
-        let (series, shape) = id.split_once(' ').unwrap();
-        ScenarioRun {
-            id: id.to_owned(),
-            series: series.to_owned(),
-            shape: shape.to_owned(),
-            build: build.to_owned(),
-            pace,
-            connections: 4,
-            body: crate::body::BodySpec::default(),
-            server_args: Vec::new(),
-            result: Some(crate::load::LoadResult {
-                requests: rps as u64,
-                events: rps as u64,
-                errors: Default::default(),
-                seconds: 1.0,
-                requests_per_sec: rps,
-                events_per_sec: rps,
-                latency_ms: crate::load::Percentiles {
-                    p50,
-                    p99: p50 * 2.0,
-                    p999: p50 * 3.0,
-                    max: p50 * 4.0,
-                    mean: p50,
-                },
-            }),
-            rss_peak_mib: Some(30.0),
-            fsync_p50_ms: None,
-            error: None,
-        }
-    }
-
-    #[test]
-    fn ratios_and_comparisons_come_from_the_matching_runs() {
-        let fixed = Pace::Fixed { rate: 1000.0 };
-        let build = |label: &str| BuildInfo {
-            label: label.to_owned(),
-            capture: String::new(),
-        };
-        let mut r = Report {
-            generated_at: String::new(),
-            run_seconds: 1.0,
-            host: Host {
-                cores: 2,
-                kernel: String::new(),
-                loadavg_start: String::new(),
-                loadavg_end: String::new(),
-            },
-            scale: Scale {
-                duration_secs: 1.0,
-                warmup_secs: 0.0,
-                drain_events: 0,
-                event_bytes: 300,
-                batch_events: 100,
-                connections: vec![4],
-                fixed_rates: vec![1000.0],
-                fixed_connections: 64,
-                partitions: 1,
-            },
-            builds: vec![build("this"), build("old")],
-            fsync: vec![FsyncProbe {
-                dir: String::new(),
-                writes: 20,
-                bytes_per_write: 4096,
-                p50_ms: 0.25,
-                p99_ms: 1.0,
-                mean_ms: 0.3,
-                max_ms: 2.0,
-            }],
-            scenarios: vec![
-                run("fsync max c4", "this", Pace::Max, 8000.0, 0.5),
-                run("fsync max c4", "old", Pace::Max, 4000.0, 1.0),
-                run("direct max c4", "this", Pace::Max, 2000.0, 2.0),
-                run("trivial max c4", "machine", Pace::Max, 40000.0, 0.1),
-                run("fsync 1000/s", "this", fixed, 1000.0, 0.4),
-                run("direct 1000/s", "this", fixed, 1000.0, 4.0),
-            ],
-            drains: Vec::new(),
-            ratios: Vec::new(),
-            comparisons: Vec::new(),
-            plots: Vec::new(),
-        };
-        r.scenarios[0].fsync_p50_ms = Some(0.375);
-        r.derive();
-        let ratio = |name: &str, build: &str| {
-            r.ratios
-                .iter()
-                .find(|x| x.name == name && x.build == build)
-                .map(|x| x.value)
-        };
-        assert_eq!(
-            ratio("durable P50 / direct P50, max c4", "this"),
-            Some(0.25)
-        );
-        assert_eq!(ratio("durable P50 / direct P50, 1000/s", "this"), Some(0.1));
-        assert_eq!(
-            ratio("durable req/s / trivial-handler req/s, max c4", "this"),
-            Some(0.2)
-        );
-        // No trivial-handler ratio for an open-loop rate: both do 1,000/s.
-        assert_eq!(
-            ratio("durable req/s / trivial-handler req/s, 1000/s", "this"),
-            None
-        );
-        // The probe just before the run when there is one, else the run's first.
-        assert_eq!(
-            ratio("durable P50 - fsync median, max c4", "this"),
-            Some(0.125)
-        );
-        assert_eq!(
-            ratio("durable P50 - fsync median, 1000/s", "this"),
-            Some(0.15000000000000002)
-        );
-        // The baseline has no direct run: no ratio rather than a wrong one.
-        assert_eq!(ratio("durable P50 / direct P50, max c4", "old"), None);
-        let cmp = |figure: &str| {
-            r.comparisons
-                .iter()
-                .find(|c| c.id == "fsync max c4" && c.figure == figure)
-                .map(|c| c.ratio)
-        };
-        assert_eq!(cmp("events/s"), Some(2.0));
-        assert_eq!(cmp("P50 ms"), Some(0.5));
-        assert_eq!(cmp("RSS MiB"), Some(1.0));
-        // Only scenarios both builds ran are compared.
-        assert!(r.comparisons.iter().all(|c| c.id == "fsync max c4"));
-        let md = r.markdown();
-        assert!(
-            md.contains("| fsync max c4 | events/s | 8,000 | 4,000 | 2.00x |"),
-            "{md}"
-        );
-    }
-}
+mod tests;

@@ -90,6 +90,9 @@ pub struct ScenarioRun {
     pub fsync_p50_ms: Option<f64>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
+    /// Which round of the run this was (`--rounds`; from 0).
+    #[serde(default)]
+    pub round: usize,
 }
 
 fn shape(pace: Pace, connections: usize) -> String {
@@ -197,6 +200,7 @@ pub async fn run(
         rss_peak_mib: None,
         fsync_p50_ms: None,
         error: None,
+        round: 0,
     };
     if let Err(e) = measure(s, scenario, build, &dir, bootstrap, &mut run).await {
         run.error = Some(format!("{e:#}"));
