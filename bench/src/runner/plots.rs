@@ -12,6 +12,8 @@ use plotters::style::register_font;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::report::Report;
+use super::scenarios::ScenarioRun;
+use crate::load::Percentiles;
 
 const FONTS: [&str; 4] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -234,7 +236,16 @@ fn throughput(path: &Path, report: &Report) -> Result<bool> {
         } else {
             format!("{} ({})", run.series, run.build)
         };
-        let point = (run.connections as f64, r.requests_per_sec);
+        // One point per connection count: the median of its rounds.
+        if lines
+            .iter()
+            .any(|(n, pts)| *n == name && pts.iter().any(|p| p.0 == run.connections as f64))
+        {
+            continue;
+        }
+        let rps = |s: &ScenarioRun| Some(s.result.as_ref()?.requests_per_sec);
+        let median = report.median_of(&run.id, &run.build, rps);
+        let point = (run.connections as f64, median.unwrap_or(r.requests_per_sec));
         match lines.iter_mut().find(|(n, _)| *n == name) {
             Some((_, pts)) => pts.push(point),
             None => lines.push((name, vec![point])),
@@ -313,14 +324,20 @@ pub fn write_all(dir: &Path, report: &Report) -> Result<Vec<String>> {
             format!("{id} ({build})")
         }
     };
-    let rows = report
-        .scenarios
-        .iter()
-        .filter_map(|r| {
-            let l = r.result.as_ref()?.latency_ms;
-            Some((label(&r.id, &r.build), vec![l.p50, l.p99, l.p999]))
-        })
-        .collect::<Vec<_>>();
+    // One bar per scenario and build: the medians of its rounds.
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    for r in &report.scenarios {
+        let name = label(&r.id, &r.build);
+        if r.result.is_none() || rows.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let of = |f: fn(&Percentiles) -> f64| {
+            report
+                .median_of(&r.id, &r.build, |s| Some(f(&s.result.as_ref()?.latency_ms)))
+                .unwrap_or(f64::NAN)
+        };
+        rows.push((name, vec![of(|l| l.p50), of(|l| l.p99), of(|l| l.p999)]));
+    }
     // A `--only` selection may leave a plot without data: it is skipped.
     if !rows.is_empty() {
         bars(
@@ -339,12 +356,16 @@ pub fn write_all(dir: &Path, report: &Report) -> Result<Vec<String>> {
     if throughput(&dir.join("throughput.png"), report).context("throughput.png")? {
         written.push("throughput.png".to_owned());
     }
-    let rows: Vec<_> = report
-        .drains
-        .iter()
-        .filter(|d| d.error.is_none())
-        .map(|d| (label(&d.id, &d.build), vec![d.events_per_sec]))
-        .collect();
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    for d in report.drains.iter().filter(|d| d.error.is_none()) {
+        let name = label(&d.id, &d.build);
+        if !rows.iter().any(|(n, _)| *n == name) {
+            let rate = report
+                .drain_rate(&d.id, &d.build)
+                .unwrap_or(d.events_per_sec);
+            rows.push((name, vec![rate]));
+        }
+    }
     if !rows.is_empty() {
         bars(
             &dir.join("drain.png"),

@@ -518,9 +518,6 @@ async fn direct(s: &AppState, events: &[NewEvent]) -> Result<(), ApiError> {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 /// A header's value, its lines joined into one list as RFC 9110 §5.3 reads
 /// them (so `identity` on one line and `gzip` on the next is `identity,
 /// gzip`, not `identity`); bytes that are not text stay visible (as U+FFFD)
@@ -539,3 +536,6 @@ fn header_list<'a>(
         all.into()
     }))
 }
+
+#[cfg(test)]
+mod tests;
