@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use super::dedup::Window;
 use super::room::{self, DiskGuard, Room};
+use super::wal::WalWatch;
 use super::writer::{AppendError, BufferState, SealReport};
 use super::{NewEvent, now_ms};
 use crate::config::Durability;
@@ -134,7 +135,7 @@ pub(super) struct Session {
     conn: Option<Connection>,
     path: PathBuf,
     durability: Durability,
-    wal_pages: i64,
+    wal: WalWatch,
     guard: DiskGuard,
     window: Window,
     state: Arc<BufferState>,
@@ -150,18 +151,18 @@ impl Session {
         conn: Connection,
         path: PathBuf,
         durability: Durability,
-        wal_pages: i64,
+        wal: WalWatch,
         keep_free: u64,
         window: Window,
         state: Arc<BufferState>,
     ) -> Self {
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
-        let guard = DiskGuard::new(dir, keep_free, Default::default());
+        let guard = DiskGuard::new(dir, keep_free, wal.frames());
         let mut session = Self {
             conn: None,
             path,
             durability,
-            wal_pages,
+            wal,
             guard,
             window,
             state,
@@ -175,7 +176,7 @@ impl Session {
     /// The connection with the WAL hook installed; `None` (reopened on use)
     /// if that failed.
     fn watched(&self, mut conn: Connection) -> Option<Connection> {
-        match room::watch_wal(&mut conn, self.wal_pages, self.guard.wal_frames()) {
+        match self.wal.install(&mut conn) {
             Ok(()) => Some(conn),
             Err(e) => {
                 tracing::error!(error = %e, "could not watch the buffer's WAL");
@@ -217,20 +218,16 @@ impl Session {
         AppendError::Disk(e.to_string())
     }
 
-    /// While the volume is (nearly) full, copies the WAL into the database
-    /// file before a commit, so that the commit restarts the WAL at its
-    /// beginning (reusing the file) instead of growing it into the space the
-    /// checkpoint itself needs to extend the database file: deletes that
-    /// outrun the checkpoint can otherwise leave an empty buffer whose WAL
-    /// can neither restart nor grow.
+    /// Checkpoints before a commit while the volume is (nearly) full, and
+    /// after a round once the WAL reached its limit (see [`super::wal`]).
     fn checkpoint_when_low(&self) {
         let low = self.state.disk_low.load(Ordering::Relaxed)
             || self.state.disk_failed.load(Ordering::Relaxed);
-        if let (true, Some(conn)) = (low, &self.conn)
-            && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
-            tracing::debug!(error = %e, "checkpoint before a commit on a full volume failed");
-        }
+        self.wal.checkpoint_when(low, self.conn.as_ref());
+    }
+
+    pub(super) fn checkpoint_if_due(&self) {
+        self.wal.checkpoint_if_due(self.conn.as_ref());
     }
 
     /// Unready once an append was refused for room on the volume; ready again

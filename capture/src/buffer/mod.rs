@@ -41,6 +41,7 @@ pub mod dedup;
 pub mod quarantine;
 mod room;
 pub mod salvage;
+mod wal;
 pub mod writer;
 
 use std::fs::File;

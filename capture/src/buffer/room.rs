@@ -167,7 +167,7 @@ impl Room {
 pub(super) struct DiskGuard {
     dir: PathBuf,
     keep_free: u64,
-    /// Frames in the WAL after the writer's last commit (from its WAL hook).
+    /// Frames in the WAL after the writer's last commit (see [`super::wal`]).
     wal_frames: Arc<AtomicU64>,
     /// The last far-from-full measurement, as the rounds since left it.
     far: Option<(Instant, Room)>,
@@ -186,11 +186,6 @@ impl DiskGuard {
     /// Bytes the guard keeps free for deletes (0: off).
     pub fn keep_free(&self) -> u64 {
         self.keep_free
-    }
-
-    /// The WAL frame count the writer's hook keeps up to date.
-    pub fn wal_frames(&self) -> Arc<AtomicU64> {
-        self.wal_frames.clone()
     }
 
     /// The room appends may take now. Errors reading the volume leave
@@ -269,30 +264,6 @@ impl DiskGuard {
     pub fn forget(&mut self) {
         self.far = None;
     }
-}
-
-/// Gives the writer's connection SQLite's automatic checkpoint (a passive
-/// checkpoint once the WAL holds `wal_pages` frames) and records how many
-/// frames the WAL holds after each commit, for [`DiskGuard::measure`].
-pub(super) fn watch_wal(
-    conn: &mut Connection,
-    wal_pages: i64,
-    frames: Arc<AtomicU64>,
-) -> rusqlite::Result<()> {
-    conn.wal_hook(Some(
-        move |wal: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
-            frames.store(pages.max(0) as u64, Ordering::Relaxed);
-            if i64::from(pages) >= wal_pages {
-                // As SQLite's own auto-checkpoint: a failure (busy readers, a
-                // full disk) is retried after a later commit.
-                if let Err(e) = wal.checkpoint() {
-                    tracing::debug!(error = %e, "wal checkpoint after commit failed");
-                }
-            }
-            // An error here would fail a statement whose commit already happened.
-            Ok(())
-        },
-    ))
 }
 
 fn wal_path(db: &Path) -> PathBuf {

@@ -25,6 +25,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::census;
 use super::commit::{self, Command, DeadLetter};
+use super::wal::Checkpointer;
 use super::{Error, NewEvent, Result};
 use crate::config::Durability;
 
@@ -245,14 +246,11 @@ impl WriterHandle {
     }
 }
 
-/// How often the checkpointer copies the WAL into the database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
-
 /// The writer thread. Dropping every [`WriterHandle`] stops it; [`join`](Self::join) waits.
 #[derive(Debug)]
 pub struct GroupCommitWriter {
     thread: Option<JoinHandle<()>>,
-    checkpointer: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
+    checkpointer: Option<Checkpointer>,
 }
 
 /// How the writer is opened.
@@ -277,15 +275,6 @@ pub struct WriterOptions {
     /// without storing them again (zero: no deduplication at all). See
     /// [`super::dedup`].
     pub dedup_window: Duration,
-}
-
-/// WAL pages allowed before the writer checkpoints, for a WAL limit in bytes.
-fn wal_pages(max_wal_bytes: u64) -> i64 {
-    if max_wal_bytes == 0 {
-        return 2000;
-    }
-    // SQLite's default page size; the WAL holds a few more bytes a frame.
-    ((max_wal_bytes / 4096) as i64).clamp(16, 2000)
 }
 
 impl WriterOptions {
@@ -335,7 +324,6 @@ impl GroupCommitWriter {
         // the file it counted proved sound (see `census`).
         let (_, ahead) =
             super::quarantine::quarantine_if_damaged_beside(dir, || census::take_read_only(dir))?;
-        let wal_pages = wal_pages(opts.max_wal_bytes);
         let conn = super::open_writer(dir, opts.durability)?;
         let census = match ahead {
             Some(Ok(census)) => census,
@@ -367,6 +355,7 @@ impl GroupCommitWriter {
             commit_timeout: opts.commit_timeout,
         };
         let path = dir.join(super::DB_FILE);
+        let (checkpointer, wal) = Checkpointer::start(dir, opts.durability, opts.max_wal_bytes)?;
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
             .spawn(move || {
@@ -374,7 +363,7 @@ impl GroupCommitWriter {
                     conn,
                     path,
                     opts.durability,
-                    wal_pages,
+                    wal,
                     opts.keep_free_bytes,
                     window,
                     state.clone(),
@@ -385,7 +374,6 @@ impl GroupCommitWriter {
                 path: dir.to_owned(),
                 source,
             })?;
-        let checkpointer = start_checkpointer(dir, opts.durability)?;
         Ok((
             Self {
                 thread: Some(thread),
@@ -400,39 +388,10 @@ impl GroupCommitWriter {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Some((stop, t)) = self.checkpointer.take() {
-            drop(stop);
-            let _ = t.join();
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.join();
         }
     }
-}
-
-/// Runs passive WAL checkpoints on a connection of its own, so the writer's
-/// commits (and so the acknowledgements) never pay for copying pages into
-/// the database file. Passive checkpoints never block the writer.
-fn start_checkpointer(
-    dir: &Path,
-    durability: Durability,
-) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>)> {
-    let conn = super::open_writer(dir, durability)?;
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("buffer-checkpoint".into())
-        .spawn(move || {
-            // Wakes every interval until the sender is dropped.
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(CHECKPOINT_INTERVAL)
-            {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!(error = %e, "wal checkpoint failed");
-                }
-            }
-        })
-        .map_err(|source| Error::DataDir {
-            path: dir.to_owned(),
-            source,
-        })?;
-    Ok((stop, thread))
 }
 
 fn run(
@@ -474,6 +433,7 @@ fn run(
         if outcome.appended {
             appended.notify_one();
         }
+        session.checkpoint_if_due();
         if outcome.committed > 0
             && let Some(observe) = &observer
         {
