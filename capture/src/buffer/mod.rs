@@ -243,10 +243,9 @@ pub fn open_writer(dir: &Path, durability: Durability) -> Result<Connection> {
     let sync = synchronous_mode(durability);
     conn.pragma_update(None, "synchronous", sync)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // A checkpointer thread (see `writer`) copies most WAL pages into the
-    // database file off the acknowledgement path; the writer's own automatic
-    // checkpoint then only finishes the remainder and lets the WAL restart,
-    // which keeps it small.
+    // SQLite's automatic checkpoint, for connections that write without the
+    // group-commit writer; the writer's connection replaces it with its WAL
+    // hook and a checkpointer thread (see `wal`).
     conn.pragma_update(None, "wal_autocheckpoint", 2000)?;
     migrate(&conn)?;
     Ok(conn)
