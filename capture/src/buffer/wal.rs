@@ -9,10 +9,9 @@
 //!
 //! - a checkpointer thread on a connection of its own runs passive
 //!   checkpoints (they never block the writer) every [`CHECKPOINT_INTERVAL`],
-//!   and with `--durability os` also whenever the writer's hook sees the WAL
-//!   pass another quarter of its limit, so most frames are synced and copied
-//!   off the writer's path (with `fsync` every commit synced the WAL already,
-//!   and more checkpoints would only add syncs beside the commits' own);
+//!   and also whenever the writer's hook sees the WAL pass another quarter of
+//!   its limit, so most frames are copied (and, with `--durability os`,
+//!   synced) and the database file synced off the writer's path;
 //! - once the WAL holds its limit, the writer checkpoints the remainder
 //!   itself, after it has answered the round that filled it
 //!   ([`WalWatch::checkpoint_if_due`]), which lets the WAL restart. The WAL
@@ -46,9 +45,8 @@ pub(super) struct WalWatch {
     frames: Arc<AtomicU64>,
     /// The WAL reached `limit`: the writer checkpoints after its round.
     due: Arc<AtomicBool>,
-    /// Wakes the checkpointer early (a full queue means it is awake already);
-    /// `None` with `fsync`, where commits have synced the WAL already.
-    kick: Option<SyncSender<()>>,
+    /// Wakes the checkpointer early (a full queue means it is awake already).
+    kick: SyncSender<()>,
     /// Held by whoever checkpoints. SQLite lets one checkpoint run at a time
     /// and fails the other at once; the writer's must not fail (the WAL would
     /// grow until a later one wins), so it waits out the checkpointer's pass.
@@ -78,9 +76,7 @@ impl WalWatch {
                 // a checkpointer holding the checkpoint lock would make it fail.
                 if pages / quarter > kicked_at && pages < watch.limit {
                     // Full: a wake-up is pending already. Disconnected: stopping.
-                    if let Some(kick) = &watch.kick {
-                        let _ = kick.try_send(());
-                    }
+                    let _ = watch.kick.try_send(());
                 }
                 kicked_at = pages / quarter;
                 if pages >= watch.limit {
@@ -165,7 +161,7 @@ impl Checkpointer {
             limit: limit_pages(max_wal_bytes),
             frames: Arc::default(),
             due: Arc::default(),
-            kick: (durability == Durability::Os).then(|| kick.clone()),
+            kick: kick.clone(),
             turn,
         };
         Ok((
