@@ -200,6 +200,46 @@ fn run(conn: &Connection, kicked: &mpsc::Receiver<()>, turn: &Mutex<()>, interva
 mod tests {
     use super::*;
 
+    /// A writer's connection with the hook installed, its checkpointer
+    /// (waking every `interval` unless kicked) and the directory.
+    struct Bed {
+        _dir: tempfile::TempDir,
+        db: std::path::PathBuf,
+        checkpointer: Checkpointer,
+        watch: WalWatch,
+        conn: Connection,
+    }
+
+    impl Bed {
+        fn new(limit_pages: u64, interval: Duration) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (checkpointer, watch) =
+                Checkpointer::start_every(dir.path(), Durability::Os, limit_pages * 4096, interval)
+                    .unwrap();
+            let mut conn = super::super::open_writer(dir.path(), Durability::Os).unwrap();
+            watch.install(&mut conn).unwrap();
+            let db = dir.path().join(super::super::DB_FILE);
+            Self {
+                _dir: dir,
+                db,
+                checkpointer,
+                watch,
+                conn,
+            }
+        }
+
+        fn frames(&self) -> u64 {
+            self.watch.frames.load(Ordering::Relaxed)
+        }
+
+        /// Stops the checkpointer the way the writer does: its senders first.
+        fn close(self) {
+            drop(self.conn);
+            drop(self.watch);
+            self.checkpointer.join();
+        }
+    }
+
     fn insert(conn: &Connection, uuid: &str) {
         conn.execute(
             "INSERT INTO events(uuid, topic, key, payload, captured_at_ms) \
@@ -215,30 +255,24 @@ mod tests {
     /// although the checkpointer keeps racing its commits.
     #[test]
     fn the_wal_restarts_under_steady_commits_and_stays_near_its_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let (checkpointer, watch) =
-            Checkpointer::start(dir.path(), Durability::Os, 64 * 4096).unwrap();
-        let mut conn = super::super::open_writer(dir.path(), Durability::Os).unwrap();
-        watch.install(&mut conn).unwrap();
+        let bed = Bed::new(64, CHECKPOINT_INTERVAL);
         let (mut largest, mut restarts, mut last) = (0, 0, 0);
         for round in 0..3_000 {
-            insert(&conn, &format!("u{round}"));
-            let frames = watch.frames.load(Ordering::Relaxed);
+            insert(&bed.conn, &format!("u{round}"));
+            let frames = bed.frames();
             if frames < last {
                 restarts += 1;
             }
             last = frames;
             largest = largest.max(frames);
-            watch.checkpoint_if_due(Some(&conn));
+            bed.watch.checkpoint_if_due(Some(&bed.conn));
         }
         assert!(restarts >= 20, "the WAL restarted only {restarts} times");
         // The limit plus one round (a 3 KB row: its page, an index leaf, and
         // a split now and then): the writer's checkpoint waits out the
         // checkpointer's instead of failing.
         assert!(largest <= 64 + 8, "the WAL held {largest} frames");
-        drop(conn);
-        drop(watch);
-        checkpointer.join();
+        bed.close();
     }
 
     /// Without the writer's checkpoint the WAL would only grow: a
@@ -246,24 +280,13 @@ mod tests {
     /// (The converse of the test above, so that it proves something.)
     #[test]
     fn without_the_writers_checkpoint_the_wal_grows_past_its_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let (checkpointer, watch) = Checkpointer::start_every(
-            dir.path(),
-            Durability::Os,
-            64 * 4096,
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-        let mut conn = super::super::open_writer(dir.path(), Durability::Os).unwrap();
-        watch.install(&mut conn).unwrap();
+        let bed = Bed::new(64, Duration::from_secs(3600));
         for round in 0..1_000 {
-            insert(&conn, &format!("u{round}"));
+            insert(&bed.conn, &format!("u{round}"));
         }
-        let frames = watch.frames.load(Ordering::Relaxed);
+        let frames = bed.frames();
         assert!(frames > 4 * 64, "the WAL holds {frames} frames");
-        drop(conn);
-        drop(watch);
-        checkpointer.join();
+        bed.close();
     }
 
     /// The hook wakes the checkpointer: with an interval of an hour, a WAL
@@ -271,26 +294,16 @@ mod tests {
     /// while the writer does nothing.
     #[test]
     fn a_quarter_of_the_limit_wakes_the_checkpointer() {
-        let dir = tempfile::tempdir().unwrap();
-        let (checkpointer, watch) = Checkpointer::start_every(
-            dir.path(),
-            Durability::Os,
-            2000 * 4096,
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-        let mut conn = super::super::open_writer(dir.path(), Durability::Os).unwrap();
-        watch.install(&mut conn).unwrap();
-        let tx = conn.unchecked_transaction().unwrap();
+        let bed = Bed::new(2000, Duration::from_secs(3600));
+        let tx = bed.conn.unchecked_transaction().unwrap();
         for i in 0..600 {
             insert(&tx, &format!("u{i}"));
         }
         tx.commit().unwrap();
-        let frames = watch.frames.load(Ordering::Relaxed);
+        let frames = bed.frames();
         assert!(frames > 500, "the commit wrote {frames} frames");
-        let db = dir.path().join(super::super::DB_FILE);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::fs::metadata(&db).unwrap().len() < 500 * 4096 {
+        while std::fs::metadata(&bed.db).unwrap().len() < 500 * 4096 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the checkpointer was not woken"
@@ -298,11 +311,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(
-            !watch.due.load(Ordering::Relaxed),
+            !bed.watch.due.load(Ordering::Relaxed),
             "under the limit the writer's own checkpoint is not due"
         );
-        drop(conn);
-        drop(watch);
-        checkpointer.join();
+        bed.close();
     }
 }
