@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::dedup::Window;
@@ -18,6 +18,7 @@ use super::writer::{AppendError, BufferState, SealReport};
 use super::{NewEvent, now_ms};
 use crate::config::Durability;
 
+mod insert;
 mod settle;
 mod totals;
 use settle::{answers_unexpected, apply_settlements, fail_rest};
@@ -451,10 +452,6 @@ fn apply_appends(
             round.wrote |= freed > 0;
         }
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events(uuid, topic, key, payload, captured_at_ms, client_uuid)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
             let mut revive = tx.prepare_cached(
                 "INSERT INTO events(uuid, topic, key, payload, captured_at_ms)
                  SELECT uuid, topic, key, payload, captured_at_ms FROM dead_letters WHERE seq = ?1",
@@ -513,22 +510,12 @@ fn apply_appends(
                         // Remembered uuids give way to new events.
                         t.bytes += needed as i128;
                         t.fit_window(window, &tx, quota)?;
-                        let mut last = 0;
-                        let mut stored = 0;
-                        for e in fresh() {
-                            stored += 1;
-                            insert.execute(params![
-                                e.uuid,
-                                e.topic,
-                                e.key,
-                                e.payload,
-                                e.captured_at_ms,
-                                e.client_uuid
-                            ])?;
-                            last = tx.last_insert_rowid();
+                        let fresh: Vec<&NewEvent> = fresh().collect();
+                        let (stored, last) = insert::insert(&tx, &fresh)?;
+                        if let Some(e) = fresh.first() {
                             round.first_ms.get_or_insert(e.captured_at_ms);
                         }
-                        t.events += stored;
+                        t.events += stored as i128;
                         if last > 0 {
                             round.last_seq = last;
                         }
