@@ -44,13 +44,6 @@ use recent::{Hash, RecentIndex};
 
 /// Default deduplication window.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(600);
-/// Where a remembered uuid comes from.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Events,
-    DeadLetters,
-}
-
 /// Bytes a remembered uuid counts against the quota besides the uuid itself
 /// (its delivery time and row id).
 pub const ROW_OVERHEAD: u64 = 16;
@@ -261,10 +254,25 @@ impl Window {
         Ok(out)
     }
 
-    /// Remembers the uuid of event `seq` (about to be deleted as delivered);
-    /// returns the bytes it now counts against the quota (0 when off or gone).
-    pub fn remember(&self, conn: &Connection, seq: i64, now_ms: i64) -> rusqlite::Result<u64> {
-        self.remember_row(conn, Source::Events, seq, now_ms)
+    /// Remembers the client uuids of the events whose sequence numbers
+    /// `listed` holds as a JSON array (about to be deleted as delivered);
+    /// returns the bytes they now count against the quota (0 when off).
+    pub fn remember_listed(
+        &self,
+        conn: &Connection,
+        listed: &str,
+        now_ms: i64,
+    ) -> rusqlite::Result<u64> {
+        if !self.is_on() {
+            return Ok(0);
+        }
+        let mut insert = conn.prepare_cached(
+            "INSERT OR IGNORE INTO recent_uuids(uuid, delivered_at_ms)
+             SELECT uuid, ?2 FROM events
+             WHERE seq IN (SELECT value FROM json_each(?1)) AND client_uuid = 1
+             RETURNING id, uuid",
+        )?;
+        self.inserted(insert.query((listed, now_ms))?)
     }
 
     /// Remembers the uuid of dead letter `seq` (about to be forgotten: copied
@@ -276,30 +284,13 @@ impl Window {
         seq: i64,
         now_ms: i64,
     ) -> rusqlite::Result<u64> {
-        self.remember_row(conn, Source::DeadLetters, seq, now_ms)
-    }
-
-    fn remember_row(
-        &self,
-        conn: &Connection,
-        from: Source,
-        seq: i64,
-        now_ms: i64,
-    ) -> rusqlite::Result<u64> {
         if !self.is_on() {
             return Ok(0);
         }
-        let mut insert = conn.prepare_cached(match from {
-            Source::Events => {
-                "INSERT OR IGNORE INTO recent_uuids(uuid, delivered_at_ms)
-                 SELECT uuid, ?2 FROM events WHERE seq = ?1 AND client_uuid = 1
-                 RETURNING id, uuid"
-            }
-            Source::DeadLetters => {
-                "INSERT OR IGNORE INTO recent_uuids(uuid, delivered_at_ms)
-                 SELECT uuid, ?2 FROM dead_letters WHERE seq = ?1 RETURNING id, uuid"
-            }
-        })?;
+        let mut insert = conn.prepare_cached(
+            "INSERT OR IGNORE INTO recent_uuids(uuid, delivered_at_ms)
+             SELECT uuid, ?2 FROM dead_letters WHERE seq = ?1 RETURNING id, uuid",
+        )?;
         self.inserted(insert.query((seq, now_ms))?)
     }
 

@@ -3,6 +3,8 @@
 //! it refused for good, forgets dead letters the dead-letter topic holds, and
 //! prunes a bounded chunk of expired uuids.
 
+use std::collections::HashSet;
+
 use rusqlite::{Connection, params};
 
 use super::{Answer, AppendError, Command, Totals, Window};
@@ -38,6 +40,9 @@ pub(super) fn apply_settlements(
         {
             let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
             let mut delete_through = tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")?;
+            let mut delete_listed = tx.prepare_cached(
+                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?1)) RETURNING seq",
+            )?;
             let mut count_through = tx.prepare_cached(
                 "SELECT count(*), count(*) FILTER (WHERE client_uuid = 1),
                         coalesce(sum(length(uuid)) FILTER (WHERE client_uuid = 1), 0)
@@ -93,13 +98,24 @@ pub(super) fn apply_settlements(
                             t.events -= n as i128;
                             t.bytes -= delivered.iter().map(|(_, s)| *s as i128).sum::<i128>();
                             *deleted_any |= n > 0;
-                        } else {
+                        } else if !delivered.is_empty() {
+                            // Otherwise one statement deletes the listed rows
+                            // (and one remembers their client uuids, if the
+                            // range holds any), not two per row.
+                            let listed = seq_list(&delivered);
+                            if client_rows > 0 {
+                                remembered += window.remember_listed(&tx, &listed, failed_at)?;
+                            }
+                            let mut gone = HashSet::new();
+                            let mut rows = delete_listed.query([&listed])?;
+                            while let Some(r) = rows.next()? {
+                                gone.insert(r.get::<_, i64>(0)?);
+                            }
+                            *deleted_any |= !gone.is_empty();
                             for (seq, size) in &delivered {
-                                remembered += window.remember(&tx, *seq, failed_at)?;
-                                if delete.execute([seq])? == 1 {
+                                if gone.remove(seq) {
                                     t.bytes -= *size as i128;
                                     t.events -= 1;
-                                    *deleted_any = true;
                                 }
                             }
                         }
@@ -137,6 +153,21 @@ pub(super) fn apply_settlements(
         tx.commit()
     })();
     fail_rest(result, commands, n)
+}
+
+/// The sequence numbers of `delivered` as a JSON array, for `json_each`.
+fn seq_list(delivered: &[(i64, u64)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(delivered.len() * 8 + 2);
+    out.push('[');
+    for (i, (seq, _)) in delivered.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{seq}");
+    }
+    out.push(']');
+    out
 }
 
 /// Commands reached before a failure are failed by the caller through their
