@@ -41,7 +41,8 @@ type Reply<T> = oneshot::Sender<Result<T, AppendError>>;
 /// A request to the writer thread.
 pub(super) enum Command {
     Append {
-        events: Vec<NewEvent>,
+        /// Shared with the caller, who frees them (see `WriterHandle::append`).
+        events: Arc<Vec<NewEvent>>,
         reply: Reply<i64>,
     },
     Settle {

@@ -179,12 +179,17 @@ impl WriterHandle {
     /// disk): the events may still be committed later, so the client's retry
     /// can produce a duplicate (same uuid), never a loss.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<i64, AppendError> {
-        match tokio::time::timeout(
+        // The writer thread, the bottleneck under batches, only lets go of
+        // its reference; the events are freed here, once answered.
+        let events = Arc::new(events);
+        let keep = events.clone();
+        let answer = tokio::time::timeout(
             self.commit_timeout,
             self.call(|reply| Command::Append { events, reply }),
         )
-        .await
-        {
+        .await;
+        drop(keep);
+        match answer {
             Ok(r) => r,
             Err(_) => {
                 if !self.state.commit_stalled.swap(true, Ordering::Relaxed) {
