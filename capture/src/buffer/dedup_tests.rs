@@ -498,7 +498,7 @@ async fn an_interleaved_settlement_deletes_and_remembers_exactly_its_rows() {
     let r = open_reader(dir.path()).unwrap();
     // Client uuids at even i, server-made at odd i.
     let made = |i: usize| NewEvent {
-        client_uuid: i % 2 == 0,
+        client_uuid: i.is_multiple_of(2),
         ..ev(i)
     };
     h.append((0..60).map(made).collect()).await.unwrap();
@@ -541,9 +541,12 @@ async fn an_interleaved_settlement_deletes_and_remembers_exactly_its_rows() {
         h.state.window_bytes.load(Ordering::Relaxed),
         dedup::window_bytes(&r).unwrap()
     );
-    // A retry of everything stores nothing: the rest are still buffered,
-    // the delivered client uuids remembered, the server-made ones new again.
-    let retry: Vec<NewEvent> = (0..60).filter(|i| i % 2 == 0).map(made).collect();
+    // A retry of the client's events stores nothing: those not delivered
+    // are still buffered, the delivered ones remembered.
+    let retry: Vec<NewEvent> = (0..60usize)
+        .filter(|i| i.is_multiple_of(2))
+        .map(made)
+        .collect();
     assert_eq!(h.append(retry).await.unwrap(), 0, "nothing new stored");
     stop(w, h).await;
 }

@@ -580,6 +580,8 @@ pub fn stats(conn: &Connection) -> Result<Stats> {
 }
 
 #[cfg(test)]
+mod chunk_tests;
+#[cfg(test)]
 mod dedup_bench;
 #[cfg(test)]
 mod dedup_tests;
