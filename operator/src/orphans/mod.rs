@@ -52,7 +52,7 @@ pub mod metrics;
 mod steps;
 mod trigger;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,13 +99,24 @@ impl Default for Config {
 struct Memory {
     /// When each orphan was first seen.
     first_seen: HashMap<String, Instant>,
-    /// Unrecoverable volumes already reported.
-    reported: BTreeSet<String>,
+    /// Unrecoverable volumes already reported, with the reason given.
+    reported: BTreeMap<String, String>,
     /// Phases of each orphan's recovery already timed.
     timed: HashMap<String, BTreeSet<&'static str>>,
 }
 
 impl Memory {
+    /// Whether `why` is news for the volume `key`: never reported, or
+    /// reported for another reason (its cluster was gone, and is now back
+    /// as another instance, say). Records it.
+    fn report_news(&mut self, key: String, why: &str) -> bool {
+        if self.reported.get(&key).is_some_and(|last| last == why) {
+            return false;
+        }
+        self.reported.insert(key, why.to_owned());
+        true
+    }
+
     /// Records phase `phase` of `orphan` once, `since` its detection.
     fn phase(&mut self, ctx: &Context, orphan: &Orphan, phase: &'static str, since: Duration) {
         if self.timed.entry(orphan.key()).or_default().insert(phase) {
@@ -194,7 +205,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
     let now = jiff::Timestamp::now();
     let keys: BTreeSet<String> = findings.orphans.iter().map(Orphan::key).collect();
     memory.first_seen.retain(|k, _| keys.contains(k));
-    memory.reported.retain(|k| keys.contains(k));
+    memory.reported.retain(|k, _| keys.contains(k));
     memory.timed.retain(|k, _| keys.contains(k));
     let mut next: Option<Duration> = None;
     let mut active = find::active_jobs(&inv.jobs);
@@ -266,7 +277,7 @@ async fn pass(ctx: &Context, config: &Config, memory: &mut Memory) -> Result<Opt
             Step::RecordFailure => steps::record_failure(ctx, &target, now).await,
             Step::Report(why) => {
                 unrecoverable += 1;
-                if memory.reported.insert(orphan.key()) {
+                if memory.report_news(orphan.key(), why) {
                     steps::report(ctx, &target, why).await;
                 }
                 Ok(())
@@ -370,6 +381,19 @@ mod tests {
         assert!(a.len() <= 63 && b.len() <= 63);
         assert_ne!(a, b);
         assert!(a.chars().last().unwrap().is_ascii_alphanumeric());
+    }
+
+    #[test]
+    fn an_unrecoverable_volume_is_reported_again_only_for_a_new_reason() {
+        let mut memory = Memory::default();
+        let gone = "its CaptureCluster ns/events is gone";
+        let previous = "it was written by a previous instance of CaptureCluster ns/events";
+        assert!(memory.report_news("pv/a".into(), gone));
+        assert!(!memory.report_news("pv/a".into(), gone), "once per reason");
+        // The cluster came back as another instance: the reason changed.
+        assert!(memory.report_news("pv/a".into(), previous));
+        assert!(!memory.report_news("pv/a".into(), previous));
+        assert!(memory.report_news("pv/b".into(), previous), "per volume");
     }
 
     #[test]
