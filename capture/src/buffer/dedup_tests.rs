@@ -38,6 +38,16 @@ fn uuids(r: &Connection) -> Vec<String> {
         .collect()
 }
 
+/// The uuids the window remembers, in row order.
+fn remembered_uuids(r: &Connection) -> Vec<String> {
+    r.prepare("SELECT uuid FROM recent_uuids")
+        .unwrap()
+        .query_map([], |x| x.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// Settles every buffered event as delivered; returns how many.
 async fn deliver_all(h: &WriterHandle, r: &Connection) -> usize {
     let all: Vec<(i64, u64)> = read_batch(r, 0, 100_000)
@@ -418,13 +428,7 @@ async fn server_made_uuids_are_neither_indexed_nor_remembered() {
         .unwrap();
     assert_eq!(indexed, 1, "only the client's uuid is in the index");
     assert_eq!(deliver_all(&h, &r).await, 3);
-    let remembered: Vec<String> = r
-        .prepare("SELECT uuid FROM recent_uuids")
-        .unwrap()
-        .query_map([], |x| x.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let remembered = remembered_uuids(&r);
     assert_eq!(remembered, vec![ev(1).uuid]);
     assert_eq!(
         h.state.window_bytes.load(Ordering::Relaxed),
@@ -520,13 +524,7 @@ async fn an_interleaved_settlement_deletes_and_remembers_exactly_its_rows() {
     let (events, bytes) = totals(&r).unwrap();
     assert_eq!(h.state.events.load(Ordering::Relaxed), events);
     assert_eq!(h.state.bytes.load(Ordering::Relaxed), bytes);
-    let mut remembered: Vec<String> = r
-        .prepare("SELECT uuid FROM recent_uuids")
-        .unwrap()
-        .query_map([], |x| x.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let mut remembered = remembered_uuids(&r);
     remembered.sort();
     // (Read back, every event says `client_uuid`: the rows are what tell.)
     let mut expected: Vec<String> = (1..60)
