@@ -291,10 +291,24 @@ enum Flaw {
 
 /// Scans `raw` (already valid JSON syntax, or about to be checked) for
 /// nesting deeper than `max` levels (`[`/`{` outside strings) and unpaired
-/// surrogate escapes. One pass over the bytes; escapes are decoded only when
-/// a `\u` is seen.
+/// surrogate escapes.
+///
+/// Nesting can never be deeper than the count of opening brackets, and a
+/// surrogate needs a `\u` escape; an event with neither too many brackets nor
+/// any `\u` (nearly every event) is cleared by two vectorised passes instead
+/// of the byte-by-byte walk, which was a tenth of the request path's CPU.
 fn scan_event(raw: &str, max: usize) -> Result<(), Flaw> {
     let b = raw.as_bytes();
+    let opening = b.iter().filter(|&&c| c == b'[' || c == b'{').count();
+    if opening <= max && !raw.contains("\\u") {
+        return Ok(());
+    }
+    walk_event(b, max)
+}
+
+/// [`scan_event`]'s full walk: one pass over the bytes, tracking strings;
+/// escapes are decoded only when a `\u` is seen.
+fn walk_event(b: &[u8], max: usize) -> Result<(), Flaw> {
     let hex4 = |at: usize| -> Option<u16> {
         let digits = std::str::from_utf8(b.get(at..at + 4)?).ok()?;
         u16::from_str_radix(digits, 16).ok()

@@ -227,6 +227,61 @@ fn deep_nesting_is_a_clean_400_naming_the_event() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
+/// `scan_event` clears most events without walking them; on every text it
+/// must still answer what the full walk answers, at its edges above all: the
+/// bracket count exactly at the limit, brackets inside strings, `\\u` that
+/// is an escaped backslash before a `u`, surrogates split or paired.
+#[test]
+fn the_scan_shortcut_answers_what_the_full_walk_does() {
+    let edges = [
+        "{}",
+        "{\"a\":[[1]]}",
+        "{\"a\":[[[1]]]}",
+        "{\"s\":\"[[[[\"}",
+        "{\"s\":\"\\\\uD800\"}",
+        "{\"s\":\"\\uD800\"}",
+        "{\"s\":\"\\uDC00\"}",
+        "{\"s\":\"\\uD83D\\uDE00\"}",
+        "{\"s\":\"\\uD83D\\u0041\"}",
+        "{\"s\":\"\\u00e9\",\"a\":[[[[1]]]]}",
+    ];
+    for max in 0..6 {
+        for raw in edges {
+            assert_eq!(
+                scan_event(raw, max),
+                walk_event(raw.as_bytes(), max),
+                "{raw} at depth limit {max}"
+            );
+        }
+    }
+    // Every short text over the characters that matter, exhaustively.
+    let alphabet = ['[', '{', ']', '"', '\\', 'u', 'D', '8', '0'];
+    let mut text = String::new();
+    let mut checked = 0;
+    fn each(text: &mut String, left: usize, alphabet: &[char], f: &mut dyn FnMut(&str)) {
+        f(text);
+        if left == 0 {
+            return;
+        }
+        for &c in alphabet {
+            text.push(c);
+            each(text, left - 1, alphabet, f);
+            text.pop();
+        }
+    }
+    each(&mut text, 6, &alphabet, &mut |raw| {
+        for max in 0..4 {
+            assert_eq!(
+                scan_event(raw, max),
+                walk_event(raw.as_bytes(), max),
+                "{raw:?} at {max}"
+            );
+        }
+        checked += 1;
+    });
+    assert!(checked > 500_000, "{checked}");
+}
+
 #[test]
 fn content_type_selects_format() {
     assert_eq!(
