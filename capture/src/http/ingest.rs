@@ -299,7 +299,17 @@ enum Flaw {
 /// of the byte-by-byte walk, which was a tenth of the request path's CPU.
 fn scan_event(raw: &str, max: usize) -> Result<(), Flaw> {
     let b = raw.as_bytes();
-    let opening = b.iter().filter(|&&c| c == b'[' || c == b'{').count();
+    // Counted in byte-wide lanes (255 bytes at most per lane sum), which the
+    // compiler vectorises; a plain `filter().count()` it does not.
+    let opening: usize = b
+        .chunks(255)
+        .map(|chunk| {
+            let n = chunk
+                .iter()
+                .fold(0u8, |n, &c| n + u8::from(c == b'[' || c == b'{'));
+            usize::from(n)
+        })
+        .sum();
     if opening <= max && !raw.contains("\\u") {
         return Ok(());
     }
