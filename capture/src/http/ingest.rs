@@ -103,7 +103,7 @@ pub fn format_from_content_type(content_type: Option<&str>) -> Result<Format, Re
 
 pub use super::gzip::gunzip;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Fields<'a> {
     #[serde(borrow, default)]
     uuid: Option<&'a RawValue>,
@@ -145,13 +145,16 @@ pub fn parse_bounded<E: From<Rejection>>(
     mut reserve: impl FnMut(usize) -> Result<(), E>,
 ) -> Result<Vec<NewEvent>, E> {
     let raws = split(body, format, opts.max_events)?;
+    // A JSON body was parsed whole into raw values, which checks every
+    // event's syntax; an NDJSON line is only checked when read below.
+    let checked = format == Format::Json;
     let fixed = EVENT_OVERHEAD_BYTES + opts.topic.len();
     let payload: usize = raws.iter().map(|r| r.len()).sum();
     reserve(payload + raws.len() * fixed)?;
     let mut events = Vec::with_capacity(raws.len());
     let mut long_keys = 0usize;
     for (index, raw) in raws.iter().enumerate() {
-        let e = event(index, raw, opts)?;
+        let e = event(index, raw, checked, opts)?;
         long_keys += e.key.len().saturating_sub(36);
         if long_keys >= 64 * 1024 {
             reserve(long_keys)?;
@@ -370,7 +373,19 @@ fn walk_event(b: &[u8], max: usize) -> Result<(), Flaw> {
     Ok(())
 }
 
-fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, Rejection> {
+/// Whether an object's text may hold a member named `uuid` or `key`: such a
+/// name is written out in quotes, or with an escape.
+fn may_name_a_field(raw: &str) -> bool {
+    raw.contains('\\') || raw.contains("\"uuid\"") || raw.contains("\"key\"")
+}
+
+/// One event from its raw text; `checked`: its syntax is known to be valid.
+fn event(
+    index: usize,
+    raw: &str,
+    checked: bool,
+    opts: &ParseOptions<'_>,
+) -> Result<NewEvent, Rejection> {
     let bad = |reason: &'static str, message: String| {
         Rejection::event(index, StatusCode::BAD_REQUEST, reason, message)
     };
@@ -411,16 +426,27 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
             ));
         }
     }
-    let fields: Fields<'_> = serde_json::from_str(raw).map_err(|e| {
-        bad(
-            "malformed_json",
-            format!("event {index} is not valid JSON: {e}"),
-        )
-    })?;
+    // Reading the two fields parses the whole object again; valid text that
+    // cannot name them has neither, and nothing there to reject.
+    let fields: Fields<'_> = if checked && !may_name_a_field(raw) {
+        Fields::default()
+    } else {
+        serde_json::from_str(raw).map_err(|e| {
+            bad(
+                "malformed_json",
+                format!("event {index} is not valid JSON: {e}"),
+            )
+        })?
+    };
     let given = fields.uuid.map(RawValue::get).filter(|v| *v != "null");
     let client_uuid = given.is_some();
     let uuid = match given {
-        None => uuid::Uuid::now_v7().to_string(),
+        // A UUIDv7 of the request's capture time and 74 random bits (from
+        // the thread's generator, as `new_v4` draws them): no clock read and
+        // no lock per event, as `Uuid::now_v7` takes. Ids of one request then
+        // share their millisecond and are not ordered within it; the buffer's
+        // sequence numbers carry the order.
+        None => generated_uuid(opts.now_ms),
         Some(v) => {
             // An owned String: a uuid written with JSON escapes is still a uuid.
             let parsed = serde_json::from_str::<String>(v)
@@ -459,6 +485,18 @@ fn event(index: usize, raw: &str, opts: &ParseOptions<'_>) -> Result<NewEvent, R
         captured_at_ms: opts.now_ms,
         client_uuid,
     })
+}
+
+fn generated_uuid(now_ms: i64) -> String {
+    // Bytes 6..16 of a v4: their version and variant bits fall exactly where
+    // the builder overwrites a v7's, so all 74 bits it keeps are random.
+    let random = uuid::Uuid::new_v4().into_bytes();
+    let mut tail = [0u8; 10];
+    tail.copy_from_slice(&random[6..]);
+    let ms = u64::try_from(now_ms).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(ms, &tail)
+        .into_uuid()
+        .to_string()
 }
 
 /// A key's bytes: a string's content, anything else as its JSON text.

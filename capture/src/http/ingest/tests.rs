@@ -282,6 +282,66 @@ fn the_scan_shortcut_answers_what_the_full_walk_does() {
     assert!(checked > 500_000, "{checked}");
 }
 
+/// A JSON body skips re-reading an event for its `uuid` and `key` when its
+/// text cannot name them; a name spelled with escapes must still count, and
+/// an NDJSON line (whose syntax nothing else checked) must still be checked.
+#[test]
+fn fields_named_with_escapes_count_and_ndjson_lines_are_still_checked() {
+    let id = "0190a6e2-6f1b-7c3a-9f00-00000000000a";
+    let body = format!(
+        r#"[{{"u\u0075id":"{id}","x":1}},{{"k\u0065y":"kk"}},{{"uuid" : "{id}"}},{{"x":"\"key\""}},{{"x":2}}]"#
+    );
+    let mut o = opts();
+    o.max_event_bytes = 1024;
+    let evs = parse(body.as_bytes(), Format::Json, &o).unwrap();
+    assert_eq!((evs[0].uuid.as_str(), evs[0].client_uuid), (id, true));
+    assert_eq!(evs[1].key, b"kk");
+    assert!(!evs[1].client_uuid);
+    assert_eq!((evs[2].uuid.as_str(), evs[2].client_uuid), (id, true));
+    assert!(!evs[3].client_uuid && !evs[4].client_uuid);
+    assert_eq!(evs[4].key, evs[4].uuid.as_bytes());
+    // Duplicate names are still refused wherever they are.
+    let dup = format!(r#"[{{"uuid":"{id}","uuid":"{id}"}}]"#);
+    let r = parse(dup.as_bytes(), Format::Json, &o).unwrap_err();
+    assert_eq!((r.index, r.reason), (Some(0), "malformed_json"));
+    // Lines that name neither field but are not JSON.
+    for line in [
+        "{\"a\":}",
+        "{\"a\":1",
+        "{\"a\":1}}",
+        "{\"a\":tru}",
+        "{\"a\":\"\u{1}\"}",
+    ] {
+        let body = format!("{{\"ok\":1}}\n{line}\n");
+        let r = parse(body.as_bytes(), Format::Ndjson, &o).unwrap_err();
+        assert_eq!((r.index, r.reason), (Some(1), "malformed_json"), "{line}");
+    }
+}
+
+/// Generated ids are UUIDv7s of the request's capture time, distinct within
+/// a request and across requests of the same millisecond.
+#[test]
+fn generated_uuids_are_v7_of_the_capture_time_and_distinct() {
+    let mut o = opts();
+    o.max_events = 10_000;
+    o.now_ms = 1_765_000_000_123;
+    let body = "{}\n".repeat(10_000);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        for e in parse(body.as_bytes(), Format::Ndjson, &o).unwrap() {
+            let u = uuid::Uuid::parse_str(&e.uuid).unwrap();
+            assert_eq!(u.get_version_num(), 7);
+            assert_eq!(u.get_variant(), uuid::Variant::RFC4122);
+            let (secs, nanos) = u.get_timestamp().unwrap().to_unix();
+            assert_eq!(
+                secs * 1000 + u64::from(nanos / 1_000_000),
+                1_765_000_000_123
+            );
+            assert!(seen.insert(u), "{u} generated twice");
+        }
+    }
+}
+
 #[test]
 fn content_type_selects_format() {
     assert_eq!(
