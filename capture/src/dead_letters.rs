@@ -203,7 +203,7 @@ mod tests {
             .map(|s| DeadLetter {
                 seq: s.seq,
                 size: s.event.size(),
-                reason: if s.event.topic == "gone" {
+                reason: if &*s.event.topic == "gone" {
                     "unknown_topic: no such topic".into()
                 } else {
                     "too_large: boom".into()

@@ -292,7 +292,7 @@ fn check(
                     unreachable!()
                 };
                 assert_eq!(e.payload, text.as_bytes(), "payload kept byte for byte");
-                assert_eq!((e.topic.as_str(), e.captured_at_ms), ("events", 42));
+                assert_eq!((&*e.topic, e.captured_at_ms), ("events", 42));
                 match uuid {
                     Some(u) => assert_eq!(&e.uuid, u),
                     None => {

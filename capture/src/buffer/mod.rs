@@ -46,6 +46,7 @@ pub mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -135,8 +136,8 @@ pub enum Error {
 pub struct NewEvent {
     /// Stable id (client `uuid` or generated UUIDv7).
     pub uuid: String,
-    /// Kafka topic.
-    pub topic: String,
+    /// Kafka topic, shared by the events of a request (and of a read).
+    pub topic: Arc<str>,
     /// Partition key.
     pub key: Vec<u8>,
     /// The event's JSON, byte for byte as the client sent it.
@@ -412,8 +413,14 @@ pub fn read_batch_bounded(
     let mut rows = stmt.query(params![exclude, limit as i64, after])?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
+    let mut topic: Option<Arc<str>> = None;
     while let Some(r) = rows.next()? {
-        let event = stored_event(r)?;
+        let mut event = stored_event(r)?;
+        // Events of a read share one copy of each run of the same topic.
+        match &topic {
+            Some(t) if *t == event.event.topic => event.event.topic = t.clone(),
+            _ => topic = Some(event.event.topic.clone()),
+        }
         bytes += event.event.size();
         if !out.is_empty() && bytes > max_bytes {
             break;

@@ -292,7 +292,7 @@ impl<'a> Output<'a> {
         }
         let event = NewEvent {
             uuid: String::from_utf8_lossy(&uuid).into_owned(),
-            topic: String::from_utf8_lossy(&topic).into_owned(),
+            topic: String::from_utf8_lossy(&topic).into(),
             key,
             payload,
             captured_at_ms: at,

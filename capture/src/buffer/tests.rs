@@ -398,6 +398,32 @@ async fn bounded_reads_stop_at_the_byte_limit_and_skip_parked_topics() {
     stop(w, h).await;
 }
 
+/// A read shares one topic string across each run of events of the same
+/// topic, and never hands an event another run's topic.
+#[tokio::test]
+async fn a_read_shares_each_run_of_a_topic_and_keeps_every_topic_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX);
+    let topics = ["a", "a", "b", "a", "ab", "ab", "a"];
+    let events: Vec<NewEvent> = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| NewEvent {
+            topic: (*t).into(),
+            ..ev(i)
+        })
+        .collect();
+    h.append(events.clone()).await.unwrap();
+    let r = open_reader(dir.path()).unwrap();
+    let b = read_batch_bounded(&r, 0, 10, u64::MAX, &[]).unwrap();
+    let got: Vec<NewEvent> = b.iter().map(|s| s.event.clone()).collect();
+    assert_eq!(got, events);
+    let t = |i: usize| &b[i].event.topic;
+    assert!(Arc::ptr_eq(t(0), t(1)) && Arc::ptr_eq(t(4), t(5)));
+    assert!(!Arc::ptr_eq(t(1), t(3)), "a new run reads its topic again");
+    stop(w, h).await;
+}
+
 #[test]
 fn durability_modes_map_to_sqlite_synchronous_settings() {
     for (mode, expected) in [(Durability::Fsync, 2), (Durability::Os, 1)] {

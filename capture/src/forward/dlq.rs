@@ -116,7 +116,7 @@ async fn copy_dead_letters(
     for row in &rows {
         let event = buffer::NewEvent {
             uuid: row.uuid.clone(),
-            topic: row.topic.clone(),
+            topic: row.topic.as_str().into(),
             key: row.key.clone(),
             payload: row.payload.clone(),
             captured_at_ms: row.captured_at_ms,

@@ -234,11 +234,11 @@ impl ExactlyOnce {
         let now = Instant::now();
         if let Some(cut) = batch.iter().position(|e| {
             self.parked
-                .get(&e.event.topic)
+                .get(&*e.event.topic)
                 .is_some_and(|retry_at| *retry_at > now)
         }) {
             if cut == 0 {
-                let retry_at = self.parked[&batch[0].event.topic];
+                let retry_at = self.parked[&*batch[0].event.topic];
                 return Ok(Step::Wait(retry_at));
             }
             batch.truncate(cut);
@@ -511,12 +511,12 @@ impl ExactlyOnce {
     /// checkpoint and deletes them unsent.
     fn settle(&mut self, batch: &[StoredEvent], rows: Vec<(i64, u64, usize)>) {
         for e in batch {
-            self.refused_since.remove(&e.event.topic);
-            self.parked.remove(&e.event.topic);
+            self.refused_since.remove(&*e.event.topic);
+            self.parked.remove(&*e.event.topic);
         }
         let mut by_topic: HashMap<&str, u64> = HashMap::new();
         for (_, _, i) in &rows {
-            *by_topic.entry(batch[*i].event.topic.as_str()).or_default() += 1;
+            *by_topic.entry(&*batch[*i].event.topic).or_default() += 1;
         }
         for (topic, n) in by_topic {
             self.metrics

@@ -4,6 +4,7 @@
 //! the first bad event and why.
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -152,9 +153,10 @@ pub fn parse_bounded<E: From<Rejection>>(
     let payload: usize = raws.iter().map(|r| r.len()).sum();
     reserve(payload + raws.len() * fixed)?;
     let mut events = Vec::with_capacity(raws.len());
+    let topic: Arc<str> = Arc::from(opts.topic);
     let mut long_keys = 0usize;
     for (index, raw) in raws.iter().enumerate() {
-        let e = event(index, raw, checked, opts)?;
+        let e = event(index, raw, checked, &topic, opts)?;
         long_keys += e.key.len().saturating_sub(36);
         if long_keys >= 64 * 1024 {
             reserve(long_keys)?;
@@ -384,6 +386,7 @@ fn event(
     index: usize,
     raw: &str,
     checked: bool,
+    topic: &Arc<str>,
     opts: &ParseOptions<'_>,
 ) -> Result<NewEvent, Rejection> {
     let bad = |reason: &'static str, message: String| {
@@ -479,7 +482,7 @@ fn event(
     .unwrap_or_else(|| uuid.as_bytes().to_vec());
     Ok(NewEvent {
         uuid,
-        topic: opts.topic.to_owned(),
+        topic: topic.clone(),
         key,
         payload: raw.as_bytes().to_vec(),
         captured_at_ms: opts.now_ms,

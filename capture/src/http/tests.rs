@@ -151,7 +151,7 @@ async fn accepts_object_array_ndjson_and_gzip_and_buffers_them() {
     let topics: Vec<String> = crate::buffer::read_batch(&conn, 0, 10)
         .unwrap()
         .into_iter()
-        .map(|e| e.event.topic)
+        .map(|e| e.event.topic.to_string())
         .collect();
     assert_eq!(&topics[1..3], ["web.clicks", "web.clicks"]);
 }

@@ -35,7 +35,7 @@ impl ExactlyOnce {
                 ErrorClass::TopicRefused(reason) => {
                     let since = *self
                         .refused_since
-                        .entry(stored.event.topic.clone())
+                        .entry(stored.event.topic.to_string())
                         .or_insert(now);
                     let refused_for = now.duration_since(since);
                     if refused_for < self.cfg.poison_retry_window {
@@ -43,7 +43,7 @@ impl ExactlyOnce {
                             .clamp(Duration::from_millis(500), Duration::from_secs(30));
                         if self
                             .parked
-                            .insert(stored.event.topic.clone(), now + wait)
+                            .insert(stored.event.topic.to_string(), now + wait)
                             .is_none()
                         {
                             tracing::warn!(topic = %stored.event.topic, reason, error = %error, refused_for_s = refused_for.as_secs(), "kafka refused the topic; its events wait for it, events ahead of them flow");

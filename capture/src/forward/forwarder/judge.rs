@@ -64,7 +64,7 @@ impl Forwarder {
                     dead_reasons.push(reason);
                 }
                 ErrorClass::TopicRefused(reason) => {
-                    let parked = self.parked.get(&stored.event.topic).copied();
+                    let parked = self.parked.get(&*stored.event.topic).copied();
                     let window_over = parked.is_some_and(|p| {
                         now.duration_since(p.since) >= self.cfg.poison_retry_window
                     });
@@ -79,7 +79,7 @@ impl Forwarder {
                         });
                         dead_reasons.push(reason);
                     } else {
-                        refused_topics.insert(stored.event.topic.clone(), reason);
+                        refused_topics.insert(stored.event.topic.to_string(), reason);
                         round.retried += 1;
                     }
                 }
@@ -110,7 +110,7 @@ impl Forwarder {
         // A topic that took an event is healthy again.
         if !self.parked.is_empty() {
             for i in delivered_idx {
-                self.parked.remove(&batch[*i].event.topic);
+                self.parked.remove(&*batch[*i].event.topic);
             }
         }
         delivered += lone_delivered.len();

@@ -152,7 +152,7 @@ impl Settler {
 fn by_topic<'a>(settled: impl Iterator<Item = &'a StoredEvent>) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::new();
     for stored in settled {
-        let topic = stored.event.topic.as_str();
+        let topic = &*stored.event.topic;
         match out.iter_mut().find(|(t, _)| t == topic) {
             Some((_, n)) => *n += 1,
             None => out.push((topic.to_owned(), 1)),

@@ -162,7 +162,7 @@ fn reserves_at_least_what_the_events_take() {
         .map(|e| {
             std::mem::size_of::<NewEvent>()
                 + e.uuid.capacity()
-                + e.topic.capacity()
+                + e.topic.len()
                 + e.key.capacity()
                 + e.payload.capacity()
         })
