@@ -208,7 +208,7 @@ pub fn check_parse(body: &[u8], format: Format, opts: &ParseOptions<'_>) -> Opti
 }
 
 fn check_event(e: &holdfast_capture::buffer::NewEvent, raw: &str, opts: &ParseOptions<'_>) {
-    assert_eq!(e.topic, opts.topic);
+    assert_eq!(&*e.topic, opts.topic);
     assert_eq!(e.captured_at_ms, opts.now_ms);
     assert_eq!(e.payload, raw.trim().as_bytes(), "payload not kept as sent");
     assert!(
