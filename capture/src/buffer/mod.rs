@@ -371,12 +371,22 @@ pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>> {
 /// Columns of `events` as [`stored_event`] reads them.
 const EVENT_COLUMNS: &str = "seq, uuid, topic, key, payload, captured_at_ms";
 
-fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+/// One row as an event. The events of a read share one copy of each run of
+/// the same topic (`last`): the row's topic is compared before it is copied.
+fn stored_event(
+    r: &rusqlite::Row<'_>,
+    last: &mut Option<Arc<str>>,
+) -> rusqlite::Result<StoredEvent> {
+    let name = r.get_ref(2)?.as_str()?;
+    let topic = match last {
+        Some(t) if **t == *name => t.clone(),
+        _ => last.insert(Arc::from(name)).clone(),
+    };
     Ok(StoredEvent {
         seq: r.get(0)?,
         event: NewEvent {
             uuid: r.get(1)?,
-            topic: r.get(2)?,
+            topic,
             key: r.get(3)?,
             payload: r.get(4)?,
             captured_at_ms: r.get(5)?,
@@ -391,7 +401,8 @@ pub fn read_batch(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Sto
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
     ))?;
-    let rows = stmt.query_map(params![after, limit as i64], stored_event)?;
+    let mut last = None;
+    let rows = stmt.query_map(params![after, limit as i64], |r| stored_event(r, &mut last))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -413,14 +424,9 @@ pub fn read_batch_bounded(
     let mut rows = stmt.query(params![exclude, limit as i64, after])?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
-    let mut topic: Option<Arc<str>> = None;
+    let mut last = None;
     while let Some(r) = rows.next()? {
-        let mut event = stored_event(r)?;
-        // Events of a read share one copy of each run of the same topic.
-        match &topic {
-            Some(t) if *t == event.event.topic => event.event.topic = t.clone(),
-            _ => topic = Some(event.event.topic.clone()),
-        }
+        let event = stored_event(r, &mut last)?;
         bytes += event.event.size();
         if !out.is_empty() && bytes > max_bytes {
             break;
