@@ -35,6 +35,40 @@ fn config(bootstrap: &str) -> KafkaConfig {
     }
 }
 
+/// Kafka's `Utils.murmur2`, the hash of the Java client's default partitioner.
+fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in chunks.by_ref() {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java client's default partitioner picks for `key`.
+fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
 fn events(prefix: &str, n: usize) -> Vec<NewEvent> {
     (0..n)
         .map(|i| NewEvent {
@@ -144,5 +178,56 @@ async fn the_forwarder_replaces_a_fatal_producer_and_delivers_everything() -> Re
     );
     drop(writer);
     writer_thread.join();
+    Ok(())
+}
+
+/// Keys land on the partition the Java client's default partitioner picks
+/// (murmur2), so events that share a key with records other producers write
+/// share their partition, and their order. librdkafka's own default (CRC32)
+/// would scatter them differently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_partitioned_as_the_java_client_partitions_them() -> Result<()> {
+    // Kafka 4.1.2's `Utils.murmur2` of these (run against its jar): the
+    // hash above is the Java one.
+    for (key, hash) in [
+        ("21", -973_932_308),
+        ("foobar", -790_332_482),
+        ("abc", 479_470_107),
+        ("a-little-bit-long-string", -985_981_536),
+    ] {
+        ensure!(murmur2(key.as_bytes()) == hash, "murmur2({key})");
+    }
+    const PARTITIONS: i32 = 7;
+    let kafka = KafkaBroker::start().await?;
+    kafka.create_topic("events", PARTITIONS, &[]).await?;
+    let shared = SharedProducer::new(&config(&kafka.bootstrap()), Arc::new(Metrics::new()))?;
+    let mut keyed = events("keyed", 60);
+    for (i, e) in keyed.iter_mut().enumerate() {
+        // Keys of every length modulo 4, a 36-character uuid among them.
+        e.key = match i % 3 {
+            0 => format!("user-{i}"),
+            1 => format!("{i:0>width$}", width = i % 9 + 1),
+            _ => format!("4b1e0a9c-7d3f-4c2a-9e8b-{i:0>12}"),
+        }
+        .into_bytes();
+    }
+    forward::send_direct(&shared, &keyed).await?;
+    let records = kafka
+        .consume("events", keyed.len(), Duration::from_secs(30))
+        .await?;
+    ensure!(records.len() == keyed.len(), "{} records", records.len());
+    let mut used = std::collections::HashSet::new();
+    for r in &records {
+        let key = r.key.as_deref().context("a record without its key")?;
+        let want = java_partition(key, PARTITIONS);
+        ensure!(
+            r.partition == want,
+            "key {:?} went to partition {}, the Java client picks {want}",
+            String::from_utf8_lossy(key),
+            r.partition
+        );
+        used.insert(r.partition);
+    }
+    ensure!(used.len() > 1, "every key on one partition proves nothing");
     Ok(())
 }
