@@ -155,7 +155,32 @@ impl KafkaBroker {
         Self::start_inner(options, libs, class_archive, None).await
     }
 
+    /// Free ports are picked, released, then bound by Kafka, and a test
+    /// running beside this one can take one in between: a start that fails
+    /// on a port in use is tried again on other free ports.
     async fn start_inner(
+        options: KafkaOptions,
+        libs: PathBuf,
+        class_archive: Option<PathBuf>,
+        dump_class_archive: Option<PathBuf>,
+    ) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            let started = Self::start_once(
+                options.clone(),
+                libs.clone(),
+                class_archive.clone(),
+                dump_class_archive.clone(),
+            )
+            .await;
+            match started {
+                Err(e) if attempt < START_ATTEMPTS && port_was_taken(&e) => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(
         options: KafkaOptions,
         libs: PathBuf,
         class_archive: Option<PathBuf>,
@@ -479,8 +504,16 @@ impl KafkaBroker {
                 && let Some(status) = child.try_wait()?
             {
                 self.child = None;
+                // The bind failure can sit before a long config dump: the
+                // whole log is searched, not its tail.
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                let why = if log.contains("Address already in use") {
+                    PORT_TAKEN
+                } else {
+                    "kafka exited during start-up"
+                };
                 bail!(
-                    "kafka exited during start-up ({status}); log {}:\n{}",
+                    "{why} ({status}); log {}:\n{}",
                     log_path.display(),
                     log_tail(&log_path, 60)
                 );
@@ -1025,6 +1058,18 @@ fn metadata_client(bootstrap: &str) -> Result<BaseConsumer> {
         .create()
         .context("creating a metadata client")
 }
+
+/// Starts tried when a picked port was taken before Kafka bound it.
+const START_ATTEMPTS: u32 = 3;
+
+/// The broker could not bind a listener: another process took the port
+/// between [`pick_ports`] and Kafka's start.
+pub fn port_was_taken(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains(PORT_TAKEN)
+}
+
+/// How a start that failed on a port in use is reported.
+const PORT_TAKEN: &str = "kafka exited during start-up: a listener's port is in use";
 
 /// Free loopback ports for whichever of the two are not given. Both
 /// listeners are held until both are picked, so they differ.

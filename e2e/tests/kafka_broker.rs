@@ -248,3 +248,25 @@ async fn auto_create_can_be_disabled_and_drop_kills_the_broker() -> Result<()> {
     );
     Ok(())
 }
+
+/// A picked free port can be taken before Kafka binds it (a test beside
+/// this one). The start is then tried again on other ports, which relies on
+/// recognising Kafka's own failure: shown here on a port held for good,
+/// where every attempt fails the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_taken_port_fails_as_a_taken_port() -> Result<()> {
+    let held = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    let options = KafkaOptions {
+        controller_port: Some(held.local_addr()?.port()),
+        ..KafkaOptions::default()
+    };
+    let err = match KafkaBroker::start_with(options).await {
+        Ok(_) => anyhow::bail!("kafka started on a port another socket holds"),
+        Err(e) => e,
+    };
+    anyhow::ensure!(
+        holdfast_e2e::kafka::port_was_taken(&err),
+        "not recognised as a taken port: {err:#}"
+    );
+    Ok(())
+}
