@@ -246,3 +246,62 @@ fn targets_say_met_not_met_or_not_measured() {
         "{md}"
     );
 }
+
+#[test]
+fn targets_show_what_the_build_reaches_with_no_fsync_at_all() {
+    let fixed = Pace::Fixed { rate: 10000.0 };
+    let mut r = report(vec![
+        run("fsync max c32", "this", Pace::Max, 12000.0, 1.0),
+        run("fsync max c32", "old", Pace::Max, 10000.0, 1.0),
+        // Without fsync 1.5x the baseline's durable rate: short of 1.6x.
+        run("os max c32", "this", Pace::Max, 15000.0, 0.5),
+        run("fsync max c4", "this", Pace::Max, 7000.0, 0.7),
+        run("fsync max c4", "old", Pace::Max, 5000.0, 1.0),
+        // 0.3 ms without fsync: with the 0.25 ms probe, 0.55 ms, 0.55x the
+        // baseline's 1.0 ms (met); 0.3 ms over the fsync median (not met).
+        run("os max c4", "this", Pace::Max, 9000.0, 0.3),
+        run("fsync 10000/s", "this", fixed, 10000.0, 1.5),
+        run("fsync 10000/s", "old", fixed, 10000.0, 2.0),
+        // 0.05 ms without fsync: 0.1 ms over the fsync median at most.
+        run("os 10000/s", "this", fixed, 10000.0, 0.05),
+    ]);
+    r.derive();
+    let ceiling = |target: &str| {
+        let t = r
+            .targets
+            .iter()
+            .find(|t| t.target.starts_with(target))
+            .unwrap_or_else(|| panic!("no target {target:?}"));
+        (t.ceiling_met, t.ceiling.clone())
+    };
+    let (met, words) = ceiling("single events at 32 connections");
+    assert_eq!(met, Some(false), "{words}");
+    assert!(words.starts_with("1.50x (15,000 events/s"), "{words}");
+    let (met, words) = ceiling("P50 at 4 connections: ≤ 0.6x");
+    assert_eq!(met, Some(true), "{words}");
+    assert!(words.starts_with("0.55x (0.550 ms"), "{words}");
+    assert_eq!(
+        ceiling("P50 at 4 connections: within 0.1 ms"),
+        (Some(false), "+0.300 ms".to_owned())
+    );
+    assert_eq!(
+        ceiling("P50 at a fixed 10,000 requests/s: ≤ 0.6x").0,
+        Some(true)
+    );
+    assert_eq!(
+        ceiling("P50 at a fixed 10,000 requests/s: within 0.1 ms").0,
+        Some(true)
+    );
+    // Targets no fsync setting bears on, or this run did not measure so.
+    for none in [
+        "P99 at 4",
+        "RSS",
+        "drain",
+        "100-event batches at 32 connections: ≥",
+    ] {
+        assert_eq!(ceiling(none), (None, String::new()), "{none}");
+    }
+    let md = r.markdown();
+    assert!(md.contains("| met | with no fsync at all |"), "{md}");
+    assert!(md.contains("| no | no: 1.50x (15,000 events/s"), "{md}");
+}
