@@ -48,10 +48,10 @@ fn stored_event(
 /// Reads up to `limit` of the oldest events with `seq > after`.
 pub fn read_batch(conn: &Connection, after: i64, limit: usize) -> Result<Vec<StoredEvent>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT {limit}"
     ))?;
     let mut last = None;
-    let rows = stmt.query_map(params![after, limit as i64], |r| stored_event(r, &mut last))?;
+    let rows = stmt.query_map(params![after], |r| stored_event(r, &mut last))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -65,18 +65,10 @@ pub fn read_batch_bounded(
     max_bytes: u64,
     exclude_topics: &[&str],
 ) -> Result<Vec<StoredEvent>> {
-    // Without parked topics, no row pays for the topic test.
-    let (filter, exclude) = match exclude_topics {
-        [] => ("?1 IS NULL", None),
-        topics => (
-            "topic NOT IN (SELECT value FROM json_each(?1))",
-            Some(serde_json::to_string(topics).unwrap_or_else(|_| "[]".into())),
-        ),
-    };
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?3 AND {filter} ORDER BY seq LIMIT ?2"
-    ))?;
-    let mut rows = stmt.query(params![exclude, limit as i64, after])?;
+    let exclude = (!exclude_topics.is_empty())
+        .then(|| serde_json::to_string(exclude_topics).unwrap_or_else(|_| "[]".into()));
+    let mut stmt = conn.prepare_cached(&batch_statement(exclude_topics, limit))?;
+    let mut rows = stmt.query(params![exclude, after])?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
     let mut last = None;
@@ -89,6 +81,25 @@ pub fn read_batch_bounded(
         out.push(event);
     }
     Ok(out)
+}
+
+/// The forwarder's read of at most `limit` rows, for `exclude_topics` (only
+/// whether there are any matters).
+///
+/// The limit is written into the statement, not bound: SQLite plans with a
+/// bound `LIMIT`'s value, so each new binding (every batch) made it parse
+/// and plan the statement again. One statement is cached per limit, and a
+/// forwarder reads with one.
+pub(super) fn batch_statement(exclude_topics: &[&str], limit: usize) -> String {
+    // Without parked topics, no row pays for the topic test (?1 is then
+    // bound to NULL and unused).
+    let filter = match exclude_topics {
+        [] => "?1 IS NULL",
+        _ => "topic NOT IN (SELECT value FROM json_each(?1))",
+    };
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?2 AND {filter} ORDER BY seq LIMIT {limit}"
+    )
 }
 
 /// Counts and sizes what is buffered (a scan; used at start-up and by `inspect`).
@@ -113,12 +124,10 @@ pub fn dead_letter_totals(conn: &Connection) -> Result<(u64, u64)> {
 
 /// Capture time of the oldest buffered event, if any.
 pub fn oldest_captured_at(conn: &Connection) -> Result<Option<i64>> {
+    // Cached: the writer asks after every settlement that deleted events.
     Ok(conn
-        .query_row(
-            "SELECT captured_at_ms FROM events ORDER BY seq LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT captured_at_ms FROM events ORDER BY seq LIMIT 1")?
+        .query_row([], |r| r.get(0))
         .optional()?)
 }
 

@@ -558,3 +558,34 @@ async fn a_commit_failing_mid_request_answers_it_with_a_disk_error() {
     drop(h);
     w.join();
 }
+
+/// A statement SQLite has to plan again on every run costs a parse: the
+/// forwarder's read runs for every batch, so it must be planned once.
+#[tokio::test]
+async fn the_forwarders_read_is_planned_once_not_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = start(dir.path(), u64::MAX);
+    h.append((0..20).map(ev).collect()).await.unwrap();
+    let r = open_reader(dir.path()).unwrap();
+    for (after, parked) in [
+        (0, &[][..]),
+        (3, &[]),
+        (7, &["u"][..]),
+        (9, &["u"]),
+        (11, &[]),
+    ] {
+        let batch = read_batch_bounded(&r, after, 4, u64::MAX, parked).unwrap();
+        assert_eq!(batch.len(), 4, "after {after}");
+        assert!(batch.iter().all(|e| e.seq > after));
+    }
+    for parked in [&[][..], &["u"][..]] {
+        let stmt = r.prepare_cached(&read::batch_statement(parked, 4)).unwrap();
+        assert_eq!(
+            stmt.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "re-planned per run with {} parked topics",
+            parked.len()
+        );
+    }
+    stop(w, h).await;
+}
