@@ -155,7 +155,8 @@ pub fn create_producer(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<Kafka
 #[derive(Clone)]
 pub struct SharedProducer {
     current: Arc<std::sync::RwLock<KafkaProducer>>,
-    cfg: KafkaConfig,
+    /// Shared: the HTTP state, and so this, is cloned for every request.
+    cfg: Arc<KafkaConfig>,
     metrics: Arc<Metrics>,
 }
 
@@ -171,7 +172,7 @@ impl SharedProducer {
         let producer = create_producer(cfg, metrics.clone())?;
         Ok(Self {
             current: Arc::new(std::sync::RwLock::new(producer)),
-            cfg: cfg.clone(),
+            cfg: Arc::new(cfg.clone()),
             metrics,
         })
     }

@@ -205,7 +205,9 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::serve))
-        .with_state(state)
+        // Shared, not cloned field by field: axum clones the state for
+        // every request.
+        .with_state(Arc::new(state))
 }
 
 /// Liveness: `200 ok` while the process runs.
@@ -221,7 +223,7 @@ async fn healthz() -> &'static str {
     (status = 503, description = "Not ready; the text says why: `starting`, `shutting down`, \
         `buffer over quota`, `volume nearly full`, `disk failure`, `fenced: ...`, \
         `volume not retained: ...`", body = String)))]
-async fn readyz(State(s): State<AppState>) -> Response {
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     match unready_reason(&s) {
         None => (StatusCode::OK, "ready").into_response(),
         Some(reason) => {
@@ -278,7 +280,7 @@ pub fn unready_reason(s: &AppState) -> Option<&'static str> {
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200,
     description = "Prometheus/OpenMetrics exposition", body = String,
     content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
-async fn metrics(State(s): State<AppState>) -> Response {
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -294,9 +296,8 @@ async fn metrics(State(s): State<AppState>) -> Response {
     params(openapi::IngestHeaders), request_body(content(
         (openapi::Events = "application/json"), (openapi::NdjsonEvents = "application/x-ndjson"))),
     responses(openapi::IngestResponses), security((), ("bearer" = [])))]
-async fn post_default(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let stream = s.cfg.default_stream.clone();
-    respond(&s, &stream, &headers, body).await
+async fn post_default(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    respond(&s, &s.cfg.default_stream, &headers, body).await
 }
 
 /// Events for a named stream (`--stream name=topic:mode`).
@@ -306,7 +307,7 @@ async fn post_default(State(s): State<AppState>, headers: HeaderMap, body: Body)
         (openapi::Events = "application/json"), (openapi::NdjsonEvents = "application/x-ndjson"))),
     responses(openapi::StreamIngestResponses), security((), ("bearer" = [])))]
 async fn post_stream(
-    State(s): State<AppState>,
+    State(s): State<Arc<AppState>>,
     Path(stream): Path<String>,
     headers: HeaderMap,
     body: Body,
