@@ -47,6 +47,7 @@ fn stored_event(
 
 /// Reads up to `limit` of the oldest events with `seq > after`.
 pub fn read_batch(conn: &Connection, after: i64, limit: usize) -> Result<Vec<StoredEvent>> {
+    let limit = sql_limit(limit);
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT {limit}"
     ))?;
@@ -97,9 +98,16 @@ pub(super) fn batch_statement(exclude_topics: &[&str], limit: usize) -> String {
         [] => "?1 IS NULL",
         _ => "topic NOT IN (SELECT value FROM json_each(?1))",
     };
+    let limit = sql_limit(limit);
     format!(
         "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?2 AND {filter} ORDER BY seq LIMIT {limit}"
     )
+}
+
+/// A limit as SQLite reads an integer literal: past `i64::MAX` it would
+/// read a real number, which `LIMIT` refuses.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 /// Counts and sizes what is buffered (a scan; used at start-up and by `inspect`).

@@ -578,6 +578,14 @@ async fn the_forwarders_read_is_planned_once_not_per_batch() {
         assert_eq!(batch.len(), 4, "after {after}");
         assert!(batch.iter().all(|e| e.seq > after));
     }
+    // A limit past what SQLite reads as an integer still reads.
+    assert_eq!(
+        read_batch_bounded(&r, 0, usize::MAX, u64::MAX, &[])
+            .unwrap()
+            .len(),
+        20
+    );
+    assert_eq!(read_batch(&r, 0, usize::MAX).unwrap().len(), 20);
     for parked in [&[][..], &["u"][..]] {
         let stmt = r.prepare_cached(&read::batch_statement(parked, 4)).unwrap();
         assert_eq!(
